@@ -1,0 +1,328 @@
+"""Llama-family causal decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, SmolLM).
+
+Shapes are in names: B batch, L query length, S key length (cache slots), D model width,
+N query heads, K key/value heads (GQA: N = K * G), H head width, F MLP width, V vocab.
+
+Parameter paths (what quantization/pruning rules match against), with kernels stored
+``[in, out]``::
+
+    embed.embedding                                  [V, D]
+    layers.{i}.attn_norm.scale / mlp_norm.scale      [D]
+    layers.{i}.attn.{q,k,v}_proj.kernel              [D, N*H] / [D, K*H]
+    layers.{i}.attn.o_proj.kernel                    [N*H, D]
+    layers.{i}.mlp.{gate,up}_proj.kernel             [D, F]
+    layers.{i}.mlp.down_proj.kernel                  [F, D]
+    norm.scale                                       [D]
+    lm_head.kernel                                   [D, V]   (absent when embeddings are tied)
+
+A linear kernel may be a dense array or any compressed weight type known to
+``shrinkjax.kernels.dispatch``: the model never knows how its weights are stored.
+RoPE uses the Hugging Face "rotate half" layout (GGUF's interleaved q/k rows are permuted
+back on import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shrinkjax.kernels import dispatch
+from shrinkjax.models.kv_cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    head_dim: int | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # frozen dict items (HF rope_scaling)
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    attention_impl: str = "einsum"  # einsum (exact, any mask) | cudnn (flash, no cache, bf16)
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.attention_impl not in ("einsum", "cudnn"):
+            raise ValueError(f"attention_impl must be einsum or cudnn, got {self.attention_impl!r}")
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlamaConfig:
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig keys: {sorted(unknown)}")
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = tuple(sorted(d["rope_scaling"].items()))
+        return cls(**d)
+
+    def replace(self, **kw) -> LlamaConfig:
+        return dataclasses.replace(self, **kw)
+
+    def param_count(self) -> int:
+        """Parameters implied by the config (what a structurally pruned model must match)."""
+        h, d = self.head_width, self.dim
+        attn = d * self.n_heads * h * 2 + d * self.n_kv_heads * h * 2
+        if self.attention_bias:
+            attn += self.n_heads * h + 2 * self.n_kv_heads * h
+        block = attn + 3 * d * self.hidden_dim + 2 * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.n_layers * block + d + head
+
+
+def _init(rngs: nnx.Rngs, shape, std=0.02):
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); the kernel may be dense or compressed."""
+
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool = False):
+        self.kernel = nnx.Param(_init(rngs, (d_in, d_out)))
+        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x):
+        y = dispatch.linear(x, self.kernel.value)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale.value).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+    """Inverse frequencies [H/2], with HF's 'linear' and 'llama3' scaling."""
+    h = cfg.head_width
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    sc = dict(cfg.rope_scaling or ())
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return jnp.where(is_mid, mid, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_tables(cfg: LlamaConfig, positions_BxL: jax.Array):
+    ang = positions_BxL.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)  # [B, L, H/2]
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x_BxLxNxH, cos_BxLxH2, sin_BxLxH2):
+    xf = x_BxLxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    c, s = cos_BxLxH2[:, :, None, :], sin_BxLxH2[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x_BxLxNxH.dtype)
+
+
+def attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, impl: str = "einsum"):
+    """Grouped-query softmax attention in f32; mask True = may attend."""
+    b, l, n, h = q_BxLxNxH.shape
+    kh = k_BxSxKxH.shape[2]
+    if impl == "cudnn":
+        out = jax.nn.dot_product_attention(
+            q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxLxS[:, None], implementation="cudnn"
+        )
+        return out.reshape(b, l, n * h)
+    q = q_BxLxNxH.reshape(b, l, kh, n // kh, h)
+    s = jnp.einsum("blkgh,bskh->bkgls", q, k_BxSxKxH, preferred_element_type=jnp.float32)
+    s = s / math.sqrt(h)
+    s = jnp.where(mask_BxLxS[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgls,bskh->blkgh", p, v_BxSxKxH, preferred_element_type=jnp.float32)
+    return out.reshape(b, l, n * h).astype(q_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        h = cfg.head_width
+        self.cfg = cfg
+        bias = cfg.attention_bias
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * h, rngs=rngs, use_bias=bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * h, rngs=rngs, use_bias=bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * h, rngs=rngs, use_bias=bias)
+        self.o_proj = Linear(cfg.n_heads * h, cfg.dim, rngs=rngs)
+
+    def __call__(self, x_BxLxD, rope, mask_BxLxS, layer_cache=None, taps=None):
+        cfg, (b, l, _) = self.cfg, x_BxLxD.shape
+        h = cfg.head_width
+        q = self.q_proj(x_BxLxD).reshape(b, l, cfg.n_heads, h)
+        k = self.k_proj(x_BxLxD).reshape(b, l, cfg.n_kv_heads, h)
+        v = self.v_proj(x_BxLxD).reshape(b, l, cfg.n_kv_heads, h)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if layer_cache is not None:
+            k_all, v_all, index = layer_cache
+            k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), index, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), index, 1)
+            layer_cache = (k_all, v_all, index)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        o_in = attention(q, k, v, mask_BxLxS, cfg.attention_impl)
+        if taps is not None:
+            taps["o_in"] = o_in
+        return self.o_proj(o_in), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, rngs=rngs)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, rngs=rngs)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, rngs=rngs)
+
+    def __call__(self, x_BxLxD, taps=None):
+        a_BxLxF = jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD)
+        if taps is not None:
+            taps["down_in"] = a_BxLxF
+        return self.down_proj(a_BxLxF)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, h_BxLxD, rope, mask_BxLxS, layer_cache=None, taps=None):
+        """One decoder block. ``taps`` (a dict) receives each linear's input, for calibration:
+        attn_in (q/k/v), o_in, mlp_in (gate/up), down_in."""
+        x = self.attn_norm(h_BxLxD)
+        if taps is not None:
+            taps["attn_in"] = x
+        a, layer_cache = self.attn(x, rope, mask_BxLxS, layer_cache, taps)
+        h_BxLxD = h_BxLxD + a
+        x = self.mlp_norm(h_BxLxD)
+        if taps is not None:
+            taps["mlp_in"] = x
+        return h_BxLxD + self.mlp(x, taps), layer_cache
+
+
+# Which tap feeds which linear of a block (calibration uses this to collect layer inputs).
+LINEAR_INPUTS = {
+    "attn.q_proj": "attn_in",
+    "attn.k_proj": "attn_in",
+    "attn.v_proj": "attn_in",
+    "attn.o_proj": "o_in",
+    "mlp.gate_proj": "mlp_in",
+    "mlp.up_proj": "mlp_in",
+    "mlp.down_proj": "down_in",
+}
+# Linears that are calibrated together because they share one input (true-sequential order).
+LINEAR_GROUPS = (
+    ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    ("attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, rngs=rngs)
+
+    # The three pieces below are what block-by-block calibration drives one at a time.
+    def embed_tokens(self, tokens_BxL):
+        return self.embed.embedding.value[tokens_BxL].astype(self.cfg.jnp_dtype)
+
+    def masks_and_rope(self, b: int, l: int, mask_BxL=None, start=None, key_valid_BxS=None):
+        """Causal mask [B, L, S] and RoPE tables for L new tokens at slots start..start+L."""
+        if key_valid_BxS is None:  # no cache: keys are the queries themselves
+            key_valid_BxS = jnp.ones((b, l), bool) if mask_BxL is None else mask_BxL.astype(bool)
+            start = 0
+        s = key_valid_BxS.shape[1]
+        q_slot = start + jnp.arange(l)
+        causal_LxS = jnp.arange(s)[None, :] <= q_slot[:, None]
+        mask_BxLxS = causal_LxS[None] & key_valid_BxS[:, None, :]
+        rope = rope_tables(self.cfg, jnp.broadcast_to(q_slot[None], (b, l)))
+        return mask_BxLxS, rope
+
+    def logits(self, h_BxLxD):
+        x = self.norm(h_BxLxD)
+        if self.lm_head is not None:
+            return self.lm_head(x).astype(jnp.float32)
+        emb = self.embed.embedding.value.astype(x.dtype)
+        return jnp.einsum("bld,vd->blv", x, emb, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_BxL, *, mask_BxL=None, cache: KVCache | None = None):
+        """Logits [B, L, V] (f32) and the updated cache (None without one).
+
+        ``mask_BxL`` marks real tokens (False for padding). With a cache, the L tokens are
+        written at slots ``cache.index ..`` and attend to every valid earlier slot.
+        """
+        b, l = tokens_BxL.shape
+        h = self.embed_tokens(tokens_BxL)
+        if cache is None:
+            mask, rope = self.masks_and_rope(b, l, mask_BxL)
+            for blk in self.layers:
+                h, _ = blk(h, rope, mask)
+            return self.logits(h), None
+        new_valid = jnp.ones((b, l), bool) if mask_BxL is None else mask_BxL.astype(bool)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid, cache.index, 1)
+        mask, rope = self.masks_and_rope(b, l, start=cache.index, key_valid_BxS=valid)
+        ks, vs = [], []
+        for i, blk in enumerate(self.layers):
+            h, (k, v, _) = blk(h, rope, mask, (cache.k[i], cache.v[i], cache.index))
+            ks.append(k)
+            vs.append(v)
+        cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid, index=cache.index + l)
+        return self.logits(h), cache
+
+
+def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
+    return Llama(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: LlamaConfig) -> Llama:
+    """The model's structure without allocating weights (for loaders and restores)."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
