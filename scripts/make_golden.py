@@ -64,6 +64,18 @@ def smollm2(out: str, topk: int = 32, n_random: int = 256):
     print("smollm2: tokens", seqs.shape, "max |logit|", np.abs(logits).max())
 
 
+def tiny_tokenizer(directory: str, vocab_size: int) -> None:
+    """A character-level tokenizer over the first ``vocab_size`` code points (tests only)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {chr(i): i for i in range(vocab_size)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=chr(0)))
+    tok.decoder = decoders.Fuse()
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": chr(3), "bos_token": chr(2), "add_bos_token": False}, f)
+
+
 def tiny(out: str, name: str, **kw):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -80,6 +92,7 @@ def tiny(out: str, name: str, **kw):
     for extra in ("generation_config.json",):
         if os.path.exists(os.path.join(d, extra)):
             os.remove(os.path.join(d, extra))
+    tiny_tokenizer(d, kw["vocab_size"])
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, kw["vocab_size"], size=(2, 24)).astype(np.int32)
     with torch.no_grad():
@@ -91,9 +104,11 @@ def tiny(out: str, name: str, **kw):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="tests/golden")
+    ap.add_argument("--tiny-only", action="store_true", help="skip the SmolLM2 golden logits")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    smollm2(args.out)
+    if not args.tiny_only:
+        smollm2(args.out)
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     tiny(args.out, "tiny_llama", model_type="llama", tie_word_embeddings=False, rope_theta=500000.0,
