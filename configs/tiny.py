@@ -1,6 +1,6 @@
 """Test-sized variant of the default: the tiny random HF Llama in tests/golden, 2 windows.
 
-    python -m experiments.run --config=configs/tiny.py --workdir=/tmp/tiny
+python -m experiments.run --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
 import os

@@ -26,8 +26,12 @@ flags.DEFINE_list("metrics", ["perplexity"], "perplexity,sliding_perplexity,comp
 flags.DEFINE_integer("stride", 0, "Sliding-window stride (0 = seqlen // 2).")
 flags.DEFINE_string("reference", "", "Reference model spec for the compare metric.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_enum("precision", "highest", ["default", "high", "highest"],
-                  "jax_default_matmul_precision (highest = true f32 on GPUs, no TF32).")
+flags.DEFINE_enum(
+    "precision",
+    "highest",
+    ["default", "high", "highest"],
+    "jax_default_matmul_precision (highest = true f32 on GPUs, no TF32).",
+)
 flags.DEFINE_list("prompts", ["The capital of France is"], "Prompts for the samples metric.")
 flags.DEFINE_integer("max_new_tokens", 32, "Tokens generated per prompt (samples).")
 flags.DEFINE_string("out", "", "Write results JSON here.")
@@ -56,7 +60,8 @@ def main(argv):
         raise app.UsageError(f"{loaded.source}: no tokenizer.json beside the model")
     if FLAGS.seqlen > model.cfg.max_seq_len:
         raise app.UsageError(
-            f"--seqlen={FLAGS.seqlen} exceeds the model's context length {model.cfg.max_seq_len}")
+            f"--seqlen={FLAGS.seqlen} exceeds the model's context length {model.cfg.max_seq_len}"
+        )
     ref = None
     if "compare" in FLAGS.metrics:
         if not FLAGS.reference:
@@ -66,8 +71,13 @@ def main(argv):
     for corpus in FLAGS.corpus:
         text = load_text("pydoc") if corpus == "pydoc" else load_text("file", corpus)
         ids = tokenize(text, tok, progress=FLAGS.progress)
-        row = {"model": loaded.name, "corpus": corpus, "seqlen": FLAGS.seqlen,
-               "dtype": FLAGS.dtype, "device": jax.devices()[0].device_kind}
+        row = {
+            "model": loaded.name,
+            "corpus": corpus,
+            "seqlen": FLAGS.seqlen,
+            "dtype": FLAGS.dtype,
+            "device": jax.devices()[0].device_kind,
+        }
         try:
             toks, scored = windows(ids, FLAGS.seqlen, max_windows=FLAGS.max_windows)
         except ValueError as e:
@@ -79,8 +89,9 @@ def main(argv):
         if "sliding_perplexity" in FLAGS.metrics:
             stride = FLAGS.stride or FLAGS.seqlen // 2
             st, ss = windows(ids, FLAGS.seqlen, stride=stride, max_windows=FLAGS.max_windows)
-            r = perplexity(model, st, ss, FLAGS.batch_size, progress=FLAGS.progress,
-                           desc="sliding ppl")
+            r = perplexity(
+                model, st, ss, FLAGS.batch_size, progress=FLAGS.progress, desc="sliding ppl"
+            )
             row.update(sliding_ppl=r["ppl"], sliding_stride=stride)
         if ref is not None:
             from shrinkjax.eval.compare import compare

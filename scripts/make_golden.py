@@ -25,8 +25,8 @@ def smollm2_gguf() -> str:
 
 def golden_text() -> str:
     # A real, version-stable English text: the start of PEP 20 + pydoc's 'assert' topic header.
-    import this  # noqa: F401  (prints the Zen; its text is rot13 in this.s)
     import codecs
+    import this  # noqa: F401  (prints the Zen; its text is rot13 in this.s)
 
     zen = codecs.decode(__import__("this").s, "rot13")
     return zen
@@ -109,14 +109,40 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     if not args.tiny_only:
         smollm2(args.out)
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    tiny(args.out, "tiny_llama", model_type="llama", tie_word_embeddings=False, rope_theta=500000.0,
-         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-         rms_norm_eps=1e-5, **common)
-    tiny(args.out, "tiny_qwen2", model_type="qwen2", tie_word_embeddings=True,
-         rope_theta=10000.0, rms_norm_eps=1e-6, **common)
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    tiny(
+        args.out,
+        "tiny_llama",
+        model_type="llama",
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        rms_norm_eps=1e-5,
+        **common,
+    )
+    tiny(
+        args.out,
+        "tiny_qwen2",
+        model_type="qwen2",
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        **common,
+    )
 
 
 if __name__ == "__main__":

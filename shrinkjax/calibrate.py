@@ -59,7 +59,9 @@ def _block_taps(block: Block, h_BxLxD, mask, rope, tap: str | None):
 def embed_windows(model: Llama, tokens_NxL: jax.Array, batch_size: int) -> jax.Array:
     """Block-0 inputs for every calibration window, [N, L, D] in the model's dtype."""
     embed = nnx.jit(lambda m, t: m.embed_tokens(t))
-    parts = [embed(model, tokens_NxL[i : i + batch_size]) for i in range(0, len(tokens_NxL), batch_size)]
+    parts = [
+        embed(model, tokens_NxL[i : i + batch_size]) for i in range(0, len(tokens_NxL), batch_size)
+    ]
     return jnp.concatenate(parts)
 
 
@@ -95,7 +97,9 @@ def calibrate(
             }
             for s in range(0, n, batch_size):
                 hb = h[s : s + batch_size]
-                m_, r_ = (mask, rope) if len(hb) == batch_size else model.masks_and_rope(len(hb), seqlen)
+                m_, r_ = (
+                    (mask, rope) if len(hb) == batch_size else model.masks_and_rope(len(hb), seqlen)
+                )
                 _, x = _block_taps(block, hb, m_, r_, tap)
                 x_TxK = x.reshape(-1, x.shape[-1])
                 stats = {nm: update(st, x_TxK) for nm, st in stats.items()}
@@ -105,7 +109,9 @@ def calibrate(
         outs = []
         for s in range(0, n, batch_size):
             hb = h[s : s + batch_size]
-            m_, r_ = (mask, rope) if len(hb) == batch_size else model.masks_and_rope(len(hb), seqlen)
+            m_, r_ = (
+                (mask, rope) if len(hb) == batch_size else model.masks_and_rope(len(hb), seqlen)
+            )
             outs.append(_block_taps(block, hb, m_, r_, None)[0])
         h = jnp.concatenate(outs)
         if on_block is not None:

@@ -44,8 +44,10 @@ def run(config, workdir: str) -> dict:
         res.setdefault("stage_seconds", time.perf_counter() - t0)
         ctx.results[name] = res
         write_json(os.path.join(workdir, "results", f"{name}.json"), res)
-        append_jsonl(os.path.join(workdir, "metrics.jsonl"), {"stage": name, **{
-            k: v for k, v in res.items() if isinstance(v, int | float | str)}})
+        append_jsonl(
+            os.path.join(workdir, "metrics.jsonl"),
+            {"stage": name, **{k: v for k, v in res.items() if isinstance(v, int | float | str)}},
+        )
     print(table(summary_rows(ctx.results), title=f"\nresults ({workdir})"))
     for name, res in ctx.results.items():
         for s in res.get("samples", []) if isinstance(res.get("samples"), list) else []:

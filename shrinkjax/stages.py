@@ -40,8 +40,12 @@ def _import_builtin_stages():
     # Each module registers its stages on import; a missing optional module is not an error.
     import importlib
 
-    for mod in ("shrinkjax.stages_core", "shrinkjax.quant.stage", "shrinkjax.sparse.stage",
-                "shrinkjax.distill.stage"):
+    for mod in (
+        "shrinkjax.stages_core",
+        "shrinkjax.quant.stage",
+        "shrinkjax.sparse.stage",
+        "shrinkjax.distill.stage",
+    ):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -59,8 +59,11 @@ def evaluate_stage(ctx: RunContext) -> dict:
 
     model, tok = ctx.state["model"], ctx.state["tokenizer"]
     ecfg, dcfg = ctx.config.evaluate, ctx.config.data
-    res: dict = {"model": ctx.state.get("model_name", ""), "corpus": dcfg.path or dcfg.source,
-                 "seqlen": dcfg.seqlen}
+    res: dict = {
+        "model": ctx.state.get("model_name", ""),
+        "corpus": dcfg.path or dcfg.source,
+        "seqlen": dcfg.seqlen,
+    }
     toks, scored = load_text_windows(ctx, dcfg, tok, model.cfg)
     known = {"perplexity", "sliding_perplexity", "compare", "samples"}
     unknown = set(ecfg.metrics) - known
@@ -70,7 +73,9 @@ def evaluate_stage(ctx: RunContext) -> dict:
         r = perplexity(model, toks, scored, dcfg.batch_size, progress=ctx.progress)
         res.update(ppl=r["ppl"], nll=r["nll"], windows=r["windows"], tokens=r["tokens"])
     if "sliding_perplexity" in ecfg.metrics:
-        st, ss = load_text_windows(ctx, dcfg, tok, model.cfg, stride=ecfg.stride or dcfg.seqlen // 2)
+        st, ss = load_text_windows(
+            ctx, dcfg, tok, model.cfg, stride=ecfg.stride or dcfg.seqlen // 2
+        )
         r = perplexity(model, st, ss, dcfg.batch_size, progress=ctx.progress, desc="sliding ppl")
         res.update(sliding_ppl=r["ppl"], sliding_stride=ecfg.stride or dcfg.seqlen // 2)
     if "compare" in ecfg.metrics:
@@ -87,8 +92,11 @@ def evaluate_stage(ctx: RunContext) -> dict:
         prompts = [tok.encode(p) for p in ecfg.prompts]
         pt, pm = left_pad(prompts, tok.pad_id or 0)
         s = Sampling(ecfg.temperature, ecfg.top_k, ecfg.top_p)
-        out = generate(model, pt, ecfg.max_new_tokens, prompt_mask_BxP=pm, sampling=s,
-                       seed=ctx.config.seed)
-        res["samples"] = [{"prompt": p, "completion": tok.decode(o)}
-                          for p, o in zip(ecfg.prompts, np.asarray(out))]
+        out = generate(
+            model, pt, ecfg.max_new_tokens, prompt_mask_BxP=pm, sampling=s, seed=ctx.config.seed
+        )
+        res["samples"] = [
+            {"prompt": p, "completion": tok.decode(o)}
+            for p, o in zip(ecfg.prompts, np.asarray(out))
+        ]
     return res

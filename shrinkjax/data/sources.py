@@ -22,7 +22,11 @@ def pydoc_text() -> str:
 def file_text(pattern: str) -> str:
     if not pattern:
         raise ValueError("data.path is empty: give a file or a glob for source='file'")
-    paths = sorted(glob.glob(os.path.expanduser(pattern))) if any(c in pattern for c in "*?[") else [pattern]
+    paths = (
+        sorted(glob.glob(os.path.expanduser(pattern)))
+        if any(c in pattern for c in "*?[")
+        else [pattern]
+    )
     if not paths:
         raise FileNotFoundError(f"data.path {pattern!r} matches no file")
     texts = []
@@ -46,8 +50,14 @@ def hf_text(name: str, config: str = "", split: str = "test", field: str = "text
     return "\n\n".join(ds[field])
 
 
-def load_text(source: str, path: str = "", hf_name: str = "", hf_config: str = "",
-              hf_split: str = "test", hf_field: str = "text") -> str:
+def load_text(
+    source: str,
+    path: str = "",
+    hf_name: str = "",
+    hf_config: str = "",
+    hf_split: str = "test",
+    hf_field: str = "text",
+) -> str:
     if source == "pydoc":
         return pydoc_text()
     if source == "file":

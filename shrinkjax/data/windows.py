@@ -21,7 +21,9 @@ def tokenize(text: str, tokenizer, cache_dir: str = "", progress: bool = True) -
     path = os.path.join(cache_dir, f"tokens-{key}.npy") if cache_dir else ""
     if path and os.path.isfile(path):
         return np.load(path, allow_pickle=False)
-    with tqdm(total=len(text), desc="tokenize", unit="B", unit_scale=True, disable=not progress) as bar:
+    with tqdm(
+        total=len(text), desc="tokenize", unit="B", unit_scale=True, disable=not progress
+    ) as bar:
         ids = np.asarray(tokenizer.encode(text), np.int32)
         bar.update(len(text))
     if path:
@@ -60,7 +62,7 @@ def windows(ids: np.ndarray, seqlen: int, stride: int | None = None, max_windows
         begin = end - seqlen  # keep every window full length
         t = ids[begin:end]
         m = np.zeros(seqlen, bool)
-        m[max(prev_end - begin, 0):] = True
+        m[max(prev_end - begin, 0) :] = True
         toks.append(t)
         scored.append(m)
         prev_end = end
@@ -69,8 +71,9 @@ def windows(ids: np.ndarray, seqlen: int, stride: int | None = None, max_windows
     return np.stack(toks), np.stack(scored)
 
 
-def batches(tokens_WxL: np.ndarray, scored_WxL: np.ndarray, batch_size: int
-            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def batches(
+    tokens_WxL: np.ndarray, scored_WxL: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(tokens [B, L], valid [B, L], scored [B, L]); the last batch is padded (valid=False)."""
     w = len(tokens_WxL)
     for s in range(0, w, batch_size):

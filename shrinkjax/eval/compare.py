@@ -29,8 +29,12 @@ def compare(ref, model, tokens_WxL: np.ndarray, batch_size: int = 8, progress: b
     kl = agree = n = 0.0
     dummy = np.ones_like(tokens_WxL, bool)
     n_batches = -(-len(tokens_WxL) // batch_size)
-    for t, v, _ in tqdm(batches(tokens_WxL, dummy, batch_size), total=n_batches, desc="compare",
-                        disable=not progress):
+    for t, v, _ in tqdm(
+        batches(tokens_WxL, dummy, batch_size),
+        total=n_batches,
+        desc="compare",
+        disable=not progress,
+    ):
         a, b, c = _kl_top1(ref, model, jnp.asarray(t), jnp.asarray(v))
         kl, agree, n = kl + float(a), agree + float(b), n + float(c)
     return {"kl": kl / max(n, 1), "top1_agree": agree / max(n, 1), "tokens": int(n)}

@@ -32,15 +32,26 @@ def _nll_sums(model, tokens_BxL, valid_BxL, scored_BxL):
     return jnp.sum(nll * w), jnp.sum(w)
 
 
-def perplexity(model, tokens_WxL: np.ndarray, scored_WxL: np.ndarray, batch_size: int = 8,
-               progress: bool = True, desc: str = "perplexity") -> dict:
+def perplexity(
+    model,
+    tokens_WxL: np.ndarray,
+    scored_WxL: np.ndarray,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> dict:
     """{'ppl', 'nll', 'tokens', 'windows'} over the given windows."""
     from tqdm.auto import tqdm
 
     total, count = 0.0, 0.0
     n_batches = -(-len(tokens_WxL) // batch_size)
-    for t, v, s in tqdm(batches(tokens_WxL, scored_WxL, batch_size), total=n_batches, desc=desc,
-                        unit="batch", disable=not progress):
+    for t, v, s in tqdm(
+        batches(tokens_WxL, scored_WxL, batch_size),
+        total=n_batches,
+        desc=desc,
+        unit="batch",
+        disable=not progress,
+    ):
         a, b = _nll_sums(model, jnp.asarray(t), jnp.asarray(v), jnp.asarray(s))
         total += float(a)
         count += float(b)

@@ -106,8 +106,12 @@ def save_checkpoint(directory: str, model, tokenizer=None, meta: dict | None = N
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf], encodings[path] = _encode(v)
-    manifest = {"format": FORMAT, "config": model.cfg.to_dict(), "weights": encodings,
-                "meta": meta or {}}
+    manifest = {
+        "format": FORMAT,
+        "config": model.cfg.to_dict(),
+        "weights": encodings,
+        "meta": meta or {},
+    }
     with atomic_dir(directory) as tmp:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(os.path.join(tmp, "params"), arrays)
@@ -156,8 +160,12 @@ def load_checkpoint(directory: str, dtype: str | None = None):
 def _import_weight_types():
     import importlib
 
-    for mod in ("shrinkjax.quant.array", "shrinkjax.sparse.array", "shrinkjax.quant.smoothquant",
-                "shrinkjax.quant.llm_int8"):
+    for mod in (
+        "shrinkjax.quant.array",
+        "shrinkjax.sparse.array",
+        "shrinkjax.quant.smoothquant",
+        "shrinkjax.quant.llm_int8",
+    ):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

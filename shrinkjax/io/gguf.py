@@ -66,7 +66,9 @@ def open_reader(path: str):
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader fails in many ways on bad headers
-        raise ModelFileError(path, f"not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise ModelFileError(
+            path, f"not a readable GGUF file: truncated or corrupt ({type(e).__name__}: {e})"
+        ) from e
     size = os.path.getsize(path)
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)

@@ -49,7 +49,9 @@ def config_from_hf(d: dict, path: str = "") -> LlamaConfig:
         # rope_scaling. Both are accepted.
         rope = dict(d.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        scaling = d.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         return LlamaConfig(
             vocab_size=int(d["vocab_size"]),
             dim=int(d["hidden_size"]),
@@ -105,8 +107,9 @@ def _read_bf16_safe(path: str) -> dict[str, np.ndarray]:
     except ModelFileError as e:
         if "bfloat16" not in str(e).lower() and "bf16" not in str(e).lower():
             raise
-    import ml_dtypes
     import struct
+
+    import ml_dtypes
 
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]

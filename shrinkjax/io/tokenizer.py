@@ -118,8 +118,11 @@ def tokenizer_from_gguf(reader, path: str = "") -> TextTokenizer:
         raise ModelFileError(
             path, f"tokenizer type {kind!r} is not supported (only byte-level BPE, 'gpt2')"
         )
-    tokens = list(field(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise ModelFileError(path, "no tokenizer.ggml.tokens in the file")
+    tokens = list(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges") or []]
     types = list(field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     pre = field(reader, "tokenizer.ggml.pre", "gpt2")
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
@@ -135,7 +138,9 @@ def tokenizer_from_gguf(reader, path: str = "") -> TextTokenizer:
         splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
     tok.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    control = [
+        AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3
+    ]
     tok.add_special_tokens(control)
 
     def opt_int(key):

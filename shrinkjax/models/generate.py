@@ -39,14 +39,17 @@ def sample_logits(logits_BxV, rng, s: Sampling):
         cum = jnp.cumsum(jax.nn.softmax(sorted_x, -1), -1)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop_sorted = (cum - jax.nn.softmax(sorted_x, -1)) >= s.top_p
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(drop_sorted)
+        drop = (
+            jnp.zeros_like(drop_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(drop_sorted)
+        )
         x = jnp.where(drop, -jnp.inf, x)
     return jax.random.categorical(rng, x, -1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "kv_dtype"))
-def _generate(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, sampling,
-              kv_dtype):
+def _generate(
+    graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, sampling, kv_dtype
+):
     model = nnx.merge(graphdef, state)
     b, p = prompt_BxP.shape
     cache = init_cache(model.cfg, b, p + max_new_tokens, dtype=kv_dtype)
@@ -65,8 +68,16 @@ def _generate(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens,
     return jnp.concatenate([toks.T, last[:, None]], axis=1)
 
 
-def generate(model, prompt_BxP, max_new_tokens: int, *, prompt_mask_BxP=None, seed: int = 0,
-             sampling: Sampling = Sampling(), kv_dtype=None) -> np.ndarray:
+def generate(
+    model,
+    prompt_BxP,
+    max_new_tokens: int,
+    *,
+    prompt_mask_BxP=None,
+    seed: int = 0,
+    sampling: Sampling = Sampling(),
+    kv_dtype=None,
+) -> np.ndarray:
     """New tokens [B, max_new_tokens] continuing each (left-padded) prompt."""
     prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
     if prompt_mask_BxP is None:
@@ -79,8 +90,16 @@ def generate(model, prompt_BxP, max_new_tokens: int, *, prompt_mask_BxP=None, se
         )
     graphdef, state = nnx.split(model)
     kv_dtype = jnp.dtype(kv_dtype or model.cfg.jnp_dtype)
-    out = _generate(graphdef, state, prompt_BxP, jnp.asarray(prompt_mask_BxP, bool),
-                    jax.random.PRNGKey(seed), max_new_tokens, sampling, kv_dtype)
+    out = _generate(
+        graphdef,
+        state,
+        prompt_BxP,
+        jnp.asarray(prompt_mask_BxP, bool),
+        jax.random.PRNGKey(seed),
+        max_new_tokens,
+        sampling,
+        kv_dtype,
+    )
     return np.asarray(out)
 
 
@@ -90,8 +109,8 @@ def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.nda
     toks = np.full((len(seqs), p), pad_id, np.int32)
     mask = np.zeros((len(seqs), p), bool)
     for i, s in enumerate(seqs):
-        toks[i, p - len(s):] = s
-        mask[i, p - len(s):] = True
+        toks[i, p - len(s) :] = s
+        mask[i, p - len(s) :] = True
     return toks, mask
 
 

@@ -30,6 +30,10 @@ def _nest(flat: dict[str, object]) -> dict:
     return out
 
 
+def _few(names: list[str], n: int = 5) -> str:
+    return str(names[:n]) + ("…" if len(names) > n else "")
+
+
 def model_from_params(cfg: LlamaConfig, flat: dict[str, object], *, source: str = "") -> Llama:
     """Build a model whose parameters are exactly ``flat``; names and shapes are checked."""
     abstract = abstract_model(cfg)
@@ -40,8 +44,8 @@ def model_from_params(cfg: LlamaConfig, flat: dict[str, object], *, source: str 
     extra = sorted(set(flat) - set(want))
     if missing or extra:
         raise ValueError(
-            f"parameter names do not match the model{where}: missing {missing[:5]}"
-            f"{'…' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'…' if len(extra) > 5 else ''}"
+            f"parameter names do not match the model{where}: "
+            f"missing {_few(missing)}, unexpected {_few(extra)}"
         )
     for k, shape in want.items():
         got = tuple(getattr(flat[k], "shape", ()))
