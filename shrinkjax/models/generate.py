@@ -46,13 +46,16 @@ def sample_logits(logits_BxV, rng, s: Sampling):
     return jax.random.categorical(rng, x, -1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "kv_dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "kv_dtype", "kv_format")
+)
 def _generate(
-    graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, sampling, kv_dtype
+    graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, sampling, kv_dtype, kv_format
 ):
     model = nnx.merge(graphdef, state)
     b, p = prompt_BxP.shape
-    cache = init_cache(model.cfg, b, p + max_new_tokens, dtype=kv_dtype)
+    fmt, group = kv_format or (None, 0)
+    cache = init_cache(model.cfg, b, p + max_new_tokens, kv_dtype, kv_format=fmt, group=group)
     logits, cache = model(prompt_BxP, mask_BxL=prompt_mask_BxP, cache=cache)
     rng, sub = jax.random.split(rng)
     first = sample_logits(logits[:, -1], sub, sampling)
@@ -77,8 +80,13 @@ def generate(
     seed: int = 0,
     sampling: Sampling = Sampling(),
     kv_dtype=None,
+    kv_format: str | None = None,
+    kv_group: int = 0,
 ) -> np.ndarray:
-    """New tokens [B, max_new_tokens] continuing each (left-padded) prompt."""
+    """New tokens [B, max_new_tokens] continuing each (left-padded) prompt.
+
+    ``kv_format`` (int8 | fp8_e4m3 | int4, see ``kv_cache``) stores the cache quantized in groups
+    of ``kv_group`` head channels (0 = one scale per head and token)."""
     prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
     if prompt_mask_BxP is None:
         prompt_mask_BxP = jnp.ones(prompt_BxP.shape, bool)
@@ -99,6 +107,7 @@ def generate(
         max_new_tokens,
         sampling,
         kv_dtype,
+        (kv_format, kv_group) if kv_format else None,
     )
     return np.asarray(out)
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shrinkjax.kernels import dispatch
-from shrinkjax.models.kv_cache import KVCache
+from shrinkjax.models.kv_cache import KVCache, cache_read, cache_write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,10 +200,9 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layer_cache is not None:
             k_all, v_all, index = layer_cache
-            k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), index, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), index, 1)
+            k_all, v_all = cache_write(k_all, k, index), cache_write(v_all, v, index)
             layer_cache = (k_all, v_all, index)
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            k, v = cache_read(k_all, q.dtype), cache_read(v_all, q.dtype)
         o_in = attention(q, k, v, mask_BxLxS, cfg.attention_impl)
         if taps is not None:
             taps["o_in"] = o_in
