@@ -1,0 +1,72 @@
+"""One-time conversion of compressed weights into the Pallas kernels' layouts.
+
+``QuantizedArray`` (``shrinkjax.quant``) stores codes packed for storage and checkpoints
+(low nibble = even row); the kernels read their own "split-half" layouts
+(``shrinkjax.kernels.layouts``). :func:`to_kernel_layout` re-packs one weight on the host;
+:func:`pack_model_for_kernels` does it for every linear of a model, after which
+``dispatch.linear`` routes those layers to the kernels (on GPU; the pure-jnp reference on CPU).
+
+Supported: int4/int8 (symmetric or asymmetric, per group or per channel), MXFP4, NVFP4. Other
+formats are left as they are (they keep the reference path) and reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shrinkjax.kernels import layouts
+
+
+def to_kernel_layout(w):
+    """The kernel-packed equivalent of ``w``, or None when no kernel handles its format."""
+    from shrinkjax.quant.array import QuantizedArray, unpack
+
+    if not isinstance(w, QuantizedArray):
+        return None
+    fmt, spec = w.spec.format, w.spec
+    k, n = w.shape
+    bits = {"int4": 4, "int8": 8, "mxfp4": 4, "nvfp4": 4}.get(fmt)
+    if bits is None:
+        return None
+    codes = np.asarray(unpack(w.codes, bits, k), np.uint8)
+    if fmt in ("int4", "int8"):
+        if spec.granularity == "tensor":
+            return None
+        group = spec.group_size if spec.granularity == "group" else k
+        scales = np.asarray(w.scales, np.float32)
+        zeros = None if spec.symmetric else np.asarray(w.zeros, np.uint8)
+        # the kernel's symmetric zero is 2**(bits-1), the same offset binary as QuantizedArray
+        return layouts.pack_int(codes, scales, zeros, bits=bits, group=group)
+    if fmt == "mxfp4":
+        return layouts.pack_mxfp4(codes, np.asarray(w.scales, np.uint8))
+    tensor_scale = float(np.asarray(w.scales2, np.float32).reshape(-1)[0])
+    return layouts.pack_nvfp4(codes, np.asarray(w.scales, np.uint8), tensor_scale)
+
+
+def pack_model_for_kernels(model) -> dict:
+    """Replace every convertible compressed kernel of ``model`` in place; returns
+    {'converted': [paths], 'kept': {path: format}} for the rest that stay on the reference."""
+    from flax import nnx
+
+    import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register the kernels with dispatch)
+    import shrinkjax.kernels.int_matmul  # noqa: F401
+    import shrinkjax.kernels.sparse_matmul  # noqa: F401
+    from shrinkjax.models.params import flat_params
+
+    report = {"converted": [], "kept": {}}
+    modules = dict(nnx.iter_graph(model))
+    for path, w in flat_params(model).items():
+        if (
+            not path.endswith("kernel")
+            or isinstance(w, np.ndarray)
+            or hasattr(w, "addressable_data")
+        ):
+            continue
+        packed = to_kernel_layout(w)
+        if packed is None:
+            report["kept"][path] = getattr(getattr(w, "spec", None), "format", type(w).__name__)
+            continue
+        owner = tuple(int(p) if p.isdigit() else p for p in path.split(".")[:-1])
+        modules[owner].kernel.value = packed
+        report["converted"].append(path)
+    return report

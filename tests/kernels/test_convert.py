@@ -1,0 +1,51 @@
+"""QuantizedArray → kernel layouts: same weights, and a quantized model runs through dispatch."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shrinkjax.kernels import reference
+from shrinkjax.kernels.convert import pack_model_for_kernels, to_kernel_layout
+from shrinkjax.models.params import flat_params, model_from_params
+from shrinkjax.quant import formats, rtn, rules
+from shrinkjax.quant.array import QuantSpec
+
+SPECS = [
+    QuantSpec("int4", group_size=32),
+    QuantSpec("int4", group_size=64, symmetric=False),
+    QuantSpec("int8", granularity="channel"),
+    QuantSpec("mxfp4"),
+    QuantSpec("nvfp4"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_packed_weight_dequantizes_to_the_same_values(spec):
+    w = np.random.default_rng(0).standard_normal((128, 96)).astype(np.float32)
+    q = formats.make(spec).quantize(jnp.asarray(w))
+    packed = to_kernel_layout(q)
+    got = np.asarray(reference.dequantize(packed), np.float32)[:128, :96]
+    want = np.asarray(q.dequantize(jnp.float32))
+    # the kernels' weights are bf16 (relative 2**-9): int scales are rounded to bf16 at pack time
+    # and NVFP4's tensor scale multiplies in; MXFP4 (power-of-two scales × E2M1) stays exact
+    tol = 0.0 if spec.format == "mxfp4" else 4e-3
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_quantized_model_runs_through_kernel_dispatch(tiny_llama):
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 16)))
+    spec = QuantSpec("int4", group_size=32)
+    q, _ = rtn.quantize_params(flat_params(tiny_llama.model), rules.default_rules(spec))
+    model = model_from_params(tiny_llama.model.cfg, q)
+    ref = np.asarray(model(toks)[0])
+    report = pack_model_for_kernels(model)
+    assert len(report["converted"]) == 14 and not report["kept"]
+    out = np.asarray(model(toks)[0])
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 2e-2  # bf16 activations/scales on the kernel path
+
+
+def test_unsupported_formats_are_kept():
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32))
+    assert to_kernel_layout(formats.make(QuantSpec("nf4")).quantize(w)) is None
+    assert to_kernel_layout(w) is None
