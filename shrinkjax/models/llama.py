@@ -164,14 +164,24 @@ def apply_rope(x_BxLxNxH, cos_BxLxH2, sin_BxLxH2):
 
 
 def attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, impl: str = "einsum"):
-    """Grouped-query softmax attention in f32; mask True = may attend."""
+    """Grouped-query softmax attention in f32; mask True = may attend, None = plain causal
+    (lets cuDNN's flash kernel skip the mask tensor)."""
     b, l, n, h = q_BxLxNxH.shape
     kh = k_BxSxKxH.shape[2]
     if impl == "cudnn":
+        mask = None if mask_BxLxS is None else mask_BxLxS[:, None]
         out = jax.nn.dot_product_attention(
-            q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxLxS[:, None], implementation="cudnn"
+            q_BxLxNxH,
+            k_BxSxKxH,
+            v_BxSxKxH,
+            mask=mask,
+            is_causal=mask is None,
+            implementation="cudnn",
         )
         return out.reshape(b, l, n * h)
+    if mask_BxLxS is None:
+        s_len = k_BxSxKxH.shape[1]
+        mask_BxLxS = (jnp.arange(s_len)[None, :] <= jnp.arange(l)[:, None])[None]
     q = q_BxLxNxH.reshape(b, l, kh, n // kh, h)
     s = jnp.einsum("blkgh,bskh->bkgls", q, k_BxSxKxH, preferred_element_type=jnp.float32)
     s = s / math.sqrt(h)
@@ -275,9 +285,12 @@ class Llama(nnx.Module):
         return self.embed.embedding.value[tokens_BxL].astype(self.cfg.jnp_dtype)
 
     def masks_and_rope(self, b: int, l: int, mask_BxL=None, start=None, key_valid_BxS=None):
-        """Causal mask [B, L, S] and RoPE tables for L new tokens at slots start..start+L."""
+        """Causal mask [B, L, S] (None when plainly causal) and RoPE tables for L new tokens at
+        slots start..start+L."""
         if key_valid_BxS is None:  # no cache: keys are the queries themselves
-            key_valid_BxS = jnp.ones((b, l), bool) if mask_BxL is None else mask_BxL.astype(bool)
+            if mask_BxL is None:  # plain causal: attention builds it (or cuDNN skips it)
+                return None, rope_tables(self.cfg, jnp.broadcast_to(jnp.arange(l)[None], (b, l)))
+            key_valid_BxS = mask_BxL.astype(bool)
             start = 0
         s = key_valid_BxS.shape[1]
         q_slot = start + jnp.arange(l)

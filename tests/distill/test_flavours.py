@@ -1,0 +1,122 @@
+"""Each flavour runs end to end through the runner with the tiny teacher on CPU; students
+from config; vocab mismatch is a clear error."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from shrinkjax import run as runner
+
+
+def _config(flavour: str, **train):
+    mod = importlib.import_module(f"configs.distill.{flavour}")
+    c = mod.get_config("tiny")
+    with c.unlocked():
+        c.stages = ("load", "distill")
+        c.train.update(train)
+    return c
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_logit_flavour_end_to_end(tmp_path):
+    c = _config("logit", steps=4, eval_every=2, checkpoint_every=2)
+    res = runner.run(c, str(tmp_path))["distill"]
+    assert res["kind"] == "logit" and res["steps"] == 4
+    assert res["student_layers"] == 1
+    assert np.isfinite(res["final_loss"]) and res["final_loss"] > 0
+    assert res["eval_kl"] > 0 and np.isfinite(res["eval_ppl"])
+    lines = _jsonl(tmp_path / "metrics.jsonl")
+    train = [r for r in lines if r.get("kind") == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert {"loss", "fkl", "kl", "grad_norm", "lr", "tokens_per_s"} <= set(train[-1])
+    assert any(r.get("kind") == "eval" and r["step"] == 2 for r in lines)
+    assert os.listdir(tmp_path / "tb")
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2, 4]
+    # the trained student was handed on to later stages and differs from the init
+    # (loss fell from the first logged step)
+    assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_sequence_flavour_generates_dataset_then_ce(tmp_path):
+    c = _config("sequence", steps=3, eval_every=0)
+    res = runner.run(c, str(tmp_path))["distill"]
+    d = tmp_path / "teacher_data"
+    toks, mask = np.load(d / "tokens.npy"), np.load(d / "loss_mask.npy")
+    assert toks.shape == (8, 32) and mask.shape == toks.shape
+    assert not mask[:, :8].any() and mask[:, 8].all()  # prompt is context, completion target
+    assert res["dataset_sequences"] == 8
+    train = [r for r in _jsonl(tmp_path / "metrics.jsonl") if r.get("kind") == "train"]
+    assert "ce" in train[-1] and "fkl" not in train[-1]  # cross entropy only
+    # a second run reuses the dataset (same meta) and resumes from the final checkpoint
+    meta_before = os.path.getmtime(d / "tokens.npy")
+    res2 = runner.run(c, str(tmp_path))["distill"]
+    assert os.path.getmtime(d / "tokens.npy") == meta_before
+    assert res2["start_step"] == 3
+
+
+def test_onpolicy_flavour_mixes_student_samples(tmp_path):
+    c = _config("onpolicy", steps=4, eval_every=0)
+    with c.unlocked():
+        c.distill.onpolicy.lam = 0.5
+    res = runner.run(c, str(tmp_path))["distill"]
+    assert 0 < res["onpolicy_steps"] < 4
+    train = [r for r in _jsonl(tmp_path / "metrics.jsonl") if r.get("kind") == "train"]
+    assert all(np.isfinite(r["jsd"]) for r in train)
+    # on-policy steps score only the 24 generated tokens (minus the last position)
+    assert {r["tokens"] for r in train} >= {4 * 24.0}
+
+
+def test_onpolicy_schedule_is_deterministic():
+    from shrinkjax.distill.onpolicy import OnPolicyBatcher
+    from shrinkjax.models.generate import Sampling
+    from shrinkjax.models.llama import LlamaConfig
+    from shrinkjax.train.loop import StepBatcher
+
+    cfg = LlamaConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=8)
+    base = StepBatcher(np.zeros((10, 6), np.int32), None, 2, seed=3)
+    mk = lambda: OnPolicyBatcher(
+        base,
+        np.zeros((5, 2), np.int32),
+        lam=0.3,
+        max_new_tokens=4,
+        sampling=Sampling(1.0),
+        seed=3,
+        student_cfg=cfg,
+    )
+    a, b = mk(), mk()
+    flags = [a.is_onpolicy(s) for s in range(200)]
+    assert flags == [b.is_onpolicy(s) for s in range(200)]
+    assert 0.2 < np.mean(flags) < 0.4
+
+
+def test_vocab_mismatch_is_a_clear_error(tmp_path):
+    c = _config("logit")
+    with c.unlocked():
+        c.student.init = "scratch"
+        c.student.vocab_size = 100
+    with pytest.raises(ValueError, match="vocabularies differ.*128.*100"):
+        runner.run(c, str(tmp_path))
+    # same vocabulary size but another tokenizer: also refused
+    from shrinkjax.models.llama import LlamaConfig
+    from shrinkjax.models.surgery import VocabMismatchError, check_compatible
+
+    class Tok:
+        def __init__(self, fp):
+            self.fp, self.vocab_size = fp, 128
+
+        def fingerprint(self):
+            return self.fp
+
+    cfg = LlamaConfig(vocab_size=128, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=8)
+    check_compatible(cfg, cfg, Tok("a"), Tok("a"))
+    with pytest.raises(VocabMismatchError, match="tokenizers differ"):
+        check_compatible(cfg, cfg, Tok("a"), Tok("b"))
