@@ -1,0 +1,20 @@
+"""FP8 E4M3 W8A8: E4M3 weights per output channel, E4M3 activations per token (dynamic).
+
+    python -m experiments.run --config=configs/ptq/fp8.py --workdir=/tmp/ptq-fp8 \
+      [--config.quantize.act_scales=static]    # calibrated per-tensor activation scales
+"""
+
+from configs.ptq import common
+
+
+def get_config(variant: str = ""):
+    c = common.ptq_config(
+        method="rtn",
+        format="fp8_e4m3",
+        group_size=0,
+        granularity="channel",
+        symmetric=True,
+        activations="fp8_e4m3",
+        act_scales="dynamic",
+    )
+    return common.finish(c, variant)
