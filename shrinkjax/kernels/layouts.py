@@ -300,7 +300,7 @@ def _int_pair(group: int, bits: int) -> int:
 def _group_params(scales, zeros, groups: int, n: int, bits: int, group: int, kp: int, np_: int):
     s = _np(scales).astype(np.float32)
     if s.shape != (groups, n):
-        raise ValueError(f"scales must have shape [K/g, N] = {(groups, n)}, got {s.shape}")
+        raise ValueError(f"scales must have shape [ceil(K/g), N] = {(groups, n)}, got {s.shape}")
     if not np.all(np.isfinite(s)):
         raise ValueError("scales must be finite")
     s_p = _pad2(s, kp // group, np_)
@@ -308,7 +308,7 @@ def _group_params(scales, zeros, groups: int, n: int, bits: int, group: int, kp:
     if zeros is not None:
         z = _np(zeros)
         if z.shape != (groups, n):
-            raise ValueError(f"zeros must have shape [K/g, N] = {(groups, n)}, got {z.shape}")
+            raise ValueError(f"zeros must have shape [ceil(K/g), N] = {(groups, n)}, got {z.shape}")
         if np.any(z != np.round(z)) or z.min() < 0 or z.max() >= 2**bits:
             raise ValueError(f"zeros must be integers in [0, {2**bits}) for bits={bits}")
         z_p = _pad2(z.astype(np.uint8), kp // group, np_)
@@ -318,22 +318,27 @@ def _group_params(scales, zeros, groups: int, n: int, bits: int, group: int, kp:
 def pack_int(codes_KxN, scales, zeros=None, *, bits: int = 4, group: int = 128) -> PackedInt:
     """Pack ``W[k,n] = (codes[k,n] - zeros[k//g,n]) * scales[k//g,n]`` for the int kernels.
 
-    codes: integer [K, N] in [0, 2**bits); scales: float [K/g, N]; zeros: integer [K/g, N] in
-    [0, 2**bits) or None (symmetric: zero = 2**(bits-1)). K must be a multiple of ``group``.
+    codes: integer [K, N] in [0, 2**bits); scales: float [ceil(K/g), N]; zeros: integer
+    [ceil(K/g), N] in [0, 2**bits) or None (symmetric: zero = 2**(bits-1)). When ``group`` does
+    not divide K the last group is short (int-k "ragged" groups): its rows past K are filled
+    with the zero-point code, so they dequantize to exactly 0.
     """
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     codes = _check_codes(_np(codes_KxN), bits)
     k, n = codes.shape
-    if group <= 0 or k % group:
-        raise ValueError(
-            f"K={k} (weight shape {codes.shape}) is not a multiple of the group size {group}"
-        )
+    if group <= 0:
+        raise ValueError(f"group size must be positive, got {group}")
+    groups = -(-k // group)
     pair = _int_pair(group, bits)
     chunk = 2 * pair if bits == 4 else pair
     kp = round_up(k, math.lcm(chunk, group))
     np_ = round_up(n, N_ALIGN)
-    s, z = _group_params(scales, zeros, k // group, n, bits, group, kp, np_)
+    s, z = _group_params(scales, zeros, groups, n, bits, group, kp, np_)
+    if groups * group > k:  # short last group: pad it with zero-point codes
+        zp = np.full((1, n), 2 ** (bits - 1)) if zeros is None else _np(zeros)[-1:]
+        fill = np.broadcast_to(zp.astype(codes.dtype), (groups * group - k, n))
+        codes = np.concatenate([codes, fill])
     c = _pad2(codes, kp, np_)
     q = pack_nibbles_split_half(c, pair) if bits == 4 else c
     return PackedInt(jnp.asarray(q), s, z, k=k, n=n, bits=bits, group=group, pair=pair)

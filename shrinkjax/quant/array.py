@@ -7,9 +7,10 @@ every kernel in shrinkjax) is replaced by a :class:`QuantizedArray` whose array 
 field       dtype / shape          meaning (per format; see ``shrinkjax.quant.formats.*``)
 ==========  =====================  ==========================================================
 codes       uint8 [K*b/8, N]       b-bit element codes packed along K (layout below)
-scales      [K/G, N] or [K/G, 1]   one scale per group of G input rows and output column
-                                   (G = K for per-channel, [1, 1] for per-tensor)
-zeros       uint8 [K/G, N] | None  integer zero points (asymmetric int-k only)
+scales      [g, N] or [g, 1]       one scale per group of G input rows and output column,
+                                   g = ceil(K/G) (G = K for per-channel, [1, 1] per-tensor;
+                                   int-k allow a shorter last group when G does not divide K)
+zeros       uint8 [g, N] | None    integer zero points (asymmetric int-k only)
 scales2     f32 | None             second-level scales (NF4 double quant, NVFP4 tensor scale)
 zeros2      f32 | None             second-level offsets (NF4 double quant)
 ==========  =====================  ==========================================================

@@ -99,26 +99,28 @@ def search_scale(
 
 @functools.partial(jax.jit, static_argnames=("fmt", "n_grid", "max_shrink"))
 def search_clip(x_TxK, w_KxN, *, fmt, n_grid: int = 20, max_shrink: float = 0.5):
-    """AWQ clipping search: ``(w clipped [K, N], chosen shrink ratio [K/G, N])``.
+    """AWQ clipping search: ``(w clipped [K, N], chosen shrink ratio [ceil(K/G), N])``.
 
     For each group of G input rows and output column, ``max|w|`` shrinks by ``i / n_grid``
     (i < max_shrink · n_grid); the ratio minimising the mean squared partial output
-    ``x_g (w_g - Q(clip(w_g)))`` over the tokens is kept."""
+    ``x_g (w_g - Q(clip(w_g)))`` over the tokens is kept. A short last group (G not dividing
+    K, int-k) is searched on its own rows: the padding rows are zero in both x and w."""
     x = x_TxK.astype(jnp.float32)
     w = w_KxN.astype(jnp.float32)
     k, n = w.shape
     g = fmt.group_rows(k)
-    ng = k // g
-    xg = x.reshape(-1, ng, g)
-    wg = w.reshape(ng, g, n)
+    ng = -(-k // g)
+    pad = ng * g - k
+    xg = jnp.pad(x, ((0, 0), (0, pad))).reshape(-1, ng, g)
+    wg = jnp.pad(w, ((0, pad), (0, 0))).reshape(ng, g, n)
     amax = jnp.max(jnp.abs(wg), axis=1)  # [ng, N]
     steps = max(1, int(max_shrink * n_grid))
 
     def err(i):
         ratio = 1.0 - i / n_grid
         mx = (amax * ratio)[:, None, :]
-        wc = jnp.clip(wg, -mx, mx)
-        q = fake_quant(fmt, wc.reshape(k, n)).reshape(ng, g, n)
+        wc = jnp.clip(wg, -mx, mx).reshape(ng * g, n)[:k]
+        q = jnp.pad(fake_quant(fmt, wc), ((0, pad), (0, 0))).reshape(ng, g, n)
         d = jnp.einsum("tgk,gkn->tgn", xg, q - wg, precision=HIGHEST)
         return jnp.mean(d * d, axis=0)  # [ng, N]
 
@@ -126,7 +128,7 @@ def search_clip(x_TxK, w_KxN, *, fmt, n_grid: int = 20, max_shrink: float = 0.5)
     best = jnp.argmin(errs, axis=0)
     ratio = 1.0 - best.astype(jnp.float32) / n_grid
     mx = (amax * ratio)[:, None, :]
-    return jnp.clip(wg, -mx, mx).reshape(k, n), ratio
+    return jnp.clip(wg, -mx, mx).reshape(ng * g, n)[:k], ratio
 
 
 def tie_heads(x_mean_NH, n_heads: int, n_kv_heads: int, head_dim: int):

@@ -20,9 +20,11 @@ W8A8Method       max |x| per channel                   SmoothQuant fold (α) and
 Linears that share one input (q/k/v, gate/up) share one statistics accumulator: the others get
 an empty placeholder, so XᵀX is computed once per input.
 
-Group sizes: the formats need K divisible by the group size. :func:`resolve_spec` keeps the
-requested size when it divides K and otherwise falls back (with a warning) to the largest
-divisor of K below it that the packing allows (SmolLM2's K = 576 with g128 -> g96).
+Group sizes: int-k formats take any group size, with a shorter last group when it does not
+divide K (SmolLM2's K = 576 at g128: 4 x 128 + 64, as AutoGPTQ / AWQ). For the other formats
+with a free group size (NF4, FP8 per group) :func:`resolve_spec` keeps the requested size when
+it divides K and otherwise falls back (with a warning) to the largest divisor of K below it
+that the packing allows; fixed blocks (MXFP4 32, NVFP4 16) raise.
 """
 
 from __future__ import annotations
@@ -53,14 +55,16 @@ _warned: set = set()
 
 
 def resolve_spec(spec: QuantSpec, shape) -> QuantSpec:
-    """``spec`` made valid for a ``[K, N]`` kernel (group-size fallback, see module doc)."""
+    """``spec`` made valid for a ``[K, N]`` kernel (group-size fallback, see module doc).
+
+    Int-k specs come back unchanged (ragged last group); a K the packing cannot take raises."""
     fmt = formats.make(spec)
     k = int(shape[0])
     try:
         fmt.check_shape(tuple(shape))
         return spec
     except ValueError:
-        if fmt.spec.granularity != "group" or fmt.fixed_group_size:
+        if fmt.spec.granularity != "group" or fmt.fixed_group_size or fmt.ragged_groups:
             raise
     g = fmt.spec.group_size
     unit = PACK_UNIT[fmt.bits]

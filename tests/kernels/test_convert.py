@@ -49,3 +49,39 @@ def test_unsupported_formats_are_kept():
     w = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32))
     assert to_kernel_layout(formats.make(QuantSpec("nf4")).quantize(w)) is None
     assert to_kernel_layout(w) is None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec("int4", group_size=128),
+        QuantSpec("int4", group_size=128, symmetric=False),
+        QuantSpec("int8", group_size=128, symmetric=False),
+    ],
+    ids=lambda s: s.describe(),
+)
+def test_ragged_groups_pack_with_zero_padding(spec):
+    """K = 576 at g128 (4 x 128 + 64): the short group is padded with zero-point codes, so the
+    padding rows dequantize to exactly 0; the real rows and the kernel's matmul are unchanged."""
+    import dataclasses
+
+    from shrinkjax.kernels.int_matmul import int_matmul
+
+    k, n = 576, 96
+    w = np.random.default_rng(2).standard_normal((k, n)).astype(np.float32)
+    w[512:] *= 0.05  # a neighbour's scale on the short group would show
+    q = formats.make(spec).quantize(jnp.asarray(w))
+    assert q.scales.shape == (5, n)
+    packed = to_kernel_layout(q)
+    assert packed is not None and packed.shape == (k, n) and packed.kp >= 640
+    got = np.asarray(reference.dequantize(packed), np.float32)[:k, :n]
+    want = np.asarray(q.dequantize(jnp.float32))
+    for rows in (slice(0, 512), slice(512, k)):  # bf16 scales and weights: 2 roundings
+        a, b = got[rows], want[rows]
+        np.testing.assert_allclose(a, b, rtol=8e-3, atol=4e-3 * np.abs(b).max())
+    whole = reference.dequantize(dataclasses.replace(packed, k=packed.kp, n=packed.np_))
+    assert not np.asarray(whole, np.float32)[k:].any()  # padding rows are exactly zero
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, k)), jnp.bfloat16)
+    y = np.asarray(int_matmul(x, packed, interpret=True), np.float32)
+    y_ref = np.asarray(reference.matmul_ref(x, packed), np.float32)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-2, atol=2e-2 * np.abs(y_ref).max())

@@ -114,7 +114,7 @@ def test_gptq_matches_unblocked_reference(act_order):
 @pytest.mark.parametrize("fmt_name", ["int4", "int3"])
 def test_gptq_beats_rtn_on_real_layer(real_block, fmt_name):
     """Layer-output error on real calibration inputs, int-k g128 (down_proj, K = 1536) and, at
-    int4, the joint q/k/v solve (K = 576: g128 falls back to g96, see methods.resolve_spec)."""
+    int4, the joint q/k/v solve (K = 576 at g128: 4 groups of 128 and a short one of 64)."""
     model, _, _, _, taps = real_block
     block = model.layers[LAYER]
     spec = QuantSpec(fmt_name, group_size=128, symmetric=False)
@@ -123,16 +123,68 @@ def test_gptq_beats_rtn_on_real_layer(real_block, fmt_name):
         qkv = jnp.concatenate([_kernel(block, f"attn.{p}_proj") for p in "qkv"], axis=1)
         cases["qkv"] = (taps["attn_in"], qkv)
     for name, (x, w) in cases.items():
-        fmt = formats.make(M.resolve_spec(spec, w.shape))
-        if name == "down":
-            assert fmt.spec.group_size == 128
+        assert M.resolve_spec(spec, w.shape) == spec  # g128 kept, also for K = 576
+        fmt = formats.make(spec)
         h = gptq.hessian(gptq.hessian_update(gptq.hessian_init(w.shape[0]), x))
         res = gptq.gptq_quantize(w, h, fmt)
+        ng = -(-w.shape[0] // 128)
+        assert res.qarray.scales.shape == (ng, w.shape[1]) == res.qarray.zeros.shape
+        np.testing.assert_array_equal(np.asarray(res.qarray.dequantize()), np.asarray(res.w_hat))
         e_rtn = gptq.output_error(x, w, fmt.quantize(w).dequantize())
         e_gptq = gptq.output_error(x, w, res.w_hat)
         assert e_gptq < 0.5 * e_rtn, (name, fmt_name, e_gptq, e_rtn)
         # the Hessian predicts the measured error (H = 2 XᵀX / n)
         assert gptq.expected_output_error(h, w, res.w_hat) == pytest.approx(e_gptq, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "act_order, block", [(False, 32), (False, 128), (True, 32)], ids=["g>B", "g<B", "act_order"]
+)
+def test_gptq_ragged_last_group_matches_unblocked_reference(act_order, block):
+    """K = 200 at g64: 3 groups of 64 and a short one of 8 rows, fitted on those rows alone
+    (the unblocked reference fits ``w[192:200]``); the stored groups are the solver's."""
+    rng = np.random.default_rng(4)
+    k, n, g = 200, 12, 64
+    x = rng.normal(size=(600, k)) @ rng.normal(size=(k, k)) / np.sqrt(k)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    w[192:] *= 0.05  # the short group is small: a neighbour's qparams would be far off
+    h = gptq.hessian(gptq.hessian_update(gptq.hessian_init(k), jnp.asarray(x, jnp.float32)))
+    fmt = formats.make(QuantSpec("int4", group_size=g, symmetric=False))
+    res = gptq.gptq_quantize(w, h, fmt, gptq.GPTQConfig(block_size=block, act_order=act_order))
+    perm, static_qp = None, None
+    if act_order:
+        perm = np.argsort(-np.diag(np.array(h)), kind="stable")
+        static_qp = fmt.fit(jnp.asarray(w), tensor_amax=jnp.max(jnp.abs(w)))
+        # static groups: the short group's qparams are those of its own 8 rows
+        jax.tree.map(np.testing.assert_array_equal, fmt.fit(jnp.asarray(w[192:])),
+                     jax.tree.map(lambda a: a[3:], static_qp))  # fmt: skip
+    ref = _naive_gptq(w, h, fmt, g, perm=perm, static_qp=static_qp)
+    got = np.asarray(res.w_hat)
+    assert np.mean(np.abs(got - ref) > 1e-3) < 0.01
+    qa = res.qarray
+    assert qa.scales.shape == (4, n) and qa.zeros.shape == (4, n)
+    np.testing.assert_array_equal(np.asarray(qa.dequantize()), got)
+    # codes/scales agree with from_groups on the stored qparams, and the short group's rows
+    # sit on its own grid
+    qp = {"scales": qa.scales, "zeros": qa.zeros}
+    jax.tree.map(np.testing.assert_array_equal, fmt.from_groups(got, qp), qa)
+    last = {"scales": qa.scales[3:], "zeros": qa.zeros[3:]}
+    np.testing.assert_array_equal(np.asarray(fmt.fake_quant(got[192:], last)), got[192:])
+    assert np.abs(got[192:]).max() < 0.2 * np.abs(got[:192]).max()
+    # and GPTQ beats RTN on the layer output
+    x32 = jnp.asarray(x, jnp.float32)
+    e_rtn = gptq.output_error(x32, w, fmt.quantize(w).dequantize())
+    assert gptq.output_error(x32, w, got) < 0.8 * e_rtn
+
+
+def test_resolve_spec_keeps_ragged_int_groups():
+    for spec in (QuantSpec("int4"), QuantSpec("int3", group_size=128, symmetric=False)):
+        assert M.resolve_spec(spec, (576, 64)) == spec
+    with pytest.raises(ValueError, match="not a multiple of 8"):  # packing is not a group size
+        M.resolve_spec(QuantSpec("int3"), (572, 64))
+    # formats without ragged groups still fall back to a divisor (NF4) or keep their blocks
+    assert M.resolve_spec(QuantSpec("nf4", group_size=128), (576, 64)).group_size == 96
+    assert M.resolve_spec(QuantSpec("mxfp4"), (576, 64)) == QuantSpec("mxfp4")
 
 
 def test_gptq_cholesky_failure_falls_back(caplog):
@@ -156,9 +208,9 @@ def test_awq_beats_rtn_on_real_layer(real_block):
     x = taps["attn_in"]
     train, test = x[:384], x[384:]
     ws = [_kernel(block, f"attn.{p}_proj") for p in "qkv"]
-    fmt = formats.make(
-        M.resolve_spec(QuantSpec("int4", group_size=128, symmetric=False), ws[0].shape)
-    )
+    spec = QuantSpec("int4", group_size=128, symmetric=False)
+    assert M.resolve_spec(spec, ws[0].shape) == spec  # K = 576: a short last group of 64
+    fmt = formats.make(spec)
     s, alpha, losses = awq.search_scale(train, ws, [fmt] * 3, jnp.mean(jnp.abs(train), axis=0))
     assert alpha > 0 and float(jnp.min(losses)) < float(losses[0])
     w = jnp.concatenate(ws, axis=1)
@@ -169,6 +221,7 @@ def test_awq_beats_rtn_on_real_layer(real_block):
     # clipping search never increases the in-sample error of the partial outputs
     wc, ratio = awq.search_clip(train[:256], ws[2], fmt=fmt)
     assert float(jnp.min(ratio)) >= 0.5
+    assert wc.shape == ws[2].shape and ratio.shape == (5, ws[2].shape[1])
     e0 = _mse(_mm(train, awq.fake_quant(fmt, ws[2])), _mm(train, ws[2]))
     e1 = _mse(_mm(train, awq.fake_quant(fmt, wc)), _mm(train, ws[2]))
     assert e1 <= e0 * 1.05

@@ -83,8 +83,13 @@ def test_bad_options_fail_loudly(name, opts, msg):
 
 
 def test_bad_shapes_name_the_shape():
+    # int-k take a short last group (below); formats without ragged groups still refuse
     with pytest.raises(ValueError, match=r"\(100, 8\).*K=100 is not divisible by group_size=32"):
-        formats.get("int4", group_size=32).quantize(jnp.zeros((100, 8)))
+        formats.get("nf4", group_size=32).quantize(jnp.zeros((100, 8)))
+    with pytest.raises(ValueError, match=r"\(100, 8\).*K=100 is not divisible by group_size=32"):
+        formats.get("fp8_e4m3", granularity="group", group_size=32).quantize(jnp.zeros((100, 8)))
+    with pytest.raises(ValueError, match=r"\(572, 8\).*K=572 is not a multiple of 8"):
+        formats.get("int3", group_size=128).quantize(jnp.zeros((572, 8)))  # packing unit stays
     with pytest.raises(ValueError, match=r"\(12, 3\).*K=12 is not a multiple of 8"):
         formats.get("int3", granularity="channel").quantize(jnp.zeros((12, 3)))
     with pytest.raises(ValueError, match=r"2-D \[K, N\], got shape \(8,\)"):
@@ -374,6 +379,99 @@ def test_packed_bytes_exact(spec, nbytes):
     q = formats.make(spec).quantize(jnp.asarray(_weights(K, N, 0, 0.02)))
     assert q.nbytes == nbytes
     assert sum(leaf.nbytes for leaf in jax.tree.leaves(q)) == nbytes
+
+
+# --- ragged groups: K not a multiple of G (int-k; SmolLM2's K = 576 at g128 = 4 x 128 + 64) ---
+
+RK, RG, RN = 576, 128, 40
+
+
+def _ragged_weights(seed=3):
+    w = _weights(RK, RN, seed, 0.02, outliers=False)
+    w[512:] *= 0.05  # the short last group is much smaller: borrowing a neighbour's scale shows
+    return w
+
+
+def _ragged_expand(a, k=RK, g=RG):
+    return np.repeat(np.asarray(a, np.float32), g, axis=0)[:k]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_ragged_last_group_roundtrip(bits, sym):
+    f = formats.get(f"int{bits}", group_size=RG, symmetric=sym)
+    w = _ragged_weights()
+    q = f.quantize(jnp.asarray(w))
+    assert q.scales.shape == (5, RN) and f.n_groups(RK) == 5
+    assert sym or q.zeros.shape == (5, RN)
+    # every group's qparams are those fitted on its own rows alone (the last one: rows 512..575)
+    for i, (a, b) in enumerate([(0, 128), (128, 256), (256, 384), (384, 512), (512, 576)]):
+        alone = f.fit(jnp.asarray(w[a:b]))
+        assert alone["scales"].shape == (1, RN)
+        for key, v in alone.items():
+            np.testing.assert_array_equal(np.asarray(getattr(q, key))[i : i + 1], v, key)
+    # ... and the tight scale of those rows (an independent numpy oracle)
+    last = w[512:]
+    lo, hi = np.minimum(last.min(0), 0), np.maximum(last.max(0), 0)
+    ideal = np.abs(last).max(0) / (2 ** (bits - 1) - 1) if sym else (hi - lo) / (2**bits - 1)
+    s_last = np.asarray(q.scales[-1], np.float32)
+    assert np.all(s_last >= ideal * (1 - 1e-6)) and np.all(s_last <= ideal * (1 + 2**-10) + 1e-7)
+    assert np.all(s_last < 0.2 * np.asarray(q.scales[-2], np.float32))  # not group 4's scale
+    # per-element error <= half a step of the element's own group
+    deq = np.asarray(q.dequantize())
+    assert deq.shape == (RK, RN)
+    err = np.abs(deq - w)
+    assert np.all(err <= _ragged_expand(q.scales) / 2 * (1 + 1e-6) + 1e-30)
+    codes = np.asarray(unpack(q.codes, bits, RK))
+    assert codes.shape == (RK, RN) and q.codes.shape == (RK * bits // 8, RN)
+    # fake_quant of the last group's rows with its qparams == the stored weight, bit for bit
+    qp_last = {key: getattr(q, key)[-1:] for key in f.qparam_keys}
+    np.testing.assert_array_equal(f.fake_quant(jnp.asarray(w[512:]), qp_last), deq[512:])
+    np.testing.assert_array_equal(f.fake_quant(jnp.asarray(w[575:]), qp_last), deq[575:])
+
+
+@pytest.mark.parametrize(
+    "spec, nbytes",
+    [
+        (QuantSpec("int4", group_size=RG), 4 * RK * RN // 8 + 5 * RN * 2),
+        (QuantSpec("int4", group_size=RG, symmetric=False), 4 * RK * RN // 8 + 5 * RN * (2 + 1)),
+        (QuantSpec("int3", group_size=RG, symmetric=False), 3 * RK * RN // 8 + 5 * RN * (2 + 1)),
+        (QuantSpec("int2", group_size=RG, scale_dtype="float32"), 2 * RK * RN // 8 + 5 * RN * 4),
+        (QuantSpec("int8", group_size=RG, symmetric=False), RK * RN + 5 * RN * (2 + 1)),
+        (QuantSpec("int4", group_size=100), 4 * RK * RN // 8 + 6 * RN * 2),  # 5 x 100 + 76
+    ],
+    ids=lambda s: getattr(s, "describe", str)(),
+)
+def test_ragged_packed_bytes_exact(spec, nbytes):
+    q = formats.make(spec).quantize(jnp.asarray(_ragged_weights()))
+    assert q.nbytes == nbytes
+    assert sum(leaf.nbytes for leaf in jax.tree.leaves(q)) == nbytes
+
+
+RAGGED_GPTQ_SPECS = [
+    QuantSpec("int4", group_size=RG, symmetric=False),
+    QuantSpec("int3", group_size=RG),
+]
+
+
+@pytest.mark.parametrize("spec", RAGGED_GPTQ_SPECS, ids=lambda s: s.describe())
+def test_ragged_rowwise_fake_quant_matches_from_groups_and_rtn(spec):
+    """The GPTQ-primitive invariant with a short last group (fit on its 64 rows)."""
+    f = formats.make(spec)
+    w = jnp.asarray(_ragged_weights())
+    g = f.group_rows(RK)
+    qps = [f.fit(w[i : i + g]) for i in range(0, RK, g)]
+    assert len(qps) == 5 and all(v.shape[0] == 1 for qp in qps for v in qp.values())
+    q = f.from_groups(w, qps)
+    deq = np.asarray(q.dequantize())
+    fq = jax.jit(f.fake_quant)
+    for row in (0, 127, 128, 511, 512, 540, 575):
+        np.testing.assert_array_equal(fq(w[row : row + 1], qps[row // g]), deq[row : row + 1])
+    np.testing.assert_array_equal(f.fake_quant(w, f.stack(qps)), deq)  # all groups at once
+    jax.tree.map(np.testing.assert_array_equal, f.quantize(w), q)  # RTN == from_groups
+    jax.tree.map(np.testing.assert_array_equal, f.fit(w), f.stack(qps))  # fit all at once
+    with pytest.raises(ValueError, match="needs qparams for 5 groups of 128 rows, got 4"):
+        f.from_groups(w, qps[:4])
 
 
 # --- GPTQ primitives --------------------------------------------------------------------------

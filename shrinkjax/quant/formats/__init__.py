@@ -8,8 +8,9 @@ one scale across all columns.
 qparams are a ``dict[str, Array]`` whose keys are :class:`~shrinkjax.quant.array.QuantizedArray`
 field names (``scales``, ``zeros``, ``scales2``, ``zeros2``) in their storage dtypes, each 2-D
 with one leading row per group: ``[g, N]`` (or ``[g, 1]`` per-tensor, ``[g, ceil(N/256)]`` for
-NF4 double quant). Keys in ``Format.tensor_keys`` (the NVFP4 FP32 tensor scale) are shared by
-all groups and always have one row.
+NF4 double quant); int-k formats allow K not divisible by G (``ragged_groups``): ``ceil(K/G)``
+groups, the last one shorter. Keys in ``Format.tensor_keys`` (the NVFP4 FP32 tensor scale) are
+shared by all groups and always have one row.
 
 GPTQ-style use (one input row at a time, params fitted when a row starts a group)::
 
@@ -168,6 +169,9 @@ class Format:
     fixed_group_size: int | None = None  # set when the format fixes the block (MX, NVFP4)
     default_scale_dtype: str | None = "float32"  # None: scale encoding fixed by the format
     tensor_keys: tuple[str, ...] = ()
+    # K need not be a multiple of group_size: ceil(K/G) groups, the last one shorter
+    # (AutoGPTQ/AWQ style; int-k). Other formats keep K % G == 0.
+    ragged_groups: bool = False
 
     def __init__(self, spec: QuantSpec):
         self.spec = self._resolve(spec)
@@ -253,7 +257,7 @@ class Format:
             raise ValueError(f"{self.name}: weight must be 2-D [K, N], got shape {tuple(shape)}")
         k, _ = shape
         g = self.group_rows(k)
-        if k % g:
+        if k % g and not self.ragged_groups:
             raise ValueError(
                 f"{self.name}: weight of shape {tuple(shape)} [K, N]: K={k} is not divisible by "
                 f"group_size={g}"
@@ -265,14 +269,48 @@ class Format:
                 f"{unit} ({self.bits}-bit codes are packed {unit} per unit along K)"
             )
 
+    def n_groups(self, k: int) -> int:
+        """Groups (qparam rows) of a K-row weight: ``ceil(K / group_rows(K))``."""
+        return -(-k // self.group_rows(k))
+
     def _n_groups(self, r: int) -> int:
         """Groups in R rows for ``fit``."""
         if self.spec.granularity != "group":
             return 1
         g = self.spec.group_size
-        if r % g:
+        if r % g and not self.ragged_groups:
             raise ValueError(f"{self.name}: fit() got {r} rows, not a multiple of group_size={g}")
+        return -(-r // g)
+
+    def _rows_per_group(self, r: int, g: int, what: str) -> int:
+        """Rows per group when R rows are split into g qparam groups: all R for g = 1, else
+        ``group_size`` when g = ceil(R / group_size) and the format allows a short last group,
+        else R / g equal groups."""
+        if g == 1:
+            return r
+        gs = self.spec.group_size
+        if self.ragged_groups and self.spec.granularity == "group" and g == -(-r // gs):
+            return gs
+        if r % g:
+            raise ValueError(
+                f"{self.name}: {what} got {r} rows for qparams of {g} groups "
+                f"(rows must be a multiple of the group count)"
+            )
         return r // g
+
+    @staticmethod
+    def _to_groups(w_RxN, g: int, rows: int):
+        """``[R, N]`` -> ``[g, rows, N]``; a short last group is padded by repeating the last
+        row (max/min/absmax of the group unchanged; padded results are sliced off)."""
+        r, n = w_RxN.shape
+        if g * rows > r:
+            w_RxN = jnp.pad(w_RxN, ((0, g * rows - r), (0, 0)), mode="edge")
+        return w_RxN.reshape(g, rows, n)
+
+    @staticmethod
+    def _from_groups_rows(x_gxGxN, r: int):
+        """Inverse of :meth:`_to_groups`: ``[g, G, N]`` -> the first R rows ``[R, N]``."""
+        return x_gxGxN.reshape(-1, x_gxGxN.shape[-1])[:r]
 
     # -- GPTQ primitives ----------------------------------------------------------------------
     def fit(self, w_RxN, *, tensor_amax=None) -> dict[str, jax.Array]:
@@ -288,7 +326,8 @@ class Format:
         g = self._n_groups(r)
         if tensor_amax is None:
             tensor_amax = jnp.max(jnp.abs(w))
-        return self._fit(w.reshape(g, r // g, n), jnp.asarray(tensor_amax, jnp.float32))
+        rows = self._rows_per_group(r, g, "fit()")
+        return self._fit(self._to_groups(w, g, rows), jnp.asarray(tensor_amax, jnp.float32))
 
     def fake_quant(self, w_RxN, qparams: Mapping[str, jax.Array]) -> jax.Array:
         """Round R rows to the grid of fixed qparams and dequantize (f32 [R, N]). Jittable.
@@ -300,17 +339,12 @@ class Format:
     def _fake_quant_impl(self, w_RxN, qparams):
         w = self._as_weight(w_RxN, "fake_quant() input")
         qp = self._check_qparams(qparams, n=w.shape[1])
-        r, n = w.shape
+        r, _ = w.shape
         g = self._qparam_rows(qp)
-        if r % g:
-            raise ValueError(
-                f"{self.name}: fake_quant() got {r} rows for qparams of {g} groups "
-                f"(rows must be a multiple of the group count)"
-            )
-        x = w.reshape(g, r // g, n)
+        x = self._to_groups(w, g, self._rows_per_group(r, g, "fake_quant()"))
         scale, zero = self._expanded(qp)
         codes = self._encode(x, scale, zero)
-        return self._decode(codes, scale, zero).reshape(r, n)
+        return self._from_groups_rows(self._decode(codes, scale, zero), r)
 
     def from_groups(
         self, w_KxN, qparams: Mapping[str, jax.Array] | Sequence[Mapping[str, jax.Array]]
@@ -378,8 +412,8 @@ class Format:
         qp = {key: getattr(q, key) for key in self.qparam_keys}
         g = self._qparam_rows(qp)
         scale, zero = self._expanded(qp)
-        w = self._decode(codes.reshape(g, k // g, n), scale, zero)
-        return w.reshape(k, n).astype(dtype)
+        c = self._to_groups(codes, g, self._rows_per_group(k, g, "dequantize()"))
+        return self._from_groups_rows(self._decode(c, scale, zero), k).astype(dtype)
 
     # -- internals ----------------------------------------------------------------------------
     def _from_groups(self, w, qp, dtype: str) -> QuantizedArray:
@@ -387,14 +421,15 @@ class Format:
         k, n = w.shape
         qp = self._check_qparams(qp, n=n)
         g = self._qparam_rows(qp)
-        want = k // self.group_rows(k)
+        want = self.n_groups(k)
         if g != want:
             raise ValueError(
                 f"{self.name}: weight of shape {(k, n)} needs qparams for {want} groups of "
                 f"{self.group_rows(k)} rows, got {g}"
             )
         scale, zero = self._expanded(qp)
-        codes = self._encode(w.reshape(g, k // g, n), scale, zero).reshape(k, n)
+        x = self._to_groups(w, g, self.group_rows(k))
+        codes = self._from_groups_rows(self._encode(x, scale, zero), k)
         return QuantizedArray(
             codes=pack(codes, self.bits), spec=self.spec, shape=(k, n), dtype=dtype, **qp
         )

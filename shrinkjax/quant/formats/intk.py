@@ -16,7 +16,12 @@ Rounding is round-half-to-even. Storage (see ``shrinkjax.quant.array`` for the p
 codes along K): codes k bits each (int3 densely, 8 codes in 3 bytes); ``scales`` in
 ``scale_dtype`` (default float16, as GPTQ/AWQ checkpoints; rounded *up*, so no element clips
 and ``|w - dequant(w)| <= scale / 2``); ``zeros`` uint8 (one byte per group and column).
-Bytes = ``k * K * N / 8 + (K / G) * N * (scale bytes [+ 1])``.
+Bytes = ``k * K * N / 8 + ceil(K / G) * N * (scale bytes [+ 1])``.
+
+K need not be a multiple of G (AutoGPTQ / AWQ "ragged" groups): there are ``ceil(K / G)``
+groups and the last holds the remaining ``K - (ceil(K / G) - 1) * G`` rows (SmolLM2's
+K = 576 at G = 128: 4 groups of 128 and one of 64), fitted on those rows alone. K must still be
+a multiple of the packing unit.
 Scales must fit the scale dtype (float16: ``max|w| < 65504 * qmax``).
 """
 
@@ -32,6 +37,7 @@ class IntFormat(Format):
     default_group_size = 128
     default_scale_dtype = "float16"
     supports_asymmetric = True
+    ragged_groups = True
 
     def __init__(self, spec, bits: int):
         self.bits = bits

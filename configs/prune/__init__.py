@@ -1,0 +1,1 @@
+"""Pruning experiments (``prune`` stage); each module's docstring has its launch command."""
