@@ -146,15 +146,9 @@ def parse_args(argv=None):
 
 
 def data_dir(arg: str) -> str:
-    for cand in (
-        arg,
-        os.environ.get("SHRINKJAX_DATA", ""),
-        os.path.join(ROOT, "..", "shared", "data"),
-        os.path.join(ROOT, ".gpu_data"),
-    ):
-        if cand and os.path.isfile(os.path.join(cand, "wikitext-2-raw", "test.txt")):
-            return os.path.abspath(cand)
-    raise FileNotFoundError("WikiText-2 not found: pass --data-dir or set SHRINKJAX_DATA")
+    from shrinkjax.data.sources import shared_data_dir
+
+    return shared_data_dir(arg, ROOT)
 
 
 def selected_rows(spec: str):

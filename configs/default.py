@@ -12,7 +12,15 @@ WikiText-2 perplexity (the number papers report), f32, seqlen 2048:
       --config.data.seqlen=2048 --config.data.max_windows=0 --config.data.batch_size=4
 """
 
+import os
+from collections.abc import Callable
+
 from ml_collections import ConfigDict
+
+# The tiny random HF Llama of the test suite (2 layers, vocab 128): test-sized config variants.
+TINY_TEACHER = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "golden", "tiny_llama"
+)
 
 
 def base() -> ConfigDict:
@@ -36,6 +44,27 @@ def base() -> ConfigDict:
             top_p=1.0,
         )
     )
+    return c
+
+
+def shrink_to_tiny(c: ConfigDict) -> ConfigDict:
+    """The sections every ``:tiny`` variant shrinks alike: tiny teacher, 2 × 32 pydoc tokens."""
+    c.progress = False
+    c.model.teacher = TINY_TEACHER
+    c.data.update(source="pydoc", path="", seqlen=32, max_windows=2, batch_size=2)
+    c.evaluate.metrics = ("perplexity", "compare")
+    c.evaluate.prompts = ("hello",)
+    c.evaluate.max_new_tokens = 4
+    return c
+
+
+def finish(c: ConfigDict, variant: str, tiny: Callable[[ConfigDict], ConfigDict]) -> ConfigDict:
+    """Apply a named variant (``tiny`` only) and lock: unknown keys are errors from here on."""
+    if variant == "tiny":
+        c = tiny(c)
+    elif variant:
+        raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
+    c.lock()
     return c
 
 

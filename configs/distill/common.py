@@ -21,7 +21,7 @@ from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.environ.get("SHRINKJAX_DATA", os.path.join(ROOT, "..", "shared", "data"))
-TINY_TEACHER = os.path.join(ROOT, "tests", "golden", "tiny_llama")
+TINY_TEACHER = default.TINY_TEACHER
 
 
 def data_file(*parts: str) -> str:
@@ -142,16 +142,7 @@ def distill_base(kind: str) -> ConfigDict:
 
 def tiny(c: ConfigDict) -> ConfigDict:
     """CPU-sized: tiny random teacher (2 layers, vocab 128), 1-layer student, pydoc text."""
-    c.progress = False
-    c.model.teacher = TINY_TEACHER
-    c.data.source = "pydoc"
-    c.data.path = ""
-    c.data.seqlen = 32
-    c.data.max_windows = 2
-    c.data.batch_size = 2
-    c.evaluate.metrics = ("perplexity", "compare")
-    c.evaluate.prompts = ("hello",)
-    c.evaluate.max_new_tokens = 4
+    c = default.shrink_to_tiny(c)
     c.student.drop_layers = "1"
     c.distill.data.source = "pydoc"
     c.distill.data.path = ""
@@ -179,9 +170,4 @@ def tiny(c: ConfigDict) -> ConfigDict:
 
 
 def finish(c: ConfigDict, variant: str) -> ConfigDict:
-    if variant == "tiny":
-        c = tiny(c)
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
-    c.lock()
-    return c
+    return default.finish(c, variant, tiny)

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DATA = os.environ.get("SHRINKJAX_DATA", os.path.join(ROOT, "..", "shared", "data"))
 WIKITEXT_TEST = os.path.normpath(os.path.join(DATA, "wikitext-2-raw", "test.txt"))
 WIKITEXT_CALIB = os.path.normpath(os.path.join(DATA, "wikitext-2-tokenized", "valid.txt"))
-TINY_TEACHER = os.path.join(ROOT, "tests", "golden", "tiny_llama")
+TINY_TEACHER = default.TINY_TEACHER
 
 
 def base(method: str, pattern: str = "50%") -> ConfigDict:
@@ -42,18 +42,10 @@ PATTERN_SWEEP = [{"prune.pattern": p} for p in ("50%", "2:4", "4:8")]
 
 def tiny(c: ConfigDict) -> ConfigDict:
     """CPU-sized: the tiny random Llama (2 layers, K = 64/96), pydoc text, 4 × 32 tokens."""
-    c.progress = False
-    c.model.teacher = TINY_TEACHER
-    c.data.update(source="pydoc", path="", seqlen=32, max_windows=2, batch_size=2)
-    c.evaluate.metrics = ("perplexity", "compare")
+    c = default.shrink_to_tiny(c)
     c.prune.calib.update(source="pydoc", path="", seqlen=32, max_windows=4, batch_size=2)
     return c
 
 
 def finish(c: ConfigDict, variant: str = "") -> ConfigDict:
-    if variant == "tiny":
-        c = tiny(c)
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
-    c.lock()
-    return c
+    return default.finish(c, variant, tiny)

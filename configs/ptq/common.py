@@ -19,7 +19,7 @@ from configs import default
 from shrinkjax.quant.stage import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY_TEACHER = os.path.join(ROOT, "tests", "golden", "tiny_llama")
+TINY_TEACHER = default.TINY_TEACHER
 
 
 def data_dir() -> str:
@@ -57,18 +57,10 @@ def ptq_config(**quantize) -> ConfigDict:
 
 def tiny(c: ConfigDict) -> ConfigDict:
     """CPU-sized: the tiny random Llama (2 layers, K = 64/96), pydoc text, 4 × 32 tokens."""
-    c.progress = False
-    c.model.teacher = TINY_TEACHER
-    c.data.update(source="pydoc", path="", seqlen=32, max_windows=2, batch_size=2)
-    c.evaluate.metrics = ("perplexity", "compare")
+    c = default.shrink_to_tiny(c)
     c.quantize.calib.update(source="pydoc", path="", windows=4, seqlen=32, batch_size=2)
     return c
 
 
 def finish(c: ConfigDict, variant: str = "") -> ConfigDict:
-    if variant == "tiny":
-        c = tiny(c)
-    elif variant:
-        raise ValueError(f"unknown config variant {variant!r} (known: tiny)")
-    c.lock()
-    return c
+    return default.finish(c, variant, tiny)

@@ -65,3 +65,25 @@ def load_text(
     if source == "hf":
         return hf_text(hf_name, hf_config, hf_split, hf_field)
     raise ValueError(f"unknown data source {source!r}; known: {', '.join(SOURCES)}")
+
+
+def shared_data_dir(explicit: str = "", root: str = "") -> str:
+    """The shared corpora folder (holding ``wikitext-2-raw/test.txt``): ``explicit``, else
+    ``$SHRINKJAX_DATA``, else ``../shared/data`` beside the checkout ``root``, else ``.gpu_data``
+    inside it (the copy carried to a lent GPU machine)."""
+    import os
+
+    root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cands = [
+        explicit,
+        os.environ.get("SHRINKJAX_DATA", ""),
+        os.path.join(root, "..", "shared", "data"),
+        os.path.join(root, ".gpu_data"),
+    ]
+    for cand in cands:
+        if cand and os.path.isfile(os.path.join(cand, "wikitext-2-raw", "test.txt")):
+            return os.path.abspath(cand)
+    raise FileNotFoundError(
+        f"WikiText-2 (wikitext-2-raw/test.txt) not found in any of {[c for c in cands if c]}: "
+        "pass a data dir or set SHRINKJAX_DATA"
+    )

@@ -234,7 +234,8 @@ def test_in_kernel_decoders_are_exact():
 
 def test_clear_errors():
     rng = np.random.default_rng(1)
-    with pytest.raises(ValueError, match=r"K=100 .*\(100, 8\).*group size 32"):
+    # a short last group is allowed (K=100 at g32: 4 groups), but the scales must cover it
+    with pytest.raises(ValueError, match=r"scales must have shape \[ceil\(K/g\), N\] = \(4, 8\)"):
         L.pack_int(np.zeros((100, 8), int), np.ones((3, 8)), bits=4, group=32)
     with pytest.raises(ValueError, match="bits must be 4 or 8"):
         L.pack_int(np.zeros((64, 8), int), np.ones((1, 8)), bits=3, group=64)
