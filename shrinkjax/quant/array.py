@@ -170,6 +170,30 @@ def _leaf_nbytes(x) -> int:
     return int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
+class StoredWeight:
+    """Size accounting shared by compressed ``[K, N]`` weight types: a subclass names the
+    fields it stores in ``STORED``; ``shape`` is the logical float weight's."""
+
+    STORED: tuple[str, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored (packed codes, scales, zero points, ...)."""
+        return sum(_leaf_nbytes(getattr(self, f)) for f in self.STORED)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.size
+
+
 @register_weight_type
 @functools.partial(
     jax.tree_util.register_dataclass,
@@ -177,12 +201,14 @@ def _leaf_nbytes(x) -> int:
     meta_fields=["spec", "shape", "dtype"],
 )
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantizedArray:
+class QuantizedArray(StoredWeight):
     """A quantized ``[K, N]`` kernel; a pytree whose leaves are the stored arrays.
 
     Build one with ``shrinkjax.quant.formats.make(spec).quantize(w_KxN)`` (or ``from_groups``).
     ``shape``/``ndim``/``size`` describe the *logical* float weight, ``nbytes`` the real storage.
     """
+
+    STORED = ("codes", "scales", "zeros", "scales2", "zeros2")
 
     codes: jax.Array
     scales: jax.Array
@@ -204,26 +230,6 @@ class QuantizedArray:
     @property
     def format(self) -> str:
         return self.spec.format
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored: packed codes + scales + zeros + second-level arrays."""
-        return sum(
-            _leaf_nbytes(x)
-            for x in (self.codes, self.scales, self.zeros, self.scales2, self.zeros2)
-        )
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / self.size
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The float weight ``[K, N]`` (computed in f32, cast to ``dtype``)."""

@@ -27,10 +27,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from shrinkjax.io.checkpoint import register_weight_type
 from shrinkjax.kernels import dispatch
+from shrinkjax.quant.array import StoredWeight
 
 INT8_MAX = 127.0
 DEFAULT_THRESHOLD = 6.0
@@ -43,7 +43,7 @@ DEFAULT_THRESHOLD = 6.0
     meta_fields=["threshold", "shape", "dtype"],
 )
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Int8OutlierArray:
+class Int8OutlierArray(StoredWeight):
     """LLM.int8() kernel ``[K, N]``: int8 ``qweight``, f32 ``w_scale [1, N]`` (absmax / 127 of
     each output column), optional fp16 copy, and the outlier threshold α."""
 
@@ -58,25 +58,7 @@ class Int8OutlierArray:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         object.__setattr__(self, "threshold", float(self.threshold))
 
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        n = 0
-        for x in (self.qweight, self.w_scale, self.fp16_weight):
-            if x is not None:
-                n += int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-        return n
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / self.size
+    STORED = ("qweight", "w_scale", "fp16_weight")
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return (self.qweight.astype(jnp.float32) * self.w_scale).astype(dtype)

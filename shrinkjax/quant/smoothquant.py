@@ -31,10 +31,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from shrinkjax.io.checkpoint import register_weight_type
 from shrinkjax.kernels import dispatch
+from shrinkjax.quant.array import StoredWeight
 
 INT8_MAX = 127.0
 E4M3_MAX = 448.0
@@ -82,7 +82,7 @@ def fold_into_norm(norm_scale_K, kernels_KxN: list, s_K):
     meta_fields=["kind", "shape", "dtype"],
 )
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class W8A8Array:
+class W8A8Array(StoredWeight):
     """A ``[K, N]`` kernel quantized for 8-bit weights *and* 8-bit activations.
 
     ``qweight``: int8 values (``kind="int8"``) or E4M3 bit patterns as uint8
@@ -102,25 +102,7 @@ class W8A8Array:
         if self.kind not in KINDS:
             raise ValueError(f"W8A8Array.kind must be one of {KINDS}, got {self.kind!r}")
 
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        n = 0
-        for x in (self.qweight, self.w_scale, self.act_scale):
-            if x is not None:
-                n += int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-        return n
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / self.size
+    STORED = ("qweight", "w_scale", "act_scale")
 
     def weight_values(self) -> jax.Array:
         """The 8-bit weight values as f32 (integers, or E4M3 values), ``[K, N]``."""
