@@ -102,8 +102,11 @@ def fp4_matmul(
     in :mod:`shrinkjax.kernels.int_matmul` for the shared keyword arguments)."""
     if not isinstance(packed, PackedMXFP4 | PackedNVFP4):
         raise TypeError(f"expected PackedMXFP4 or PackedNVFP4, got {type(packed).__name__}")
-    x2, lead = L.flatten_x(x, packed.k)
-    kw = dict(
+    return L.run_packed(
+        _fp4_matmul_2d,
+        x,
+        packed,
+        interpret,
         block_m=block_m,
         block_n=block_n,
         block_k=block_k,
@@ -112,9 +115,6 @@ def fp4_matmul(
         num_stages=num_stages,
         fma=fma,
     )
-    cfg = L.config_for(packed, x2.shape[0], **kw)
-    y = _fp4_matmul_2d(x2, packed, cfg, L.resolve_interpret(interpret))
-    return y.reshape(*lead, packed.n)
 
 
 def mxfp4_matmul(x, packed: PackedMXFP4, **kw):

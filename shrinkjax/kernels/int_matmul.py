@@ -113,10 +113,11 @@ def int_matmul(
     chunk), ``split_k`` (K splits whose f32 partials XLA sums), ``num_warps``, ``num_stages``
     (Triton), ``fma`` (M <= 8: CUDA-core GEMV accumulation instead of tensor-core dots).
     """
-    x2, lead = L.flatten_x(x, packed.k)
-    cfg = L.config_for(
+    return L.run_packed(
+        _int_matmul_2d,
+        x,
         packed,
-        x2.shape[0],
+        interpret,
         block_m=block_m,
         block_n=block_n,
         block_k=block_k,
@@ -125,8 +126,6 @@ def int_matmul(
         num_stages=num_stages,
         fma=fma,
     )
-    y = _int_matmul_2d(x2, packed, cfg, L.resolve_interpret(interpret))
-    return y.reshape(*lead, packed.n)
 
 
 @dispatch.register(PackedInt)

@@ -148,9 +148,29 @@ class PackedInt:
         return (self.k, self.n)
 
 
+class _FP4Geometry:
+    """Shared geometry of the FP4 layouts (4-bit codes, split-half pairs along K)."""
+
+    @property
+    def kp(self) -> int:
+        return self.codes.shape[0] * 2
+
+    @property
+    def np_(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def chunk(self) -> int:
+        return 2 * self.pair
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n)
+
+
 @_pytree(["codes", "scales"], ["k", "n"])
 @dataclasses.dataclass(frozen=True)
-class PackedMXFP4:
+class PackedMXFP4(_FP4Geometry):
     codes: jax.Array  # uint8 [Kp/2, Np], split-half pairs with D = 32
     scales: jax.Array  # uint8 e8m0 [Kp/32, Np]
     k: int
@@ -158,26 +178,10 @@ class PackedMXFP4:
     pair = MXFP4_PAIR
     block = MXFP4_BLOCK
 
-    @property
-    def kp(self) -> int:
-        return self.codes.shape[0] * 2
-
-    @property
-    def np_(self) -> int:
-        return self.codes.shape[1]
-
-    @property
-    def chunk(self) -> int:
-        return 2 * self.pair
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.k, self.n)
-
 
 @_pytree(["codes", "scales", "tensor_scale"], ["k", "n"])
 @dataclasses.dataclass(frozen=True)
-class PackedNVFP4:
+class PackedNVFP4(_FP4Geometry):
     codes: jax.Array  # uint8 [Kp/2, Np], split-half pairs with D = 16
     scales: jax.Array  # uint8 e4m3fn bits [Kp/16, Np]
     tensor_scale: jax.Array  # f32 scalar
@@ -185,22 +189,6 @@ class PackedNVFP4:
     n: int
     pair = NVFP4_PAIR
     block = NVFP4_BLOCK
-
-    @property
-    def kp(self) -> int:
-        return self.codes.shape[0] * 2
-
-    @property
-    def np_(self) -> int:
-        return self.codes.shape[1]
-
-    @property
-    def chunk(self) -> int:
-        return 2 * self.pair
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.k, self.n)
 
 
 @_pytree(["values", "meta", "scales", "zeros"], ["k", "n", "group", "pair"])
@@ -632,6 +620,16 @@ def resolve_interpret(interpret):
 def use_kernel_backend() -> bool:
     """True where the Pallas (Triton) kernels compile natively."""
     return jax.default_backend() == "gpu"
+
+
+def run_packed(kernel_2d, x, packed, interpret=None, **tuning):
+    """``x[..., K] @ W`` through ``kernel_2d(x2, packed, cfg, interpret)``: flattens the leading
+    dims, picks the tile configuration (``tuning`` overrides; None = heuristics) and restores
+    the leading dims. Every public kernel entry point goes through here."""
+    x2, lead = flatten_x(x, packed.k)
+    cfg = config_for(packed, x2.shape[0], **tuning)
+    y = kernel_2d(x2, packed, cfg, resolve_interpret(interpret))
+    return y.reshape(*lead, packed.n)
 
 
 def config_for(packed, m: int, **overrides) -> TileConfig:

@@ -115,10 +115,11 @@ def sparse24_matmul(
     """
     if not isinstance(packed, Packed24):
         raise TypeError(f"expected Packed24, got {type(packed).__name__}")
-    x2, lead = L.flatten_x(x, packed.k)
-    cfg = L.config_for(
+    return L.run_packed(
+        _sparse24_matmul_2d,
+        x,
         packed,
-        x2.shape[0],
+        interpret,
         block_m=block_m,
         block_n=block_n,
         block_k=block_k,
@@ -127,8 +128,6 @@ def sparse24_matmul(
         num_stages=num_stages,
         fma=fma,
     )
-    y = _sparse24_matmul_2d(x2, packed, cfg, L.resolve_interpret(interpret))
-    return y.reshape(*lead, packed.n)
 
 
 @dispatch.register(Packed24)
