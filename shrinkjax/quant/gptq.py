@@ -19,7 +19,11 @@ Cholesky factor of ``H⁻¹``. Details follow the reference implementation:
   ``static_groups=True``), so the stored groups stay contiguous along K and no ``g_idx``
   permutation is needed at inference;
 * a failed Cholesky (NaNs: H not positive definite) retries with 10× the damping, and after
-  ``damp_retries`` failures falls back to round-to-nearest with a warning.
+  ``damp_retries`` failures falls back to round-to-nearest with a warning;
+* ``mse_grid > 0`` (the reference quantizer's ``mse=True`` option): each group's qparams are
+  chosen from ``shrink = 1 - i / mse_grid`` (``i < max_shrink · mse_grid``) clipped ranges
+  ``[shrink · lo, shrink · hi]`` as the one minimising ``Σ |w - Q(w)|^mse_norm`` over the
+  group's rows, per output column (formats whose qparams are per column only).
 
 Any :mod:`shrinkjax.quant.formats` format works (int-k, FP8, NF4, MXFP4, NVFP4): GPTQ only
 needs the format's ``fit`` (qparams of one group) and ``fake_quant`` (round rows onto fixed
@@ -55,6 +59,9 @@ class GPTQConfig:
     static_groups: bool = False  # fit all group qparams on the original weight up front
     damp_retries: int = 3  # ×10 damping per retry when Cholesky fails, then RTN
     unroll: int = 1  # lax.fori_loop unroll of the row loop
+    mse_grid: int = 0  # > 0: clipping grid search when fitting group qparams (ref.: 100)
+    max_shrink: float = 0.8  # smallest range tried = (1 - max_shrink) · min-max range
+    mse_norm: float = 2.4  # the search's error norm (reference value)
 
 
 @dataclasses.dataclass
@@ -92,6 +99,46 @@ def hessian_update(stats: dict, x_TxK: jax.Array) -> dict:
 def hessian(stats: dict) -> jax.Array:
     """H = 2 XᵀX / n (the reference's running average)."""
     return 2.0 * stats["xtx"] / jnp.maximum(stats["n"], 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Group qparams: min-max, or the reference's clipping grid search.
+
+
+def searchable(fmt) -> bool:
+    """Whether :func:`fit_mse` applies: qparams strictly per group and output column."""
+    return fmt.spec.granularity != "tensor" and set(fmt.qparam_keys) <= {"scales", "zeros"}
+
+
+def fit_mse(fmt, w_RxN, tensor_amax, *, grid: int, max_shrink: float, norm: float):
+    """qparams of the ``R / G`` groups of ``w_RxN`` (R a multiple of the group size G) that
+    minimise ``Σ_rows |w - Q(w)|^norm`` per group and column over the clipped ranges
+    ``[p · min(w, 0), p · max(w, 0)]``, ``p = 1 - i / grid`` for ``i < max_shrink · grid``
+    (``i = 0`` is the plain min-max fit, so the result is never worse than it). Jittable."""
+    r, n = w_RxN.shape
+    g = min(fmt.group_rows(r), r)
+    ng = r // g
+    wg = w_RxN.reshape(ng, g, n)
+    lo = jnp.minimum(jnp.min(wg, axis=1, keepdims=True), 0.0)
+    hi = jnp.maximum(jnp.max(wg, axis=1, keepdims=True), 0.0)
+
+    def one(p):
+        wc = jnp.clip(wg, p * lo, p * hi).reshape(r, n)
+        qp = fmt.fit(wc, tensor_amax=tensor_amax)
+        d = jnp.abs(fmt.fake_quant(w_RxN, qp) - w_RxN).reshape(ng, g, n)
+        return qp, jnp.sum(d**norm, axis=1)  # [ng, N]
+
+    steps = max(1, int(max_shrink * grid))
+    qps, errs = jax.lax.map(one, 1.0 - jnp.arange(steps, dtype=jnp.float32) / grid)
+    best = jnp.argmin(errs, axis=0)  # [ng, N]; ties -> the widest range
+    return jax.tree.map(lambda a: jnp.take_along_axis(a, best[None], axis=0)[0], qps)
+
+
+def _fit(fmt, w_RxN, tensor_amax, mse: tuple | None):
+    if mse is None:
+        return fmt.fit(w_RxN, tensor_amax=tensor_amax)
+    grid, max_shrink, norm = mse
+    return fit_mse(fmt, w_RxN, tensor_amax, grid=grid, max_shrink=max_shrink, norm=norm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,9 +199,21 @@ def _tree_set_row(tree, row, i):
     return jax.tree.map(lambda a, r: jax.lax.dynamic_update_index_in_dim(a, r[0], i, 0), tree, row)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "g", "b", "k", "static", "unroll"))
+@functools.partial(jax.jit, static_argnames=("fmt", "g", "b", "k", "static", "unroll", "mse"))
 def _solve(
-    w_pad, u, perm_pad, qp_static, amax, *, fmt, g: int, b: int, k: int, static: bool, unroll: int
+    w_pad,
+    u,
+    perm_pad,
+    qp_static,
+    amax,
+    *,
+    fmt,
+    g: int,
+    b: int,
+    k: int,
+    static: bool,
+    unroll: int,
+    mse: tuple | None = None,
 ):
     """Blocked GPTQ over the rows of the (permuted, padded) weight ``w_pad [Kp, N]``.
 
@@ -167,7 +226,7 @@ def _solve(
     def fit_rows(w_GxN, first_row):
         rows = first_row + jnp.arange(w_GxN.shape[0])
         w = jnp.where((rows < k)[:, None], w_GxN, w_GxN[:1])  # pad rows: copy a real row
-        return fmt.fit(w, tensor_amax=amax)
+        return _fit(fmt, w, amax, mse)
 
     qp_proto = jax.eval_shape(
         lambda w: fmt.fit(w, tensor_amax=amax), jax.ShapeDtypeStruct((g, n), jnp.float32)
@@ -260,6 +319,12 @@ def gptq_quantize(w_KxN, h_KxK, fmt, cfg: GPTQConfig | None = None) -> GPTQResul
     w, h, _ = _prepare(jnp.asarray(w_KxN), jnp.asarray(h_KxK))
     amax = jnp.max(jnp.abs(w))
     static = cfg.act_order or cfg.static_groups
+    mse = None
+    if cfg.mse_grid > 0:
+        if searchable(fmt):
+            mse = (int(cfg.mse_grid), float(cfg.max_shrink), float(cfg.mse_norm))
+        else:
+            logging.warning("GPTQ: no clipping search for %s (qparams not per column)", fmt.name)
     if cfg.act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True)
     else:
@@ -293,7 +358,7 @@ def gptq_quantize(w_KxN, h_KxK, fmt, cfg: GPTQConfig | None = None) -> GPTQResul
         if groups * g > k:  # a short last group: pad with copies of its first row
             pad = jnp.broadcast_to(w[(groups - 1) * g], (groups * g - k, n))
             wg = jnp.concatenate([w, pad])
-        qp_static = fmt.fit(wg, tensor_amax=amax)
+        qp_static = _fit(fmt, wg, amax, mse)
     else:
         qp_static = None
     q_pad, qp, loss = _solve(
@@ -308,6 +373,7 @@ def gptq_quantize(w_KxN, h_KxK, fmt, cfg: GPTQConfig | None = None) -> GPTQResul
         k=k,
         static=static,
         unroll=cfg.unroll,
+        mse=mse,
     )
     inv = jnp.argsort(perm)
     w_hat = q_pad[:k][inv]
@@ -340,5 +406,7 @@ __all__ = [
     "hessian",
     "hessian_init",
     "hessian_update",
+    "fit_mse",
     "output_error",
+    "searchable",
 ]

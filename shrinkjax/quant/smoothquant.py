@@ -136,6 +136,36 @@ def quantize_w8a8(w_KxN, kind: str = "int8", act_absmax=None) -> W8A8Array:
     )
 
 
+def w8a8_from_quantized(qa, kind: str) -> W8A8Array:
+    """A per-output-channel 8-bit :class:`~shrinkjax.quant.array.QuantizedArray` (e.g. from
+    GPTQ on the ``fp8_e4m3`` or symmetric ``int8`` grid) as a W8A8 kernel with dynamic
+    per-token activations: same weight values, bit for bit."""
+    spec = qa.spec
+    want = {"fp8_e4m3": "fp8_e4m3", "int8": "int8"}.get(kind)
+    if (
+        spec.format != want
+        or spec.granularity != "channel"
+        or (kind == "int8" and not spec.symmetric)
+        or qa.zeros is not None
+    ):
+        raise ValueError(
+            f"W8A8 ({kind}) needs a per-channel symmetric {kind} weight, got {spec.describe()}"
+        )
+    codes = qa.codes  # 8-bit codes are stored unpacked, [K, N]
+    if kind == "int8":  # offset binary (q + 128) -> two's complement int8
+        qw = (codes.astype(jnp.int32) - 128).astype(jnp.int8)
+    else:
+        qw = codes
+    return W8A8Array(
+        qweight=qw,
+        w_scale=qa.scales.astype(jnp.float32).reshape(1, -1),
+        act_scale=None,
+        kind=kind,
+        shape=tuple(qa.shape),
+        dtype=str(qa.dtype),
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("kind",))
 def _quantize_weight(w, kind):
     amax = jnp.max(jnp.abs(w), axis=0, keepdims=True)
@@ -187,5 +217,6 @@ __all__ = [
     "fold_into_norm",
     "quantize_activations",
     "quantize_w8a8",
+    "w8a8_from_quantized",
     "smoothing_scales",
 ]

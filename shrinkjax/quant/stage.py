@@ -52,7 +52,15 @@ def default_config():
                 dict(source="file", path="", windows=128, seqlen=2048, batch_size=8, seed=0)
             ),
             gptq=ConfigDict(
-                dict(block_size=128, percdamp=0.01, act_order=False, static_groups=False)
+                dict(
+                    block_size=128,
+                    percdamp=0.01,
+                    act_order=False,
+                    static_groups=False,
+                    mse_grid=0,  # > 0: clipping grid search per group (reference: 100)
+                    max_shrink=0.8,
+                    mse_norm=2.4,
+                )
             ),
             awq=ConfigDict(dict(n_grid=20, clip=True, max_tokens=4096, mlp_loss=True)),
             smoothquant=ConfigDict(dict(alpha=0.5)),
@@ -117,6 +125,17 @@ def sample_windows(ids: np.ndarray, n: int, seqlen: int, seed: int = 0) -> np.nd
     return np.stack([ids[s : s + seqlen] for s in starts]).astype(np.int32)
 
 
+def _to_w8a8(model, assigned, kind: str) -> None:
+    from shrinkjax.quant import methods as M
+    from shrinkjax.quant.array import QuantizedArray
+    from shrinkjax.quant.smoothquant import w8a8_from_quantized
+
+    for path, spec in assigned.items():
+        v = M.get_param(model, path) if spec is not None else None
+        if isinstance(v, QuantizedArray):
+            M.set_param(model, path, w8a8_from_quantized(v, kind))
+
+
 def quantize_model(model, qc, *, tokens=None, progress: bool = True) -> dict:
     """Quantize ``model`` in place as ``qc`` (a quantize config section) says.
 
@@ -158,8 +177,15 @@ def quantize_model(model, qc, *, tokens=None, progress: bool = True) -> dict:
             percdamp=float(g.percdamp),
             act_order=bool(g.act_order),
             static_groups=bool(g.get("static_groups", False)),
+            mse_grid=int(g.get("mse_grid", 0)),
+            max_shrink=float(g.get("max_shrink", 0.8)),
+            mse_norm=float(g.get("mse_norm", 2.4)),
         )
         layers = run(M.GPTQMethod(assigned, cfg))
+        if act != "none":  # GPTQ-rounded 8-bit weights, dynamic per-token 8-bit activations
+            if static:
+                raise ValueError("quantize.method=gptq with activations supports dynamic scales")
+            _to_w8a8(model, assigned, act)
     elif method == "awq":
         a = qc.awq
         cfg = M.AWQConfig(
@@ -199,7 +225,7 @@ def quantize_model(model, qc, *, tokens=None, progress: bool = True) -> dict:
     else:
         layers = M.convert(model, assigned, M.rtn_fn, progress=progress)
     # kernels no block calibration reached (e.g. an untied lm_head) fall back to RTN
-    if method in ("gptq", "awq") or (method == "rtn" and act == "none"):
+    if (method in ("gptq", "awq") or method == "rtn") and act == "none":
         rest_fn = M.rtn_fn
     elif method == "llm_int8":
         rest_fn = M.llm_int8_fn(float(qc.llm_int8.threshold))

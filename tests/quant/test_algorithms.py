@@ -187,6 +187,50 @@ def test_resolve_spec_keeps_ragged_int_groups():
     assert M.resolve_spec(QuantSpec("mxfp4"), (576, 64)) == QuantSpec("mxfp4")
 
 
+MSE_SPECS = [
+    QuantSpec("int4", group_size=32, symmetric=False),
+    QuantSpec("int3", group_size=32, symmetric=True),
+    QuantSpec("nf4", group_size=32),
+]
+
+
+@pytest.mark.parametrize("spec", MSE_SPECS, ids=lambda s: s.describe())
+def test_fit_mse_never_worse_than_minmax(spec):
+    """The clipping grid search keeps the min-max fit (shrink 1) unless a clipped range has a
+    smaller Σ|w - Q(w)|^2.4 — per group and column — and on heavy-tailed weights it clips."""
+    rng = np.random.default_rng(7)
+    w = jnp.asarray(rng.standard_t(3, size=(96, 40)), jnp.float32)
+    fmt = formats.make(spec)
+    amax = jnp.max(jnp.abs(w))
+
+    def err(qp):
+        d = jnp.abs(fmt.fake_quant(w, qp) - w).reshape(3, 32, 40)
+        return np.asarray(jnp.sum(d**2.4, axis=1))
+
+    plain = fmt.fit(w, tensor_amax=amax)
+    searched = gptq.fit_mse(fmt, w, amax, grid=100, max_shrink=0.8, norm=2.4)
+    e0, e1 = err(plain), err(searched)
+    assert np.all(e1 <= e0 * (1 + 1e-6))
+    assert np.mean(e1 < e0 * 0.99) > 0.3  # t(3) tails: clipping pays in most groups
+    # a one-point grid is the plain min-max fit
+    one = gptq.fit_mse(fmt, w, amax, grid=1, max_shrink=0.8, norm=2.4)
+    jax.tree.map(np.testing.assert_array_equal, one, plain)
+
+
+def test_gptq_mse_grid_on_real_layer(real_block):
+    """GPTQ with the clipping search still beats RTN by far on a real layer, and its stored
+    qparams reproduce its dequantized weight."""
+    model, _, _, _, taps = real_block
+    x, w = taps["down_in"], _kernel(model.layers[LAYER], "mlp.down_proj")
+    fmt = formats.make(QuantSpec("int4", group_size=128, symmetric=False))
+    h = gptq.hessian(gptq.hessian_update(gptq.hessian_init(w.shape[0]), x))
+    for cfg in (gptq.GPTQConfig(mse_grid=20), gptq.GPTQConfig(mse_grid=20, act_order=True)):
+        res = gptq.gptq_quantize(w, h, fmt, cfg)
+        np.testing.assert_array_equal(np.asarray(res.qarray.dequantize()), np.asarray(res.w_hat))
+        e_rtn = gptq.output_error(x, w, fmt.quantize(w).dequantize())
+        assert gptq.output_error(x, w, res.w_hat) < 0.5 * e_rtn
+
+
 def test_gptq_cholesky_failure_falls_back(caplog):
     k, n = 32, 8
     w = np.random.default_rng(1).normal(size=(k, n)).astype(np.float32)
@@ -322,6 +366,28 @@ def test_w8a8_matmul_matches_manual(real_block):
         rel = float(jnp.linalg.norm(y - _mm(x, w)) / jnp.linalg.norm(_mm(x, w)))
         assert rel < (0.03 if kind == "int8" else 0.06), (kind, rel)
         assert wa.bits_per_weight == pytest.approx(8 + 32 / w.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["fp8_e4m3", "int8"])
+def test_gptq_w8a8_keeps_gptq_weights(real_block, kind):
+    """GPTQ on the per-channel 8-bit grid, then W8A8 with dynamic per-token activations: the
+    W8A8 kernel holds GPTQ's weights bit for bit, and its layer error beats RTN W8A8's."""
+    from shrinkjax.kernels import dispatch
+    from shrinkjax.quant.smoothquant import w8a8_from_quantized
+
+    model, _, _, _, taps = real_block
+    x, w = taps["down_in"], _kernel(model.layers[LAYER], "mlp.down_proj")
+    fmt = formats.make(QuantSpec(kind, granularity="channel", symmetric=True))
+    h = gptq.hessian(gptq.hessian_update(gptq.hessian_init(w.shape[0]), x))
+    res = gptq.gptq_quantize(w, h, fmt)
+    wa = w8a8_from_quantized(res.qarray, kind)
+    np.testing.assert_array_equal(np.asarray(wa.dequantize()), np.asarray(res.w_hat))
+    y = _mm(x, w)
+    e_gptq = _mse(dispatch.linear(x, wa), y)
+    e_rtn = _mse(dispatch.linear(x, quantize_w8a8(w, kind)), y)
+    assert e_gptq < e_rtn, (kind, e_gptq, e_rtn)
+    with pytest.raises(ValueError, match="per-channel symmetric"):
+        w8a8_from_quantized(formats.make(QuantSpec("int4", group_size=64)).quantize(w), kind)
 
 
 # ---------------------------------------------------------------------------------------------
