@@ -9,20 +9,38 @@ Both sides, on the same GPU, same batch of token ids, same weights:
 shrinkjax: the jitted, state-donating ``train_step`` of :mod:`shrinkjax.train.step` (layers in
 a ``lax.scan``, cuDNN attention — einsum if cuDNN does not compile —, loss chunked over tokens
 from the final hidden states). PyTorch: ``transformers`` ``LlamaForCausalLM`` with SDPA
-attention under ``torch.autocast(bfloat16)``, ``torch.compile`` on both models (eager if it
-fails), full [B, L, V] logits, ``F.log_softmax`` KL, fused AdamW. Each side runs in its own
-subprocess so neither holds GPU memory while the other runs.
+attention under ``torch.autocast(bfloat16)``, full [B, L, V] logits, ``F.log_softmax`` KL,
+fused AdamW; first eager, then ``torch.compile`` on the loss function (both models).
+
+Always finishes within ``--budget_s`` (default 240 s; start-up of each side included), in
+this order, each in its own subprocess (none holds GPU memory while another runs), writing
+the JSON after each:
+
+1. shrinkjax (it also writes the weights for the torch side, numpy ``.npz`` in
+   ``--workdir``, so the torch side needs no JAX);
+2. torch eager;
+3. torch.compile, under a timeout of the budget left: ``"compile timed out"`` if it does not
+   finish.
+
+``torch_tokens_per_s`` is the best torch mode that finished; every mode is in ``torch``.
 
 GPU:
 
     python benchmarks/distill_speed.py --out benchmarks/results
 
-CPU smoke test (tiny random model; the torch side only if torch + transformers import):
+CPU smoke test (tiny random model; the torch side may run in another interpreter, e.g. a venv
+with torch + transformers but no JAX):
 
-    python benchmarks/distill_speed.py --quick --out /tmp/ds
+    python benchmarks/distill_speed.py --quick --out /tmp/ds --torch_python /path/to/python
 
 Writes ``<out>/distill_speed.json``: {"device", "seqlen", "shrinkjax_tokens_per_s",
 "torch_tokens_per_s", "mfu", ...}.
+
+Variants of the shrinkjax step to measure (``--skip_torch`` for speed): ``--chunk`` (loss
+chunk), ``--no_scan`` (unrolled layers), ``--remat``, ``--loss`` (``dynamic``: all four loss
+terms with run-time weights, the step ``benchmarks/distill_quality.py`` trains with by default;
+``fkl_ce``/``ce``: its ``--static_loss`` steps), ``--seqlen``/``--batch``, e.g. the quality
+benchmark's shape: ``--skip_torch --seqlen 512 --batch 32 --loss dynamic``.
 """
 
 from __future__ import annotations
@@ -30,12 +48,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# not this directory: its kernels.py would shadow the `kernels` package transformers probes
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, ROOT)
 
 
@@ -50,10 +71,27 @@ def parse(argv=None):
     p.add_argument("--chunk", type=int, default=8192, help="shrinkjax loss chunk (tokens)")
     p.add_argument("--attention", default=None, help="shrinkjax attention: cudnn | einsum")
     p.add_argument("--remat", default="none")
+    p.add_argument("--no_scan", action="store_true", help="shrinkjax: unrolled layers")
+    p.add_argument(
+        "--loss",
+        default="fkl",
+        choices=("fkl", "fkl_ce", "ce", "dynamic"),
+        help="shrinkjax loss: forward KL (the torch side's), 0.5 CE + 0.5 forward KL, CE "
+        "without a teacher, or all four terms with run-time weights (distill_quality.py's "
+        "default step)",
+    )
+    p.add_argument("--budget_s", type=float, default=240.0, help="wall seconds for everything")
+    p.add_argument("--torch_python", default=sys.executable, help="interpreter for the torch side")
+    p.add_argument(
+        "--workdir",
+        default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "shrinkjax_distill_speed"),
+        help="scratch: the weights handed to the torch side",
+    )
     p.add_argument("--no_torch_compile", action="store_true")
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker_out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--weights", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     q = a.quick
     a.seqlen = a.seqlen or (64 if q else 2048)
@@ -61,6 +99,18 @@ def parse(argv=None):
     a.steps = a.steps or (3 if q else 20)
     a.attention = a.attention or ("einsum" if q else "cudnn")
     return a
+
+
+def tiny_config():
+    return dict(
+        vocab_size=512,
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=128,
+        max_seq_len=256,
+    )
 
 
 def pair(quick: bool):
@@ -72,15 +122,7 @@ def pair(quick: bool):
     if quick:
         from shrinkjax.models.llama import LlamaConfig
 
-        cfg = LlamaConfig(
-            vocab_size=512,
-            dim=64,
-            n_layers=4,
-            n_heads=4,
-            n_kv_heads=2,
-            hidden_dim=128,
-            max_seq_len=256,
-        )
+        cfg = LlamaConfig(**tiny_config())
         rng = np.random.default_rng(0)
         from shrinkjax.models.llama import abstract_model
         from shrinkjax.models.params import flat_params
@@ -88,7 +130,7 @@ def pair(quick: bool):
         shapes = {k: v.shape for k, v in flat_params(abstract_model(cfg)).items()}
         flat = {
             k: (rng.normal(size=s) * 0.05 if len(s) > 1 else np.ones(s)).astype(np.float32)
-            for k, s in shapes.items()
+            for k, s in sorted(shapes.items())
         }
         drop = (1,)
     else:
@@ -99,6 +141,36 @@ def pair(quick: bool):
         drop = tuple(range(12, 18))
     scfg, sflat = drop_layer_params(cfg, flat, drop)
     return cfg, flat, scfg, sflat
+
+
+def cfg_dict(cfg) -> dict:
+    """The fields the torch side needs (plain JSON: no JAX there)."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "dim": cfg.dim,
+        "hidden_dim": cfg.hidden_dim,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "head_width": cfg.head_width,
+        "norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_seq_len": cfg.max_seq_len,
+        "tie_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.attention_bias,
+    }
+
+
+def save_weights(path: str, tcfg, tflat, scfg, sflat, fpt: float) -> None:
+    """Both models' weights and configs, for the torch side (numpy only)."""
+    import numpy as np
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    meta = {"teacher": cfg_dict(tcfg), "student": cfg_dict(scfg), "flops_per_token": fpt}
+    arrays = {f"t/{k}": v for k, v in tflat.items()} | {f"s/{k}": v for k, v in sflat.items()}
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    os.replace(tmp, path)
 
 
 def batch_tokens(a, vocab: int):
@@ -124,9 +196,24 @@ def jax_worker(a) -> dict:
     from shrinkjax.train.state import TrainState
 
     tcfg, tflat, scfg, sflat = pair(a.quick)
+    if a.weights:  # the torch side's copy, before anything can fail on the device
+        save_weights(
+            a.weights,
+            tcfg,
+            tflat,
+            scfg,
+            sflat,
+            metlib.train_flops_per_token(scfg, a.seqlen, tcfg),
+        )
     dtype = "float32" if a.quick else "bfloat16"
     tokens = batch_tokens(a, tcfg.vocab_size)
     batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens, bool)}
+    if a.loss == "dynamic":  # as distill_quality.py: all four terms, weights at run time
+        batch.update(
+            loss_weights=np.asarray([0.5, 0.5, 0.0, 0.0], np.float32),
+            tau=np.float32(1.0),
+            beta=np.float32(0.5),
+        )
     opt = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
     )
@@ -142,6 +229,8 @@ def jax_worker(a) -> dict:
                 for k, v in tflat.items()
             }
         }
+        if a.loss == "ce":
+            frozen = None
         from flax import nnx
 
         from shrinkjax.models.llama import abstract_model
@@ -154,10 +243,14 @@ def jax_worker(a) -> dict:
             frozen=frozen,
             graphdef=nnx.graphdef(abstract_model(s_cfg)),
         )
-        scfg_step = steplib.StepConfig(
-            loss=losses.LossConfig(divergence="forward_kl", chunk=a.chunk), remat=a.remat
+        lc = {
+            "ce": losses.LossConfig(alpha=1.0, divergence="none", chunk=a.chunk),
+            "fkl_ce": losses.LossConfig(alpha=0.5, divergence="forward_kl", chunk=a.chunk),
+        }.get(a.loss, losses.LossConfig(divergence="forward_kl", chunk=a.chunk))
+        scfg_step = steplib.StepConfig(loss=lc, remat=a.remat, scan_layers=not a.no_scan)
+        fn = steplib.make_train_step(
+            s_cfg, opt, scfg_step, teacher_cfg=None if a.loss == "ce" else t_cfg
         )
-        fn = steplib.make_train_step(s_cfg, opt, scfg_step, teacher_cfg=t_cfg)
         step, ssh, bsh = steplib.jit_train_step(fn, mesh, state, batch)
         state = jax.device_put(state, ssh)
         b = jax.device_put(batch, bsh)
@@ -189,13 +282,17 @@ def jax_worker(a) -> dict:
     jax.block_until_ready((state, m))
     dt = time.perf_counter() - t
     tok_s = a.batch * a.seqlen * a.steps / dt
-    fpt = metlib.train_flops_per_token(s_cfg, a.seqlen, t_cfg)
+    fpt = metlib.train_flops_per_token(s_cfg, a.seqlen, None if a.loss == "ce" else t_cfg)
     return {
         "tokens_per_s": tok_s,
         "ms_per_step": 1000 * dt / a.steps,
         "mfu": metlib.mfu(tok_s, fpt),
         "flops_per_token": fpt,
         "attention": attn,
+        "loss": a.loss,
+        "chunk": a.chunk,
+        "scan_layers": not a.no_scan,
+        "remat": a.remat,
         "compile_seconds": compile_s,
         "first_loss": first,
         "last_loss": float(m["loss"]),
@@ -207,30 +304,35 @@ def jax_worker(a) -> dict:
 # ----------------------------------------------------------------------------- torch
 
 
-def torch_worker(a) -> dict:
+def torch_worker(a, mode: str) -> dict:
+    """``mode`` = ``eager`` or ``compile``; weights from ``a.weights`` (no JAX imported)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
     import transformers
 
-    tcfg, tflat, scfg, sflat = pair(a.quick)
+    with np.load(a.weights) as z:
+        meta = json.loads(bytes(z["__meta__"]).decode())
+        tflat = {k[2:]: z[k] for k in z.files if k.startswith("t/")}
+        sflat = {k[2:]: z[k] for k in z.files if k.startswith("s/")}
+    tcfg, scfg = meta["teacher"], meta["student"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     amp = torch.bfloat16 if dev == "cuda" else torch.float32
 
     def hf_model(cfg, flat, dtype):
         hc = transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.dim,
-            intermediate_size=cfg.hidden_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_width,
-            rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta,
-            max_position_embeddings=max(cfg.max_seq_len, a.seqlen),
-            tie_word_embeddings=cfg.tie_embeddings,
-            attention_bias=cfg.attention_bias,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["dim"],
+            intermediate_size=cfg["hidden_dim"],
+            num_hidden_layers=cfg["n_layers"],
+            num_attention_heads=cfg["n_heads"],
+            num_key_value_heads=cfg["n_kv_heads"],
+            head_dim=cfg["head_width"],
+            rms_norm_eps=cfg["norm_eps"],
+            rope_theta=cfg["rope_theta"],
+            max_position_embeddings=max(cfg["max_seq_len"], a.seqlen),
+            tie_word_embeddings=cfg["tie_embeddings"],
+            attention_bias=cfg["attention_bias"],
         )
         hc._attn_implementation = "sdpa"
         model = transformers.LlamaForCausalLM(hc)
@@ -247,21 +349,21 @@ def torch_worker(a) -> dict:
             "mlp.up_proj": "mlp.up_proj",
             "mlp.down_proj": "mlp.down_proj",
         }
-        for i in range(cfg.n_layers):
+        for i in range(cfg["n_layers"]):
             for ours, theirs in names.items():
                 sd[f"model.layers.{i}.{theirs}.weight"] = flat[f"layers.{i}.{ours}.kernel"].T
             sd[f"model.layers.{i}.input_layernorm.weight"] = flat[f"layers.{i}.attn_norm.scale"]
             sd[f"model.layers.{i}.post_attention_layernorm.weight"] = flat[
                 f"layers.{i}.mlp_norm.scale"
             ]
-        if not cfg.tie_embeddings:
+        if not cfg["tie_embeddings"]:
             sd["lm_head.weight"] = flat["lm_head.kernel"].T
         sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [
             m
             for m in missing
-            if not (cfg.tie_embeddings and m == "lm_head.weight") and "rotary" not in m
+            if not (cfg["tie_embeddings"] and m == "lm_head.weight") and "rotary" not in m
         ]
         if missing or unexpected:
             raise RuntimeError(
@@ -278,7 +380,7 @@ def torch_worker(a) -> dict:
         weight_decay=0.0,
         **({"fused": True} if dev == "cuda" else {}),
     )
-    tokens = torch.from_numpy(batch_tokens(a, tcfg.vocab_size).astype(np.int64)).to(dev)
+    tokens = torch.from_numpy(batch_tokens(a, tcfg["vocab_size"]).astype(np.int64)).to(dev)
 
     def loss_fn(tokens):
         with torch.no_grad(), torch.autocast(dev, amp, enabled=dev == "cuda"):
@@ -289,14 +391,7 @@ def torch_worker(a) -> dict:
         ls = F.log_softmax(s_logits[:, :-1].float(), -1)
         return (lt.exp() * (lt - ls)).sum(-1).mean()
 
-    compiled = "eager"
-    fn = loss_fn
-    if not a.no_torch_compile:
-        try:
-            fn = torch.compile(loss_fn)
-            compiled = "torch.compile"
-        except Exception as e:  # noqa: BLE001
-            print(f"[torch] torch.compile unavailable ({e}); eager", flush=True)
+    fn = torch.compile(loss_fn) if mode == "compile" else loss_fn
 
     def step():
         loss = fn(tokens)
@@ -308,16 +403,7 @@ def torch_worker(a) -> dict:
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     t = time.perf_counter()
-    try:
-        first = float(step())
-    except Exception as e:  # noqa: BLE001
-        if compiled == "eager":
-            raise
-        print(
-            f"[torch] compiled step failed ({type(e).__name__}: {str(e)[:300]}); eager", flush=True
-        )
-        fn, compiled = loss_fn, "eager"
-        first = float(step())
+    first = float(step())  # compiles in "compile" mode
     compile_s = time.perf_counter() - t
     for _ in range(max(a.warmup - 1, 0)):
         step()
@@ -327,21 +413,16 @@ def torch_worker(a) -> dict:
         loss = step()
     sync()
     dt = time.perf_counter() - t
-    from shrinkjax.train import metrics as metlib
-
     tok_s = a.batch * a.seqlen * a.steps / dt
-    fpt = metlib.train_flops_per_token(scfg, a.seqlen, tcfg)
-    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    peak = next((v for k, v in metlib.PEAK_BF16 if k in name), None)
     return {
         "tokens_per_s": tok_s,
         "ms_per_step": 1000 * dt / a.steps,
-        "mfu": tok_s * fpt / peak if peak else None,
-        "mode": compiled,
-        "compile_seconds": compile_s,
+        "mode": "torch.compile" if mode == "compile" else "eager",
+        "first_step_seconds": compile_s,
         "first_loss": first,
         "last_loss": float(loss),
-        "device": name,
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "flops_per_token": meta["flops_per_token"],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -350,117 +431,172 @@ def torch_worker(a) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_worker(a, kind: str, env_extra: dict) -> dict | None:
-    os.makedirs(a.out, exist_ok=True)
-    out = os.path.join(a.out, f".distill_speed_{kind}.json")
+def run_worker(a, kind: str, timeout: float, python: str, env: dict) -> dict:
+    """Run one side in a subprocess (own process group, killed whole at the timeout);
+    its result dict, or {"status": why it has none}."""
+    out = os.path.join(a.workdir, f"result_{kind}.json")
     if os.path.exists(out):
         os.remove(out)
-    argv = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        kind,
-        "--worker_out",
-        out,
-        "--out",
-        a.out,
-        "--seqlen",
-        str(a.seqlen),
-        "--batch",
-        str(a.batch),
-        "--steps",
-        str(a.steps),
-        "--warmup",
-        str(a.warmup),
-        "--chunk",
-        str(a.chunk),
-        "--attention",
-        a.attention,
-        "--remat",
-        a.remat,
-    ]
-    if a.quick:
-        argv.append("--quick")
-    if a.no_torch_compile:
-        argv.append("--no_torch_compile")
-    print(f"--- {kind} worker", flush=True)
+    if timeout < 5:
+        return {"status": f"not run: {timeout:.0f}s of the budget left"}
+    argv = [python, os.path.abspath(__file__), "--worker", kind, "--worker_out", out]
+    argv += ["--out", a.out]
+    if kind != "jax" or not a.skip_torch:  # the shrinkjax side writes it, torch reads it
+        argv += ["--weights", os.path.join(a.workdir, "weights.npz")]
+    for k in ("seqlen", "batch", "steps", "warmup", "chunk", "attention", "remat", "loss"):
+        argv += [f"--{k}", str(getattr(a, k))]
+    argv += [f for f, on in (("--quick", a.quick), ("--no_scan", a.no_scan)) if on]
+    print(f"--- {kind} (timeout {timeout:.0f}s)", flush=True)
     t = time.perf_counter()
-    r = subprocess.run(argv, env={**os.environ, **env_extra}, cwd=ROOT)
-    if r.returncode != 0 or not os.path.exists(out):
-        print(f"{kind} worker failed (exit {r.returncode})", flush=True)
-        return None
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its children (compile workers)
+        proc.wait()
+        what = "compile timed out" if kind == "torch_compile" else "timed out"
+        print(f"{kind}: {what} after {timeout:.0f}s", flush=True)
+        return {"status": f"{what} after {timeout:.0f}s"}
+    wall = time.perf_counter() - t
+    if rc != 0 or not os.path.exists(out):
+        print(f"{kind} worker failed (exit {rc})", flush=True)
+        return {"status": f"failed (exit {rc})", "wall_seconds": wall}
     with open(out) as f:
         res = json.load(f)
     os.remove(out)
-    res["wall_seconds"] = time.perf_counter() - t
+    res.update(status="ok", wall_seconds=wall)
     return res
 
 
 def main(argv=None):
+    t_start = time.perf_counter()
     a = parse(argv)
     if a.worker:
-        res = jax_worker(a) if a.worker == "jax" else torch_worker(a)
+        res = jax_worker(a) if a.worker == "jax" else torch_worker(a, a.worker.split("_")[1])
         with open(a.worker_out, "w") as f:
             json.dump(res, f)
         return res
-    from tqdm.auto import tqdm
+    env0 = dict(os.environ)  # the workers' environment, as given
+    # the driver never touches the device: JAX on CPU here (numbers, table)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    try:
+        return drive(a, t_start, env0)
+    finally:
+        os.environ.clear()
+        os.environ.update(env0)
 
+
+def drive(a, t_start: float, env0: dict) -> dict:
+    left = lambda: a.budget_s - (time.perf_counter() - t_start)
+    a.workdir += "_quick" if a.quick else ""
+    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(a.workdir, exist_ok=True)
+    weights = os.path.join(a.workdir, "weights.npz")
+    if os.path.exists(weights):  # never hand the torch side another run's weights
+        os.remove(weights)
     from shrinkjax.eval.report import table
     from shrinkjax.io.files import write_json
+    from shrinkjax.train import metrics as metlib
 
-    results = {}
-    kinds = ["jax"] + ([] if a.skip_torch else ["torch"])
-    for kind in tqdm(kinds, desc="distill speed", unit="framework"):
-        # the torch side must never touch the GPU through JAX (and vice versa)
-        env = {"JAX_PLATFORMS": "cpu"} if kind == "torch" else {}
-        results[kind] = run_worker(a, kind, env)
-    jx, th = results.get("jax"), results.get("torch")
-    if jx is None:
-        raise SystemExit("the shrinkjax worker failed")
     out = {
-        "device": jx["device"],
+        "device": None,
         "seqlen": a.seqlen,
         "batch": a.batch,
-        "shrinkjax_tokens_per_s": jx["tokens_per_s"],
-        "torch_tokens_per_s": th["tokens_per_s"] if th else None,
-        "mfu": jx["mfu"],
-        "torch_mfu": th["mfu"] if th else None,
-        "speedup_vs_torch": jx["tokens_per_s"] / th["tokens_per_s"] if th else None,
-        "shrinkjax": jx,
-        "torch": th,
+        "shrinkjax_tokens_per_s": None,
+        "torch_tokens_per_s": None,
+        "mfu": None,
+        "torch_mfu": None,
+        "torch_mode": None,
+        "speedup_vs_torch": None,
+        "budget_s": a.budget_s,
+        "shrinkjax": None,
+        "torch": {},
         "setup": "teacher SmolLM2-135M-Instruct (30 layers, bf16, frozen) + student with "
         "layers 12-17 dropped (24 layers, f32 master, bf16 compute), forward KL, "
         "AdamW, clip 1.0"
         if not a.quick
         else "tiny random 4-layer teacher (CPU)",
     }
-    if th is None and not a.skip_torch:
-        out["torch_note"] = "the PyTorch worker failed or torch/transformers are not installed"
-    write_json(os.path.join(a.out, "distill_speed.json"), out)
-    rows = [
-        {
-            "framework": "shrinkjax",
-            "tokens/s": jx["tokens_per_s"],
-            "ms/step": jx["ms_per_step"],
-            "mfu": jx["mfu"] if jx["mfu"] is not None else "-",
-            "mode": jx["attention"],
-            "first loss": jx["first_loss"],
-        }
-    ]
-    if th:
+    path = os.path.join(a.out, "distill_speed.json")
+
+    def save():
+        th = [
+            (k, v)
+            for k, v in out["torch"].items()
+            if isinstance(v, dict) and v.get("status") == "ok"
+        ]
+        if th:
+            mode, best = max(th, key=lambda kv: kv[1]["tokens_per_s"])
+            out["torch_tokens_per_s"] = best["tokens_per_s"]
+            out["torch_mode"] = best["mode"]
+            name = best["device"]
+            peak = next((v for k, v in metlib.PEAK_BF16 if k in name), None)
+            fpt = best.get("flops_per_token")
+            out["torch_mfu"] = best["tokens_per_s"] * fpt / peak if peak and fpt else None
+            out["device"] = out["device"] or name
+        jx = out["shrinkjax"]
+        if jx and jx.get("status") == "ok" and out["torch_tokens_per_s"]:
+            out["speedup_vs_torch"] = jx["tokens_per_s"] / out["torch_tokens_per_s"]
+        out["seconds"] = time.perf_counter() - t_start
+        write_json(path, out)
+
+    # 1. shrinkjax (leaves ~90 s for torch eager when the budget is tight)
+    reserve = 0.0 if a.skip_torch else min(90.0, a.budget_s / 3)
+    jx = run_worker(a, "jax", left() - reserve, sys.executable, env0)
+    out["shrinkjax"] = jx
+    if jx.get("status") == "ok":
+        out.update(device=jx["device"], shrinkjax_tokens_per_s=jx["tokens_per_s"], mfu=jx["mfu"])
+    save()
+    # 2. torch eager, 3. torch.compile (each its own process: the torch side never imports
+    # JAX, and never shares the GPU with it)
+    if not a.skip_torch:
+        if not os.path.exists(weights):
+            out["torch"]["note"] = "no weights from the shrinkjax side"
+        else:
+            modes = ["eager"] + ([] if a.no_torch_compile else ["compile"])
+            for mode in modes:  # eager first: compile gets whatever is left
+                r = run_worker(a, f"torch_{mode}", left() - 5.0, a.torch_python, env0)
+                out["torch"]["torch.compile" if mode == "compile" else "eager"] = r
+                save()
+    save()
+    rows = []
+    if jx.get("status") == "ok":
         rows.append(
             {
-                "framework": "torch",
-                "tokens/s": th["tokens_per_s"],
-                "ms/step": th["ms_per_step"],
-                "mfu": th["mfu"] if th["mfu"] is not None else "-",
-                "mode": th["mode"],
-                "first loss": th["first_loss"],
+                "framework": "shrinkjax",
+                "tokens/s": jx["tokens_per_s"],
+                "ms/step": jx["ms_per_step"],
+                "mfu": jx["mfu"] if jx["mfu"] is not None else "-",
+                "mode": f"{jx['attention']}, {jx['loss']}",
+                "first loss": jx["first_loss"],
             }
         )
-    print(table(rows, title=f"\nlogit-KD step, {a.batch} x {a.seqlen} tokens, {jx['device']}"))
-    if th:
-        print(f"shrinkjax / torch = {out['speedup_vs_torch']:.2f}x")
+    else:
+        rows.append({"framework": "shrinkjax", "tokens/s": jx.get("status")})
+    for mode, r in out["torch"].items():
+        if not isinstance(r, dict):
+            continue
+        if r.get("status") == "ok":
+            rows.append(
+                {
+                    "framework": "torch",
+                    "tokens/s": r["tokens_per_s"],
+                    "ms/step": r["ms_per_step"],
+                    "mode": mode,
+                    "first loss": r["first_loss"],
+                }
+            )
+        else:
+            rows.append({"framework": "torch", "tokens/s": r.get("status"), "mode": mode})
+    print(
+        table(
+            rows,
+            title=f"\nlogit-KD step, {a.batch} x {a.seqlen} tokens, {out['device']} "
+            f"({out['seconds']:.0f}s of {a.budget_s:.0f}s)",
+        )
+    )
+    if out["speedup_vs_torch"]:
+        print(f"shrinkjax / torch ({out['torch_mode']}) = {out['speedup_vs_torch']:.2f}x")
     return out
 
 

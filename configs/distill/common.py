@@ -60,6 +60,7 @@ def distill_base(kind: str) -> ConfigDict:
         dict(
             kind=kind,  # logit | sequence | onpolicy
             # loss = alpha * CE(labels) + (1 - alpha) * tau^2 * D(p_T, p_S), loss temperature tau
+            # (on-policy steps: no CE on the student's own samples, (1 - alpha) * D only)
             alpha=0.0,
             divergence="forward_kl",  # forward_kl | reverse_kl | jsd | none
             tau=1.0,  # LOSS temperature (not the sampling temperature)

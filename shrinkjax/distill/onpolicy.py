@@ -10,6 +10,11 @@ Which steps are on-policy, which prompts they use and the sampling seed are pure
 
 ``distill.onpolicy.temperature`` (and ``top_k``/``top_p``) is the student's *sampling*
 temperature; the loss temperature is ``distill.tau``.
+
+With ``distill.alpha`` > 0 (divergence blended with hard-label cross entropy), the
+cross-entropy weight is 0 on on-policy steps: the student's own samples are not labels. The
+step then takes its loss mix per batch (``loss_weights``, see :mod:`shrinkjax.train.step`):
+off-policy batches ``alpha · CE + (1 − alpha) · D``, on-policy batches ``(1 − alpha) · D``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ from shrinkjax.train.state import nest
 
 class OnPolicyBatcher:
     """``batch_fn(step, state)``: off-policy batches from ``base``, on-policy ones sampled by
-    the state's student from ``prompts`` (both [B, P + T])."""
+    the state's student from ``prompts`` (both [B, P + T]).
+
+    ``dynamic``: per-batch entries of a dynamic-loss step (``loss_weights`` [4] over
+    :data:`shrinkjax.distill.losses.TERMS`, ``tau``, ``beta``) added to every batch; on
+    on-policy batches the cross-entropy weight (``loss_weights[0]``) is set to 0, the other
+    weights unchanged (student samples are not labels).
+    """
 
     def __init__(
         self,
@@ -37,6 +48,7 @@ class OnPolicyBatcher:
         seed: int,
         student_cfg,
         eos_id: int | None = None,
+        dynamic: dict | None = None,
     ):
         from shrinkjax.models.llama import abstract_model
 
@@ -54,6 +66,14 @@ class OnPolicyBatcher:
         cfg = student_cfg.replace(attention_impl="einsum")
         self.graphdef = nnx.graphdef(abstract_model(cfg))
         self.onpolicy_steps = 0
+        self.dynamic_off = self.dynamic_on = None
+        if dynamic is not None:
+            self.dynamic_off = {k: np.asarray(v) for k, v in dynamic.items()}
+            self.dynamic_on = dict(self.dynamic_off)
+            if "loss_weights" in dynamic:
+                w = np.array(dynamic["loss_weights"], np.float32)
+                w[0] = 0.0  # TERMS[0] = "ce"
+                self.dynamic_on["loss_weights"] = w
 
     def is_onpolicy(self, step: int) -> bool:
         return bool(np.random.default_rng([self.seed, step, 0x6CD]).random() < self.lam)
@@ -75,7 +95,8 @@ class OnPolicyBatcher:
 
     def __call__(self, step: int, state=None) -> dict:
         if not self.is_onpolicy(step):
-            return self.base(step)
+            batch = self.base(step)
+            return batch if self.dynamic_off is None else {**batch, **self.dynamic_off}
         if state is None:
             raise ValueError("on-policy batches need the train state (the student samples)")
         self.onpolicy_steps += 1
@@ -83,7 +104,7 @@ class OnPolicyBatcher:
         a = self.base.grad_accum
         if a > 1:
             batch = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
-        return batch
+        return batch if self.dynamic_on is None else {**batch, **self.dynamic_on}
 
 
 def run_onpolicy(
@@ -100,7 +121,8 @@ def run_onpolicy(
     """GKD: corpus windows for off-policy steps, student samples for a fraction λ."""
     from shrinkjax.data.sources import load_text
     from shrinkjax.data.windows import tokenize, windows
-    from shrinkjax.distill.logit import Distiller, eval_windows
+    from shrinkjax.distill import losses
+    from shrinkjax.distill.logit import Distiller, eval_windows, loss_config
     from shrinkjax.distill.sequence import sample_prompts
 
     tc, oc = config.train, config.distill.onpolicy
@@ -114,7 +136,25 @@ def run_onpolicy(
     d = config.distill.data
     ids = tokenize(load_text(d.source, d.path), tokenizer, cache_dir=cache_dir, progress=prog)
     toks, _ = windows(ids, seqlen, max_windows=int(d.get("max_windows", 0) or 0))
-    dist = Distiller(teacher, student, config, workdir, masks=masks, apply_masks=apply_masks)
+    lcfg = loss_config(config.distill, tc.chunk_tokens)
+    # alpha > 0: the loss mix changes per batch (no cross entropy on the student's samples)
+    dynamic = lcfg.alpha > 0 and lcfg.needs_teacher
+    dist = Distiller(
+        teacher,
+        student,
+        config,
+        workdir,
+        masks=masks,
+        apply_masks=apply_masks,
+        dynamic_loss=dynamic,
+    )
+    dyn = None
+    if dynamic:
+        dyn = {
+            "loss_weights": np.asarray(losses.weight_vector(lcfg), np.float32),
+            "tau": np.float32(lcfg.tau),
+            "beta": np.float32(lcfg.beta),
+        }
     prompts = sample_prompts(ids, int(oc.num_prompts), int(oc.prompt_len), dist.seed + 17)
     base = StepBatcher(toks, None, tc.batch_size, dist.seed, tc.grad_accum)
     eos = tokenizer.eos_id if (tokenizer is not None and oc.stop_at_eos) else None
@@ -127,6 +167,7 @@ def run_onpolicy(
         seed=dist.seed,
         student_cfg=dist.student_cfg,
         eos_id=eos,
+        dynamic=dyn,
     )
     ev = eval_windows(config, tokenizer, cache_dir, prog) if tc.eval_windows else None
     summary = dist.fit(batcher, eval_tokens=ev, mask_update=mask_update, desc="on-policy KD")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 from flax import nnx
@@ -66,6 +67,18 @@ def sequences(
     return toks, np.concatenate([pm, completion_mask(gen_BxT, eos_id)], axis=1)
 
 
+class GenerationIncomplete(RuntimeError):
+    """``generate_dataset`` stopped at its deadline; the finished batches are saved as shards
+    and the same call resumes from them."""
+
+    def __init__(self, done: int, total: int, out_dir: str):
+        super().__init__(
+            f"teacher generation stopped at its deadline after {done}/{total} batches "
+            f"(shards kept in {out_dir}; the same call resumes)"
+        )
+        self.done, self.total, self.out_dir = done, total, out_dir
+
+
 def _save_npz(path: str, **arrays) -> None:
     tmp = path + f".tmp{os.getpid()}.npz"
     np.savez(tmp, **arrays)
@@ -86,12 +99,17 @@ def generate_dataset(
     train_on_prompt: bool = False,
     progress: bool = True,
     extra_meta: dict | None = None,
+    deadline: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Teacher completions of every prompt, saved in ``out_dir``; (tokens, loss_mask).
 
     Reuses a complete dataset whose meta matches; otherwise generates batch by batch (each
     batch seeded by (seed, batch index), saved as a shard so a killed run resumes). The last
     batch is padded with repeated prompts to keep one compiled program.
+
+    ``deadline`` (a ``time.perf_counter()`` value): a batch that would end after it (judged by
+    the previous batch's duration) is not started; :class:`GenerationIncomplete` is raised
+    instead, the finished shards kept for the next call.
     """
     from tqdm.auto import tqdm
 
@@ -123,6 +141,7 @@ def generate_dataset(
     model = sampling_model(teacher, dtype)
     n_batches = -(-n // batch_size)
     toks, masks = [], []
+    last_dt = 0.0
     for b in tqdm(range(n_batches), desc="teacher generation", disable=not progress, unit="batch"):
         shard = os.path.join(shard_dir, f"{b:06d}.npz")
         if os.path.isfile(shard):
@@ -130,6 +149,9 @@ def generate_dataset(
                 toks.append(z["tokens"])
                 masks.append(z["loss_mask"])
             continue
+        if deadline is not None and time.perf_counter() + last_dt > deadline:
+            raise GenerationIncomplete(b, n_batches, out_dir)
+        t0 = time.perf_counter()
         pr = prompts_NxP[b * batch_size : (b + 1) * batch_size]
         real = len(pr)
         if real < batch_size:
@@ -137,6 +159,7 @@ def generate_dataset(
         gen = generate(model, pr, max_new_tokens, seed=int(seed) * 1_000_003 + b, sampling=sampling)
         t, m = sequences(pr[:real], gen[:real], eos_id, train_on_prompt)
         _save_npz(shard, tokens=t, loss_mask=m)
+        last_dt = time.perf_counter() - t0
         toks.append(t)
         masks.append(m)
     tokens, loss_mask = np.concatenate(toks), np.concatenate(masks)

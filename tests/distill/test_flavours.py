@@ -75,6 +75,24 @@ def test_onpolicy_flavour_mixes_student_samples(tmp_path):
     assert {r["tokens"] for r in train} >= {4 * 24.0}
 
 
+def test_onpolicy_alpha_blends_ce_only_on_data_steps(tmp_path):
+    c = _config("onpolicy", steps=6, eval_every=0, checkpoint_every=-1)
+    with c.unlocked():
+        c.distill.onpolicy.lam = 0.5
+        c.distill.alpha = 0.4
+    res = runner.run(c, str(tmp_path))["distill"]
+    assert 0 < res["onpolicy_steps"] < 6
+    train = [r for r in _jsonl(tmp_path / "metrics.jsonl") if r.get("kind") == "train"]
+    on_steps = 0
+    for r in train:
+        on = r["tokens"] < 4 * 31  # student samples: only the 24 sampled tokens are scored
+        on_steps += on
+        # no cross entropy on the student's own samples; the divergence keeps 1 - alpha
+        want = 0.6 * r["jsd"] + (0.0 if on else 0.4 * r["ce"])
+        assert np.isclose(r["loss"], want, rtol=1e-4, atol=1e-6), r
+    assert on_steps == res["onpolicy_steps"]
+
+
 def test_onpolicy_schedule_is_deterministic():
     from shrinkjax.distill.onpolicy import OnPolicyBatcher
     from shrinkjax.models.generate import Sampling
@@ -120,3 +138,30 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path):
     check_compatible(cfg, cfg, Tok("a"), Tok("a"))
     with pytest.raises(VocabMismatchError, match="tokenizers differ"):
         check_compatible(cfg, cfg, Tok("a"), Tok("b"))
+
+
+def test_generate_dataset_stops_at_deadline_and_resumes(tmp_path, tiny_llama, monkeypatch):
+    import time
+
+    from shrinkjax.distill import sequence
+    from shrinkjax.models.generate import Sampling
+
+    real_generate, calls = sequence.generate, []
+
+    def slow_generate(*args, **kw):
+        calls.append(1)
+        time.sleep(0.2)
+        return real_generate(*args, **kw)
+
+    monkeypatch.setattr(sequence, "generate", slow_generate)
+    prompts = np.arange(24, dtype=np.int32).reshape(6, 4) % 100
+    kw = dict(max_new_tokens=4, sampling=Sampling(1.0), batch_size=2, seed=0, progress=False)
+    with pytest.raises(sequence.GenerationIncomplete) as e:
+        # batch 0 runs; batch 1 would end after the deadline (judged by batch 0's time)
+        sequence.generate_dataset(
+            tiny_llama.model, prompts, str(tmp_path), deadline=time.perf_counter() + 0.3, **kw
+        )
+    assert (e.value.done, e.value.total) == (1, 3) and len(calls) == 1
+    toks, mask = sequence.generate_dataset(tiny_llama.model, prompts, str(tmp_path), **kw)
+    assert toks.shape == (6, 8) and len(calls) == 3  # the finished batch was kept
+    assert not mask[:, :4].any()
