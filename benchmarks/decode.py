@@ -1,13 +1,22 @@
 """Greedy decode throughput of a Llama-3-8B-shaped model: bf16 vs packed weights (GPU).
 
-Random weights (speed only). Every decoder layer gets its own reference to ONE block's weight
-arrays: each layer still streams its 218M weights (109 MB in int4, far beyond the 50 MB L2)
-from HBM per token, while the whole model fits any card. Embeddings and lm_head stay bf16, as
-quantization rules keep them. Decode rate = B * (T2 - T1) / (t(T2) - t(T1)): two generations of
-different lengths from the same prompt cancel the prefill and launch overheads.
+Random weights (speed only) at the real shape: 32 decoder layers, each holding its own device
+copy of one randomly generated block (the host builds and packs one block, the device copies it
+32 times: ~16 GB in bf16, ~5 GB in int4), so every token streams the whole model from HBM as a
+real checkpoint would. Embeddings and lm_head stay bf16 (as quantization rules keep them).
 
-    python benchmarks/decode.py --out benchmarks/results/decode.json
-    python benchmarks/decode.py --quick          # tiny shapes, CPU smoke
+Measured per (format, batch B): one jitted greedy loop of ``--steps`` decode steps (a
+``lax.scan``; each step runs the full model on B tokens against the KV cache, starting at slot
+``--prompt`` of a cache whose first ``--prompt`` slots are marked valid: their content does not
+change the work), timed after a compile + warm-up call; tokens/s = B * steps / time. One compile
+per (format, batch). ``--prefill-tokens P`` also times a P-token prefill per row (M = B * P rows
+through every linear: the dequantize-then-cuBLAS path once M >= ``--prefill-min-m``).
+(format, batch) cells that would start after ``--budget-s`` are skipped; the table and JSON are
+always written.
+
+    python benchmarks/decode.py --out benchmarks/results/decode.json   # H100: ~5-7 min
+    python benchmarks/decode.py --quick                  # tiny shapes, CPU smoke (reference path)
+    python benchmarks/decode.py --quick --interpret-kernels   # CPU, through the Pallas kernels
 """
 
 from __future__ import annotations
@@ -18,14 +27,17 @@ import os
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shrinkjax.kernels import layouts  # noqa: E402
-from shrinkjax.models.generate import generate  # noqa: E402
+from shrinkjax.kernels import dispatch, driver, layouts  # noqa: E402
+from shrinkjax.models.kv_cache import init_cache  # noqa: E402
 from shrinkjax.models.llama import LlamaConfig  # noqa: E402
 from shrinkjax.models.params import model_from_params  # noqa: E402
 
@@ -53,6 +65,12 @@ LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+FORMATS = ("bf16", "int4_g128", "mxfp4", "2:4_bf16")
+T0 = time.perf_counter()
+
+
+def log(*a):
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
 
 
 def linear_shapes(cfg):
@@ -68,9 +86,21 @@ def linear_shapes(cfg):
     }
 
 
+def _keep_24(rng, k, n):
+    """bool [K, N]: 2 of every 4 rows along K (one of the 6 patterns per group, at random)."""
+    pairs = np.array([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+    pat = pairs[rng.integers(0, 6, (k // 4, n))]  # [K/4, N, 2]
+    keep = np.zeros((k // 4, 4, n), bool)
+    j, c = np.meshgrid(np.arange(k // 4), np.arange(n), indexing="ij")
+    keep[j, pat[..., 0], c] = True
+    keep[j, pat[..., 1], c] = True
+    return keep.reshape(k, n)
+
+
 def make_weight(fmt, k, n, rng):
     if fmt == "bf16":
-        return jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02, jnp.bfloat16)
+        w = jax.random.normal(jax.random.PRNGKey(int(rng.integers(2**31))), (k, n), jnp.float32)
+        return (w * 0.02).astype(jnp.bfloat16)
     if fmt == "int4_g128":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         scales = (rng.random((k // 128, n), np.float32) + 0.5) * 0.003
@@ -81,105 +111,213 @@ def make_weight(fmt, k, n, rng):
         return layouts.pack_mxfp4(codes, e8m0)
     if fmt == "2:4_bf16":
         dense = rng.standard_normal((k, n), np.float32) * 0.02
-        keep = np.argsort(rng.random((k // 4, 4, n)), axis=1)[:, :2]  # 2 random rows of 4
-        mask = np.zeros((k // 4, 4, n), bool)
-        np.put_along_axis(mask, keep, True, axis=1)
-        return layouts.pack_24((dense * mask.reshape(k, n)).astype(np.float32))
-    raise ValueError(f"unknown format {fmt!r}")
+        return layouts.pack_24(np.where(_keep_24(rng, k, n), dense, 0.0).astype(np.float32))
+    raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def _copy(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
 
 
 def build_model(cfg, fmt, seed=0):
+    """The model with ``fmt`` linears; each layer owns a device copy of one random block."""
     import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register kernels with dispatch)
     import shrinkjax.kernels.int_matmul  # noqa: F401
     import shrinkjax.kernels.sparse_matmul  # noqa: F401
 
     rng = np.random.default_rng(seed)
     block = {nm: make_weight(fmt, *shape, rng) for nm, shape in linear_shapes(cfg).items()}
+    key = jax.random.PRNGKey(seed)
+    emb = jax.random.normal(key, (cfg.vocab_size, cfg.dim), jnp.float32)
     flat = {
-        "embed.embedding": jnp.asarray(
-            rng.standard_normal((cfg.vocab_size, cfg.dim), np.float32) * 0.02, jnp.bfloat16
-        ),
+        "embed.embedding": (emb * 0.02).astype(jnp.bfloat16),
         "norm.scale": np.ones(cfg.dim, np.float32),
         "lm_head.kernel": make_weight("bf16", cfg.dim, cfg.vocab_size, rng),
     }
+    del emb
     for i in range(cfg.n_layers):
         flat[f"layers.{i}.attn_norm.scale"] = np.ones(cfg.dim, np.float32)
         flat[f"layers.{i}.mlp_norm.scale"] = np.ones(cfg.dim, np.float32)
         for nm in LINEARS:
-            flat[f"layers.{i}.{nm}.kernel"] = block[nm]
-    return model_from_params(cfg, flat)
+            flat[f"layers.{i}.{nm}.kernel"] = _copy(block[nm])
+    nbytes = dict(
+        linears=cfg.n_layers * sum(_nbytes(w) for w in block.values()),
+        lm_head=_nbytes(flat["lm_head.kernel"]),
+    )
+    del block
+    return model_from_params(cfg, flat), nbytes
 
 
-def weight_bytes(model_cfg, fmt, block_bytes):
-    return block_bytes * model_cfg.n_layers + 2 * model_cfg.vocab_size * model_cfg.dim * 2
+def _nbytes(w):
+    return int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(w)))
 
 
-def decode_rate(model, batch, prompt_len, t1, t2, reps):
-    prompt = np.random.default_rng(1).integers(0, model.cfg.vocab_size, (batch, prompt_len))
-    times = {}
-    for t in (t1, t2):
-        generate(model, prompt, t)  # compile + warm up
-        best = []
-        for _ in range(reps):
-            s = time.perf_counter()
-            out = generate(model, prompt, t)
-            best.append(time.perf_counter() - s)
-        assert out.shape == (batch, t)
-        times[t] = float(np.median(best))
-    return batch * (t2 - t1) / (times[t2] - times[t1]), times
+def make_decode(graphdef, steps):
+    """jit(state, cache, tok[B]) -> last tokens after ``steps`` greedy decode steps."""
+
+    def run(state, cache, tok):
+        model = nnx.merge(graphdef, state)
+
+        def step(carry, _):
+            tok, cache = carry
+            logits, cache = model(tok[:, None], cache=cache)
+            return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), None
+
+        (tok, _), _ = jax.lax.scan(step, (tok, cache), None, length=steps)
+        return tok
+
+    return jax.jit(run)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--formats", default="bf16,int4_g128,mxfp4,2:4_bf16")
-    ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--t1", type=int, default=16)
-    ap.add_argument("--t2", type=int, default=80)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    cfg = QUICK if args.quick else LLAMA3_8B
-    if args.quick:
-        args.t1, args.t2, args.reps, args.prompt = 2, 4, 1, 8
-    rows = []
+def make_prefill(graphdef):
+    def run(state, cache, prompt):
+        model = nnx.merge(graphdef, state)
+        logits, _ = model(prompt, cache=cache)
+        return jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+
+    return jax.jit(run)
+
+
+def timed(fn, args, reps):
+    """(seconds of the first call (compile + run), median seconds of ``reps`` more)."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return first, float(np.median(ts))
+
+
+def measure(model, batch, args):
+    cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    p, steps = args.prompt, args.steps
+    cache = init_cache(cfg, batch, p + steps)
+    cache = cache.replace(valid=cache.valid.at[:, :p].set(True), index=jnp.asarray(p, jnp.int32))
+    tok = jnp.asarray(np.random.default_rng(batch).integers(0, cfg.vocab_size, batch), jnp.int32)
+    first, t = timed(make_decode(graphdef, steps), (state, cache, tok), args.reps)
+    row = dict(batch=batch, tokens_per_s=batch * steps / t, ms_per_step=1000 * t / steps)
+    row.update(compile_and_first_s=first, steps=steps, prompt=p)
+    if args.prefill_tokens:
+        cache = init_cache(cfg, batch, args.prefill_tokens)
+        prompt = jnp.asarray(
+            np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, args.prefill_tokens)),
+            jnp.int32,
+        )
+        pf_first, pf = timed(make_prefill(graphdef), (state, cache, prompt), args.reps)
+        row.update(prefill_ms=1000 * pf, prefill_tokens_per_s=batch * args.prefill_tokens / pf)
+        row["prefill_rows"] = batch * args.prefill_tokens
+        row["prefill_path"] = dispatch.choose_path("auto", row["prefill_rows"])
+    return row
+
+
+def run(cfg, args):
+    """Rows of the (format, batch) grid; cells that would start after the budget are skipped."""
+    deadline = T0 + args.budget_s
+    batches = [int(x) for x in args.batches.split(",")]
+    rows, est = [], 30.0
     for fmt in args.formats.split(","):
+        if time.perf_counter() + est > deadline:
+            log(f"[{fmt}] skipped (time budget)")
+            rows += [dict(format=fmt, batch=b, error="skipped: time budget") for b in batches]
+            continue
         t0 = time.perf_counter()
-        model = build_model(cfg, fmt)
-        print(f"[{fmt}] built in {time.perf_counter() - t0:.1f}s", flush=True)
-        for b in (int(x) for x in args.batches.split(",")):
-            tps, times = decode_rate(model, b, args.prompt, args.t1, args.t2, args.reps)
-            rows.append(
-                {
-                    "format": fmt,
-                    "batch": b,
-                    "tokens_per_s": tps,
-                    "ms_per_step": 1000 * b / tps,
-                    "times_s": times,
-                }
-            )
-            print(f"  batch {b:3d}: {tps:10.1f} tok/s  ({1000 * b / tps:.2f} ms/step)", flush=True)
+        try:
+            model, nbytes = build_model(cfg, fmt)
+        except Exception as e:
+            log(f"[{fmt}] build failed: {e!r}")
+            rows += [dict(format=fmt, batch=b, error=repr(e)[:500]) for b in batches]
+            continue
+        log(f"[{fmt}] built in {time.perf_counter() - t0:.1f}s, weights {nbytes}")
+        for b in batches:
+            if time.perf_counter() + est > deadline:
+                log(f"  batch {b}: skipped (time budget)")
+                rows.append(dict(format=fmt, batch=b, error="skipped: time budget"))
+                continue
+            t0 = time.perf_counter()
+            try:
+                row = dict(format=fmt, **measure(model, b, args))
+                step_bytes = nbytes["linears"] + nbytes["lm_head"]
+                row["weight_gbps"] = step_bytes / (row["ms_per_step"] / 1000) / 1e9
+                log(
+                    f"  batch {b:3d}: {row['tokens_per_s']:10.1f} tok/s "
+                    f"({row['ms_per_step']:.2f} ms/step, weights {row['weight_gbps']:.0f} GB/s, "
+                    f"first call {row['compile_and_first_s']:.1f}s)"
+                    + (f" prefill {row['prefill_ms']:.1f} ms" if "prefill_ms" in row else "")
+                )
+            except Exception as e:
+                row = dict(format=fmt, batch=b, error=repr(e)[:1000])
+                log(f"  batch {b}: FAILED {e!r}"[:1000])
+            rows.append(row)
+            est = max(5.0, time.perf_counter() - t0)
         del model
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["format"] == "bf16"}
+    return rows
+
+
+def print_table(rows):
+    base = {
+        r["batch"]: r["tokens_per_s"] for r in rows if r["format"] == "bf16" and "error" not in r
+    }
     print(f"\n{'format':10s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>8s} {'vs bf16':>8s}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['format']:10s} {r['batch']:5d} {'ERR':>10s}  {r['error'][:60]}")
+            continue
         rel = r["tokens_per_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         r["speedup_vs_bf16"] = rel
         print(
             f"{r['format']:10s} {r['batch']:5d} {r['tokens_per_s']:10.1f} "
             f"{r['ms_per_step']:8.2f} {rel:8.2f}"
         )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--prompt", type=int, default=64, help="cache slots already filled")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per timed call")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prefill-tokens", type=int, default=0, help="also time a prefill")
+    ap.add_argument("--prefill-min-m", type=int, default=None, help="dispatch.PREFILL_MIN_M")
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument(
+        "--interpret-kernels",
+        action="store_true",
+        help="route packed weights through the Pallas kernels off-GPU (interpret mode)",
+    )
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    cfg = QUICK if args.quick else LLAMA3_8B
+    if args.quick:
+        args.steps, args.reps, args.prompt = min(args.steps, 4), 1, min(args.prompt, 8)
+    saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend
+    if args.prefill_min_m is not None:
+        dispatch.PREFILL_MIN_M = args.prefill_min_m
+    if args.interpret_kernels:
+        driver.use_kernel_backend = lambda: True  # kernels pick interpret mode off-GPU
+    try:
+        rows = run(cfg, args)
+        prefill_min_m = dispatch.PREFILL_MIN_M
+    finally:
+        dispatch.PREFILL_MIN_M, driver.use_kernel_backend = saved
+    print_table(rows)
     result = {
         "device": jax.devices()[0].device_kind,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,
-        "decode_tokens": args.t2 - args.t1,
+        "decode_steps": args.steps,
+        "prefill_min_m": prefill_min_m,
         "decode": rows,
     }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,22 +1,47 @@
-"""Benchmark the packed-weight Pallas matmul kernels against XLA and PyTorch on one GPU.
+"""Benchmark the packed-weight Pallas kernels against XLA and PyTorch on one GPU.
 
-    python3 benchmarks/kernels.py --out kernels.json            # full grid (< 6 min on H100)
-    python3 benchmarks/kernels.py --quick --out kernels.json    # 8192x8192, M in 1/16/256/4096
-    python3 benchmarks/kernels.py --sweep --out sweep.json      # decode tile sweep (tuning aid)
+    python3 benchmarks/kernels.py --out kernels.json           # grid, --budget-s 300 (H100)
+    python3 benchmarks/kernels.py --quick --out kernels.json   # 8192x8192, M in 1/16/256/4096
+    python3 benchmarks/kernels.py --sweep --sweep-budget-s 170 --budget-s 250 --out k.json
+    python3 benchmarks/kernels.py --sweep-only --out sweep.json
 
-For every kernel (int4_g128, int8_g128, mxfp4, nvfp4, 2:4_bf16, 2:4_int4), K x N and M it
-records (microseconds): our kernel, XLA bf16 ``jnp.dot``, XLA dequantize-then-dot (the jnp
-reference), PyTorch bf16 matmul (cuBLAS) and PyTorch's own kernel where one exists
-(``torch._weight_int4pack_mm`` for int4, ``to_sparse_semi_structured`` for 2:4 bf16; null
-otherwise or on failure), plus the relative error against the reference on fresh random inputs
-(checked before timing) and the fraction of the measured copy bandwidth achieved on the bytes
-the kernel must move (packed weight + x + y).
+``--sweep`` runs the decode sweep first (``--sweep-budget-s``, default 240 s, includes building
+its problems), applies the winners in-process, then the grid (``--budget-s`` counted from the
+end of the sweep; for a plain run from startup). Results are saved after every cell and phase.
+
+Grid. For every kernel (int4_g128, int8_g128, mxfp4, nvfp4, 2:4_bf16, 2:4_int4), K x N and M
+it records (microseconds): our kernels on the default ``path="auto"`` (``us``; the fused decode
+kernel below ``dispatch.PREFILL_MIN_M`` rows, dequantize-then-cuBLAS from there) and, for
+M >= 256, both prefill paths (``fused_us``, ``dequant_dot_us``) plus the Pallas dequantize
+pass alone (``dequant_us``); XLA bf16 ``jnp.dot`` (bf16 output, f32 accumulation); XLA
+dequantize-then-dot (the jnp reference); PyTorch bf16 matmul (cuBLAS) and PyTorch's own kernel
+where one exists (``torch._weight_int4pack_mm`` for int4, ``to_sparse_semi_structured`` for
+2:4 bf16; null otherwise or on failure); the relative error against the reference on fresh
+random inputs (checked before timing) and ``bw_frac``, the fraction of the copy bandwidth
+measured in the same run achieved on the bytes the kernel must move (packed weight + x + y).
+Cells run in priority order (8192x8192 first; M = 1, 16, 4096 first) and are skipped, not
+started, once the next one would pass ``--budget-s``; the table and JSON are always written.
+
+Sweep (``--sweep``). For M in (1, 16) at K = N = 8192 and the kernels of ``--sweep-kernels``,
+``shrinkjax.kernels.autotune.search`` measures decode tile configurations (block_n, block_k,
+split_k, num_warps, num_stages, late_scale, fma) most promising axes first within
+``--sweep-budget-s`` (configs that fail to compile are recorded and skipped). The best per
+(kernel, M) is printed with its bandwidth fraction, saved in the JSON (``decode``, ``sweep``)
+and as a ``TUNED = {...}`` snippet for ``shrinkjax/kernels/tuned.py`` (``<out>.tuned.py``), and
+applied in-process so the grid that follows uses it.
 
 Timing. JAX: one jitted executable makes R back-to-back calls, each on its own weight copy
 (copies rotate so that more than 160 MB is touched between reuses: the 50 MB L2 never serves
 a weight) and its own x; wall clock of the executable / R, median over trials. PyTorch:
 ``triton.testing.do_bench`` median (it flushes L2 before each run). Copy bandwidth: a 1 GiB
 device-to-device copy, read + write bytes.
+
+JSON: ``{"device", "copy_tbps", "rows": [{"kernel", "M", "K", "N", "us", "bytes",
+"xla_bf16_us", "torch_bf16_us", "torch_us", "bw_frac", "path", "fused_us", "dequant_dot_us",
+"dequant_us", "dequant_bw_frac", "xla_dequant_us", "rel_err", "cfg", ...}], "decode": [...],
+"sweep": [...], ...}`` where ``decode`` holds, per (kernel, M <= 16) at 8192x8192, the
+default and (after a sweep) the best configuration with their times and bandwidth fractions.
+The printed table's ``x_bf16`` is the faster bf16 baseline (XLA or cuBLAS) divided by ``us``.
 """
 
 from __future__ import annotations
@@ -39,6 +64,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from shrinkjax.kernels import autotune, dispatch, driver, tuned  # noqa: E402
+from shrinkjax.kernels import dequant as DQ  # noqa: E402
 from shrinkjax.kernels import layouts as L  # noqa: E402
 from shrinkjax.kernels import reference as R  # noqa: E402
 from shrinkjax.kernels.fp4_matmul import fp4_matmul  # noqa: E402
@@ -55,10 +82,12 @@ except Exception:  # pragma: no cover
     do_bench = None
 
 KERNELS = ["int4_g128", "int8_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
-SHAPES = [(8192, 8192), (4096, 4096), (4096, 14336)]
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+SWEEP_KERNELS = ["int4_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
+SHAPES = [(8192, 8192), (4096, 14336), (4096, 4096)]  # (K, N), in priority order
+MS = [1, 16, 4096, 256, 1024, 64, 4]  # priority order (rows are sorted for output)
 QUICK_SHAPES = [(8192, 8192)]
-QUICK_MS = [1, 16, 256, 4096]
+QUICK_MS = [1, 16, 4096, 256]
+SWEEP_MS = (1, 16)
 ROTATE_BYTES = 160e6  # > 3x the H100 L2
 GROUP = 128
 T0 = time.perf_counter()
@@ -93,7 +122,8 @@ def make_problem(kind, k, n, rng):
         scales = (rng.uniform(0.5, 1.0, (k // GROUP, n)) / 2 ** (bits - 1)).astype(np.float32)
         zeros = rng.integers(0, 2**bits, (k // GROUP, n), dtype=np.uint8)
         p = L.pack_int(codes, scales, zeros, bits=bits, group=GROUP)
-        plain = dict(codes=codes, scales=np.asarray(p.scales[: k // GROUP, :n]), zeros=zeros)
+        scales_bf16 = np.asarray(p.scales[: k // GROUP, :n].astype(jnp.float32))
+        plain = dict(codes=codes, scales=scales_bf16, zeros=zeros)
     elif kind == "mxfp4":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         p = L.pack_mxfp4(codes, rng.integers(118, 124, (k // 32, n), dtype=np.uint8))
@@ -124,12 +154,53 @@ def kernel_fn(kind):
     return sparse24_matmul
 
 
+def dots_per_chunk(kind) -> int:
+    return {"int8_g128": 1, "2:4_bf16": 8, "2:4_int4": 8}.get(kind, 2)
+
+
 def n_copies(nbytes):
     return int(max(2, min(48, math.ceil(ROTATE_BYTES / max(nbytes, 1)))))
 
 
 def copies_of(tree, count):
     return [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree) for _ in range(count)]
+
+
+class Shape:
+    """The problems of one K x N: packed weights (rotating copies), bf16 weights, inputs."""
+
+    def __init__(self, k, n, kernels, seed):
+        self.k, self.n = k, n
+        rng = np.random.default_rng([seed, k, n])
+        self.probs = {}
+        for kind in kernels:
+            try:
+                p, plain = make_problem(kind, k, n, rng)
+                nbytes = L.packed_nbytes(p)
+                ws = copies_of(p, n_copies(nbytes))
+                self.probs[kind] = dict(p=p, plain=plain, ws=ws, nbytes=nbytes)
+            except Exception as e:
+                log(f"  {kind}: problem build failed: {e!r}")
+                self.probs[kind] = dict(error=repr(e))
+        wb = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32) * 0.02, jnp.bfloat16)
+        self.wbs = copies_of(wb, n_copies(k * n * 2))
+        self.key = jax.random.PRNGKey(seed + k + n)
+        self.xs = {}
+        self.wt = None
+        if torch is not None and torch.cuda.is_available():
+            self.wt = torch.randn(k, n, dtype=torch.bfloat16, device="cuda") * 0.02
+
+    def x(self, m, count):
+        """``count`` random bf16 x [m, K] (cached per m, grown on demand)."""
+        have = self.xs.get(m, [])
+        if len(have) < count:
+            self.key, sub = jax.random.split(self.key)
+            have = have + [
+                jax.random.normal(s, (m, self.k), jnp.float32).astype(jnp.bfloat16)
+                for s in jax.random.split(sub, count - len(have))
+            ]
+            self.xs[m] = have
+        return have[:count]
 
 
 # ------------------------------------------------------------------------------------------
@@ -182,9 +253,12 @@ def torch_bench(fn):
         return float(do_bench(fn, warmup=10, rep=40, quantiles=[0.5])) * 1e3
 
 
+MAX_CALLS = 48
+
+
 def n_calls(m, n_weights=1):
     """Calls per timed executable: enough to amortize, and at least one per weight copy."""
-    return min(48, max(16 if m <= 16 else (8 if m <= 256 else 2), n_weights))
+    return min(MAX_CALLS, max(16 if m <= 16 else (8 if m <= 256 else 2), n_weights))
 
 
 def rel_err(a, b):
@@ -195,7 +269,7 @@ def rel_err(a, b):
 
 def copy_bandwidth():
     res = {}
-    nbytes = 1 << 30
+    nbytes = 1 << (30 if jax.default_backend() == "gpu" else 24)
     try:
         a = jnp.zeros((nbytes,), jnp.uint8)
         f = jax.jit(lambda a: a + 1)
@@ -223,23 +297,57 @@ def copy_bandwidth():
     return res
 
 
+def compile_jobs(jobs, workers, deadline=None):
+    """jobs: {key: thunk}. Compiles in a thread pool (XLA/Triton release the GIL); jobs not
+    done by ``deadline`` are reported as TimeoutError and abandoned (never waited for)."""
+    out = {}
+    if not jobs:
+        return out
+    pool = cf.ThreadPoolExecutor(max(1, workers))
+    futs = {pool.submit(th): key for key, th in jobs.items()}
+    timeout = None if deadline is None else max(1.0, deadline - time.perf_counter())
+    done, pending = cf.wait(futs, timeout=timeout)
+    for f in done:
+        try:
+            out[futs[f]] = f.result()
+        except Exception as e:
+            out[futs[f]] = e
+    for f in pending:
+        out[futs[f]] = TimeoutError("compile did not finish within the time budget")
+    pool.shutdown(wait=False, cancel_futures=True)
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # PyTorch baselines
 # ------------------------------------------------------------------------------------------
 
 
-def torch_kernel(kind, plain, k, n):
+def torch_int4(plain):
+    """``torch._weight_int4pack_mm`` (tinygemm) for the same int4 g128 weight.
+
+    Packing (torch >= 2.5, CUDA): ``_convert_weight_to_int4pack(w, innerKTiles)`` takes a
+    contiguous uint8 ``[N, K/2]`` with the even-k code in the high nibble; the scales-and-zeros
+    tensor is bf16 ``[K/g, N, 2]`` and tinygemm computes ``(q - 8) * scale + zero``, so our
+    ``(q - zq) * s`` uses ``zero = (8 - zq) * s``."""
+    q = torch.from_numpy(np.ascontiguousarray(plain["codes"])).cuda()  # uint8 [K, N]
+    qt = q.t().contiguous()  # [N, K]
+    packed = ((qt[:, ::2] << 4) | qt[:, 1::2]).to(torch.uint8).contiguous()  # [N, K/2]
+    if not packed.is_contiguous():
+        raise RuntimeError(f"int4 input not contiguous: stride {packed.stride()}")
+    wp = torch._convert_weight_to_int4pack(packed, 8)
+    s = torch.from_numpy(np.ascontiguousarray(plain["scales"], np.float32)).cuda()
+    zq = torch.from_numpy(np.ascontiguousarray(plain["zeros"])).cuda().float()
+    sz = torch.stack([s, (8.0 - zq) * s], dim=-1).to(torch.bfloat16).contiguous()
+    return lambda x: torch._weight_int4pack_mm(x.contiguous(), wp, GROUP, sz)
+
+
+def torch_kernel(kind, plain):
     """A callable x_t -> y_t running PyTorch's own kernel for this format, or None."""
     if torch is None or not torch.cuda.is_available():
         return None
     if kind == "int4_g128":
-        q = plain["codes"].T  # [N, K]
-        qb = ((q[:, ::2] << 4) | q[:, 1::2]).astype(np.uint8)
-        wp = torch._convert_weight_to_int4pack(torch.from_numpy(np.ascontiguousarray(qb)).cuda(), 8)
-        s = plain["scales"].astype(np.float32)
-        z = (8.0 - plain["zeros"].astype(np.float32)) * s  # (q-8)*s + z == (q - zq)*s
-        sz = torch.from_numpy(np.stack([s, z], -1)).to(torch.bfloat16).cuda().contiguous()
-        return lambda x: torch._weight_int4pack_mm(x, wp, GROUP, sz)
+        return torch_int4(plain)
     if kind == "2:4_bf16":
         from torch.sparse import to_sparse_semi_structured
 
@@ -250,161 +358,163 @@ def torch_kernel(kind, plain, k, n):
 
 
 # ------------------------------------------------------------------------------------------
-# main grid
+# grid
 # ------------------------------------------------------------------------------------------
-
-
-def compile_jobs(jobs, workers):
-    """jobs: {key: thunk}. Compiles in a thread pool (XLA/Triton release the GIL)."""
-    out = {}
-    if workers <= 1:
-        for key, th in jobs.items():
-            try:
-                out[key] = th()
-            except Exception as e:
-                out[key] = e
-        return out
-    with cf.ThreadPoolExecutor(workers) as pool:
-        futs = {pool.submit(th): key for key, th in jobs.items()}
-        for f in cf.as_completed(futs):
-            key = futs[f]
-            try:
-                out[key] = f.result()
-            except Exception as e:
-                out[key] = e
-    return out
 
 
 def empty_row(kind, m, k, n):
     row = dict(kernel=kind, M=m, K=k, N=n, us=None, bytes=None, xla_bf16_us=None)
-    row.update(xla_dequant_us=None, torch_bf16_us=None, torch_us=None, bw_frac=None)
-    row.update(rel_err=None)
+    row.update(torch_bf16_us=None, torch_us=None, bw_frac=None, path=None)
+    row.update(fused_us=None, dequant_dot_us=None, dequant_us=None, xla_dequant_us=None)
+    row.update(rel_err=None, cfg=None)
     return row
 
 
-def run_shape(k, n, ms, kernels, args, copy_tbps, rows, deadline):
-    if time.perf_counter() > deadline - 30:
-        log(f"shape K={k} N={n}: skipped (time budget)")
-        for m in ms:
-            for kind in kernels:
-                rows.append(dict(empty_row(kind, m, k, n), error="skipped: time budget"))
-        return
-    rng = np.random.default_rng([args.seed, k, n])
-    log(f"shape K={k} N={n}: building problems")
-    probs = {}
-    for kind in kernels:
-        try:
-            p, plain = make_problem(kind, k, n, rng)
-            nbytes = L.packed_nbytes(p)
-            probs[kind] = dict(p=p, plain=plain, ws=copies_of(p, n_copies(nbytes)), nbytes=nbytes)
-        except Exception as e:
-            log(f"  {kind}: problem build failed: {e!r}")
-            probs[kind] = dict(error=repr(e))
-    wb = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32) * 0.02, jnp.bfloat16)
-    wbs = copies_of(wb, n_copies(k * n * 2))
-    del wb
-    key = jax.random.PRNGKey(args.seed + k + n)
-    n_w = [len(wbs)] + [len(pr["ws"]) for pr in probs.values() if "ws" in pr]
-    xs_by_m = {}
-    for m in ms:
-        key, sub = jax.random.split(key)
-        xs_by_m[m] = [
-            jax.random.normal(s, (m, k), jnp.float32).astype(jnp.bfloat16)
-            for s in jax.random.split(sub, max(n_calls(m, nw) for nw in n_w))
-        ]
+def bf16_dot(x, w):
+    return jnp.dot(x, w)  # bf16 output; XLA/cuBLAS accumulate in f32
 
-    def xs_for(m, ws):
-        return xs_by_m[m][: n_calls(m, len(ws))]
 
+def path_fn(fn, path):
+    return lambda x, w: fn(x, w, path=path)
+
+
+def dequant_only(x, p):
+    del x  # the Pallas dequantize pass alone (timed like the matmuls, one call per copy)
+    return DQ.dequantize_padded(p, interpret=driver.resolve_interpret(None))
+
+
+def dummy_x(count):
+    return [jnp.zeros((8,), jnp.float32) for _ in range(count)]
+
+
+def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
+    """Compile and time every kernel of one (shape, M) cell; appends one row per kernel."""
+    k, n = sh.k, sh.n
+    auto = dispatch.choose_path("auto", m)
+    paths = [auto] + ([p for p in ("fused", "dequant_dot") if p != auto] if m >= 256 else [])
     jobs = {}
-    bf16_dot = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    for m in ms:
-        jobs[("xla_bf16", m)] = lambda m=m: build_multi(bf16_dot, xs_for(m, wbs), wbs)
-        for kind in kernels:
-            pr = probs[kind]
-            if "error" in pr:
-                continue
-            fn = kernel_fn(kind)
-            xs = xs_for(m, pr["ws"])
-            jobs[(kind, m)] = lambda xs=xs, pr=pr, fn=fn: build_multi(fn, xs, pr["ws"])
-            jobs[(kind + "/ref", m)] = lambda xs=xs, pr=pr: build_multi(R.matmul_ref, xs, pr["ws"])
-    log(f"  compiling {len(jobs)} executables with {args.jobs} threads")
-    exes = compile_jobs(jobs, args.jobs)
+    xw = sh.x(m, n_calls(m, len(sh.wbs)))
+    jobs["xla_bf16"] = lambda: build_multi(bf16_dot, xw, sh.wbs)
+    for kind in kernels:
+        pr = sh.probs[kind]
+        if "error" in pr:
+            continue
+        xs = sh.x(m, n_calls(m, len(pr["ws"])))
+        fn = kernel_fn(kind)
+        for path in paths:
+            f = path_fn(fn, path)
+            jobs[(kind, path)] = lambda f=f, xs=xs, pr=pr: build_multi(f, xs, pr["ws"])
+        jobs[(kind, "ref")] = lambda xs=xs, pr=pr: build_multi(R.matmul_ref, xs, pr["ws"])
+        if m >= 256 and "dequant_us" not in pr:
+            ws, xd = pr["ws"], dummy_x(len(pr["ws"]))
+            jobs[(kind, "dequant")] = lambda ws=ws, xd=xd: build_multi(dequant_only, xd, ws)
+    log(f"  M={m}: compiling {len(jobs)} executables")
+    exes = compile_jobs(jobs, args.jobs, deadline)
     errs = [(key, v) for key, v in exes.items() if isinstance(v, Exception)]
-    log(f"  compiled ({len(errs)} failures)")
-    for key, v in errs[:6]:
+    for key, v in errs[:8]:
         log(f"    compile failure {key}: {v!r}"[:600])
 
-    wt = None
-    if torch is not None and torch.cuda.is_available():
-        wt = torch.randn(k, n, dtype=torch.bfloat16, device="cuda") * 0.02
-    for m in ms:
-        xla_bf16_us = torch_bf16_us = None
-        e = exes.get(("xla_bf16", m))
-        if not isinstance(e, Exception) and time.perf_counter() < deadline:
-            try:
-                xla_bf16_us, _ = time_compiled(e, xs_for(m, wbs), wbs)
-            except Exception as ex:
-                log(f"  xla_bf16 M={m}: {ex!r}")
-        x_t = None
-        if wt is not None:
-            try:
-                x_t = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-                torch_bf16_us = torch_bench(lambda x_t=x_t: x_t @ wt)
-            except Exception as ex:
-                log(f"  torch bf16 M={m}: {ex!r}")
-        for kind in kernels:
-            row = empty_row(kind, m, k, n)
-            row.update(xla_bf16_us=xla_bf16_us, torch_bf16_us=torch_bf16_us)
-            rows.append(row)
-            pr = probs[kind]
-            if "error" in pr:
-                row["error"] = pr["error"]
-                continue
-            if time.perf_counter() > deadline:
-                row["error"] = "skipped: time budget"
-                continue
-            row["bytes"] = int(pr["nbytes"] + m * k * 2 + m * n * 2)
-            p = pr["p"]
-            cfg = L.config_for(p, m)
-            row["cfg"] = [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_warps]
-            row["cfg"].append(cfg.num_stages)
-            exe, ref = exes.get((kind, m)), exes.get((kind + "/ref", m))
-            xs = xs_for(m, pr["ws"])
-            try:
-                y_ref = None
-                if not isinstance(ref, Exception):
-                    row["xla_dequant_us"], y_ref = time_compiled(ref, xs, pr["ws"])
-                else:
-                    row["ref_error"] = repr(ref)[:400]
-                if isinstance(exe, Exception):
-                    raise exe
+    xla_bf16_us = torch_bf16_us = x_t = None
+    e = exes.get("xla_bf16")
+    if e is not None and not isinstance(e, Exception):
+        try:
+            xla_bf16_us, _ = time_compiled(e, xw, sh.wbs)
+        except Exception as ex:
+            log(f"  xla_bf16 M={m}: {ex!r}")
+    if sh.wt is not None:
+        try:
+            x_t = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            torch_bf16_us = torch_bench(lambda: x_t @ sh.wt)
+        except Exception as ex:
+            log(f"  torch bf16 M={m}: {ex!r}")
+    for kind in kernels:
+        row = empty_row(kind, m, k, n)
+        row.update(xla_bf16_us=xla_bf16_us, torch_bf16_us=torch_bf16_us, path=auto)
+        rows.append(row)
+        pr = sh.probs[kind]
+        if "error" in pr:
+            row["error"] = pr["error"]
+            continue
+        p = pr["p"]
+        row["bytes"] = int(pr["nbytes"] + m * k * 2 + m * n * 2)
+        if auto == "fused":
+            c = driver.config_for(p, m)
+            row["cfg"] = [c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages]
+            row["cfg"] += [c.fma, c.late_scale]
+        xs = sh.x(m, n_calls(m, len(pr["ws"])))
+        try:
+            ref = exes.get((kind, "ref"))
+            y_ref = None
+            if ref is not None and not isinstance(ref, Exception):
+                row["xla_dequant_us"], y_ref = time_compiled(ref, xs, pr["ws"])
+            else:
+                row["ref_error"] = repr(ref)[:400]
+                y_ref = [R.matmul_ref(xs[0], pr["ws"][0])]
+            for path in paths:
+                exe = exes.get((kind, path))
+                if exe is None or isinstance(exe, Exception):
+                    row[f"{path}_error"] = repr(exe)[:600]
+                    continue
                 y = exe(xs, pr["ws"])  # correctness first, fresh random inputs
-                if y_ref is None:
-                    y_ref = [R.matmul_ref(xs[0], pr["ws"][0])]
-                row["rel_err"] = rel_err(y[0], y_ref[0])
-                row["us"], _ = time_compiled(exe, xs, pr["ws"])
-                if copy_tbps:
-                    row["bw_frac"] = row["bytes"] / (row["us"] * 1e-6) / (copy_tbps * 1e12)
-            except Exception as ex:
-                row["error"] = (repr(ex) + " | " + traceback.format_exc(limit=3))[-1500:]
+                row[f"{path}_rel_err"] = rel_err(y[0], y_ref[0])
+                row[f"{path}_us"], _ = time_compiled(exe, xs, pr["ws"])
+            row["us"] = row[f"{auto}_us"]
+            row["rel_err"] = row.get(f"{auto}_rel_err")
+            if row["us"] is None:
+                row["error"] = row.get(f"{auto}_error", "no result")
+            elif copy_tbps:
+                row["bw_frac"] = row["bytes"] / (row["us"] * 1e-6) / (copy_tbps * 1e12)
+            exe = exes.get((kind, "dequant"))
+            if exe is not None and not isinstance(exe, Exception):
+                pr["dequant_us"], _ = time_compiled(exe, dummy_x(len(pr["ws"])), pr["ws"])
+            elif exe is not None:
+                row["dequant_error"] = repr(exe)[:400]
+            row["dequant_us"] = pr.get("dequant_us")
+            if row["dequant_us"] and copy_tbps:  # packed read + bf16 [Kp, Np] write
+                moved = pr["nbytes"] + 2 * p.kp * p.np_
+                row["dequant_bw_frac"] = moved / (row["dequant_us"] * 1e-6) / (copy_tbps * 1e12)
+        except Exception as ex:
+            row["error"] = (repr(ex) + " | " + traceback.format_exc(limit=3))[-1500:]
+        try:
+            tk = torch_kernel(kind, pr["plain"]) if x_t is not None else None
+            if tk is not None:
+                yt = tk(x_t)
+                x_j = jnp.asarray(x_t.float().cpu().numpy(), jnp.bfloat16)
+                yr = R.matmul_ref(x_j, p)
+                row["torch_rel_err"] = rel_err(jnp.asarray(yt.float().cpu().numpy()), yr)
+                row["torch_us"] = torch_bench(lambda tk=tk: tk(x_t))
+        except Exception as ex:
+            row["torch_error"] = repr(ex)[:400]
+        log(
+            f"  {kind:9s} M={m:5d}: us={_f(row['us'])} ({auto}) fused={_f(row['fused_us'])} "
+            f"deq_dot={_f(row['dequant_dot_us'])} deq={_f(row['dequant_us'])} "
+            f"xla_deq={_f(row['xla_dequant_us'])} xla_bf16={_f(xla_bf16_us)} "
+            f"torch_bf16={_f(torch_bf16_us)} torch={_f(row['torch_us'])} "
+            f"bw={_f(row['bw_frac'], 2)} err={_f(row['rel_err'], 5)}"
+            + (f" ERR {row['error'][:200]}" if "error" in row else "")
+        )
+
+
+def run_grid(shapes, ms, kernels, args, copy_tbps, rows, deadline, cache, save):
+    est = 20.0  # seconds per cell until measured
+    for k, n in shapes:
+        for m in ms:
+            now = time.perf_counter()
+            if now + est > deadline or ((k, n) not in cache and now + 2 * est > deadline):
+                log(f"K={k} N={n} M={m}: skipped (time budget)")
+                for kind in kernels:
+                    rows.append(dict(empty_row(kind, m, k, n), error="skipped: time budget"))
+                continue
+            t = time.perf_counter()
             try:
-                tk = torch_kernel(kind, pr["plain"], k, n) if x_t is not None else None
-                if tk is not None:
-                    yt = tk(x_t)
-                    x_j = jnp.asarray(x_t.float().cpu().numpy(), jnp.bfloat16)
-                    yr = R.matmul_ref(x_j, p)
-                    row["torch_rel_err"] = rel_err(jnp.asarray(yt.float().cpu().numpy()), yr)
-                    row["torch_us"] = torch_bench(lambda tk=tk, x_t=x_t: tk(x_t))
+                if (k, n) not in cache:
+                    log(f"shape K={k} N={n}: building problems")
+                    cache[(k, n)] = Shape(k, n, kernels, args.seed)
+                run_cell(cache[(k, n)], m, kernels, args, copy_tbps, rows, deadline)
             except Exception as ex:
-                row["torch_error"] = repr(ex)[:400]
-            log(
-                f"  {kind:9s} M={m:5d}: us={_f(row['us'])} xla_deq={_f(row['xla_dequant_us'])} "
-                f"xla_bf16={_f(xla_bf16_us)} torch_bf16={_f(torch_bf16_us)} "
-                f"torch={_f(row['torch_us'])} bw={_f(row['bw_frac'], 2)} "
-                f"err={_f(row['rel_err'], 5)}"
-                + (f" ERR {row['error'][:200]}" if "error" in row else "")
-            )
+                log(f"cell K={k} N={n} M={m} failed: {ex!r}\n{traceback.format_exc()}")
+            est = max(5.0, time.perf_counter() - t)
+            save()  # a killed run still leaves every finished cell
 
 
 def _f(v, nd=1):
@@ -413,113 +523,197 @@ def _f(v, nd=1):
 
 def print_table(rows):
     hdr = (
-        f"{'kernel':10s} {'M':>5s} {'K':>5s} {'N':>6s} {'us':>8s} {'xla_bf16':>8s} "
-        f"{'xla_deq':>8s} {'trch_bf16':>9s} {'torch':>8s} {'bw_frac':>7s} {'vs_cuBLAS':>9s} "
-        f"{'rel_err':>8s}"
+        f"{'kernel':10s} {'M':>5s} {'K':>5s} {'N':>6s} {'us':>8s} {'fused':>8s} "
+        f"{'deq_dot':>8s} {'deq':>6s} {'xla_bf16':>8s} {'xla_deq':>8s} {'trch_bf16':>9s} "
+        f"{'torch':>8s} {'bw_frac':>7s} {'x_bf16':>9s} {'rel_err':>8s}"
     )
     print("\n" + hdr)
     print("-" * len(hdr))
     for r in rows:
-        sp = r["torch_bf16_us"] / r["us"] if r.get("us") and r.get("torch_bf16_us") else None
+        base = [v for v in (r.get("xla_bf16_us"), r.get("torch_bf16_us")) if v]
+        sp = min(base) / r["us"] if r.get("us") and base else None
         print(
             f"{r['kernel']:10s} {r['M']:5d} {r['K']:5d} {r['N']:6d} {_f(r['us']):>8s} "
-            f"{_f(r['xla_bf16_us']):>8s} {_f(r['xla_dequant_us']):>8s} "
-            f"{_f(r['torch_bf16_us']):>9s} {_f(r['torch_us']):>8s} {_f(r['bw_frac'], 2):>7s} "
-            f"{_f(sp, 2):>9s} {_f(r['rel_err'], 5):>8s}" + ("  ERR" if "error" in r else "")
+            f"{_f(r.get('fused_us')):>8s} {_f(r.get('dequant_dot_us')):>8s} "
+            f"{_f(r.get('dequant_us')):>6s} {_f(r['xla_bf16_us']):>8s} "
+            f"{_f(r.get('xla_dequant_us')):>8s} {_f(r['torch_bf16_us']):>9s} "
+            f"{_f(r['torch_us']):>8s} {_f(r['bw_frac'], 2):>7s} {_f(sp, 2):>9s} "
+            f"{_f(r.get('rel_err'), 5):>8s}" + ("  ERR" if "error" in r else "")
         )
 
 
-SWEEP_CFGS = [
-    dict(),  # heuristic default
-    dict(block_n=32),
-    dict(block_n=128),
-    dict(block_n=64, block_k=128),
-    dict(block_n=64, block_k=512),
-    dict(block_n=64, num_warps=8),
-    dict(block_n=64, num_stages=2),
-    dict(block_n=128, num_warps=8, block_k=512),
-    dict(fma=True),
-    dict(fma=True, block_n=128),
-    dict(fma=True, block_n=32),
-    dict(fma=True, block_k=512),
-]
+def sort_rows(rows, shapes, kernels):
+    order = {s: i for i, s in enumerate(shapes)}
+    kord = {kk: i for i, kk in enumerate(kernels)}
+    rows.sort(key=lambda r: (order.get((r["K"], r["N"]), 99), r["M"], kord.get(r["kernel"], 99)))
 
 
-def run_sweep(kernels, args, copy_tbps):
-    """Decode tile sweep on 8192x8192 for M in (1, 16): prints the best config per kernel."""
-    k = n = 8192
-    rng = np.random.default_rng(args.seed)
+# ------------------------------------------------------------------------------------------
+# decode sweep
+# ------------------------------------------------------------------------------------------
+
+
+def _explicit(cand):
+    """A sweep candidate with every flag explicit (the tuned table must not fill gaps)."""
+    return dict(cand, fma=bool(cand.get("fma")), late_scale=bool(cand.get("late_scale")))
+
+
+def default_cfg(p, m):
+    """The heuristic configuration (tuned table ignored) as sweep fields."""
+    saved = dict(tuned.TUNED)
+    tuned.TUNED.clear()
+    try:
+        c = driver.config_for(p, m)
+    finally:
+        tuned.TUNED.update(saved)
+    return dict(
+        block_n=c.block_n,
+        block_k=c.block_k,
+        split_k=c.split_k,
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+    )
+
+
+def sweep_pair(kind, m, pr, sh, args, copy_tbps, deadline):
+    p = pr["p"]
+    fn = kernel_fn(kind)
+    k, n = sh.k, sh.n
+    ws = pr["ws"]
+    xs = sh.x(m, min(MAX_CALLS, max(4, len(ws))))
+    ref = R.matmul_ref(xs[0], ws[0])
+    nbytes = pr["nbytes"] + m * k * 2 + m * n * 2
+
+    def normalize(cand):
+        return driver.config_for(p, m, **_explicit(cand))
+
+    def evaluate(cands):
+        jobs = {}
+        for i, c in enumerate(cands):
+            kw = _explicit(c)
+            f = lambda x, w, kw=kw: fn(x, w, **kw)
+            jobs[i] = lambda f=f: build_multi(f, xs, ws)
+        exes = compile_jobs(jobs, args.jobs, deadline + 20)
+        out = []
+        for i in range(len(cands)):
+            exe = exes.get(i)
+            if isinstance(exe, Exception):
+                out.append(exe)
+                continue
+            try:
+                us, y = time_compiled(exe, xs, ws, budget_s=0.05)
+                err = rel_err(y[0], ref)
+                out.append(us if err < 1e-2 else ValueError(f"wrong result: rel_err {err:.3g}"))
+            except Exception as ex:
+                out.append(ex)
+        return out
+
+    default = default_cfg(p, m)
+    chunk = p.chunk
+    best, records = autotune.search(
+        evaluate,
+        normalize,
+        default=default,
+        chunk=chunk,
+        dots_per_chunk=dots_per_chunk(kind),
+        m=m,
+        weight_bytes_per_elem=pr["nbytes"] / (p.kp * p.np_),
+        deadline=deadline,
+        late_scale_ok=kind in ("int4_g128", "mxfp4", "nvfp4"),
+        log=log if args.verbose else None,
+    )
+    for r in records:
+        r.update(kernel=kind, M=m)
+        if "us" in r and copy_tbps:
+            r["bw_frac"] = nbytes / (r["us"] * 1e-6) / (copy_tbps * 1e12)
+    d_rec = next((r for r in records if r["cfg"] == default and "us" in r), None)
+    summary = dict(kernel=kind, M=m, K=k, N=n, bytes=int(nbytes), default_cfg=default)
+    summary.update(default_us=d_rec and d_rec["us"], default_bw_frac=d_rec and d_rec["bw_frac"])
+    summary["n_measured"] = sum("us" in r for r in records)
+    summary["n_failed"] = sum(
+        "error" in r and not r["error"].startswith(("skipped", "invalid")) for r in records
+    )
+    if best:
+        summary.update(us=best["us"], cfg={kk: v for kk, v in best.items() if kk != "us"})
+        if copy_tbps:
+            summary["bw_frac"] = nbytes / (best["us"] * 1e-6) / (copy_tbps * 1e12)
+    return summary, records
+
+
+def run_sweep(kinds, args, copy_tbps, cache, result, save):
+    k, n = args.sweep_shape
+    deadline_all = time.perf_counter() + args.sweep_budget_s
+    if (k, n) not in cache:
+        log(f"sweep: building problems K={k} N={n}")
+        cache[(k, n)] = Shape(k, n, sorted(set(kinds) | set(args.grid_kernels)), args.seed)
+    sh = cache[(k, n)]
+    pairs = [(kind, m) for kind in kinds for m in SWEEP_MS if "error" not in sh.probs[kind]]
+    best_table = {}
+    for i, (kind, m) in enumerate(pairs):
+        left = deadline_all - time.perf_counter()
+        if left < 1:
+            log(f"sweep {kind} M={m}: skipped (sweep budget)")
+            continue
+        deadline = time.perf_counter() + left / (len(pairs) - i)
+        log(f"sweep {kind} M={m}: {deadline - time.perf_counter():.0f} s")
+        try:
+            summary, records = sweep_pair(kind, m, sh.probs[kind], sh, args, copy_tbps, deadline)
+        except Exception as ex:
+            log(f"sweep {kind} M={m} failed: {ex!r}\n{traceback.format_exc()}")
+            continue
+        result["sweep"] += records
+        result["decode"].append(summary)
+        if summary.get("cfg"):
+            best_table[(kind, m)] = summary["cfg"]
+            log(
+                f"BEST {kind} M={m}: {summary['cfg']} {summary['us']:.1f} us "
+                f"bw={_f(summary.get('bw_frac'), 2)} (default {_f(summary['default_us'])} us, "
+                f"bw={_f(summary['default_bw_frac'], 2)}; {summary['n_measured']} measured, "
+                f"{summary['n_failed']} failed)"
+            )
+        save()
+    snippet = autotune.format_table(best_table, device=result["device"], note=f" (K=N={k})")
+    result["tuned_snippet"] = snippet
+    print("\n" + snippet + "\n", flush=True)
+    with open(os.path.splitext(args.out)[0] + ".tuned.py", "w") as f:
+        f.write(snippet + "\n")
+    tuned.TUNED.update(best_table)  # the grid below runs with the winners
+
+
+def decode_from_rows(rows):
+    """``decode`` entries from the grid (when no sweep ran): M <= 16 at the tuned shape."""
     out = []
-    for kind in kernels:
-        p, _ = make_problem(kind, k, n, rng)
-        nbytes = L.packed_nbytes(p)
-        ws = copies_of(p, n_copies(nbytes))
-        for m in (1, 16):
-            key = jax.random.PRNGKey(m)
-            xs = [
-                jax.random.normal(s, (m, k), jnp.float32).astype(jnp.bfloat16)
-                for s in jax.random.split(key, n_calls(m, len(ws)))
-            ]
-            ref = R.matmul_ref(xs[0], ws[0])
-            fn = kernel_fn(kind)
-            jobs = {}
-            for i, c in enumerate(SWEEP_CFGS):
-                if c.get("fma") and m > 8:
-                    continue
-                splits = (None, "x2") if len(c) <= 1 else (None,)
-                for split in splits:
-                    cc = dict(c)
-                    try:
-                        if split:
-                            cc["split_k"] = L.config_for(p, m, **cc).split_k * 2
-                        L.config_for(p, m, **cc)  # validates
-                    except Exception:
-                        continue
-                    f = lambda x, w, cc=cc: fn(x, w, **cc)
-                    jobs[(i, split)] = lambda f=f: build_multi(f, xs, ws)
-            exes = compile_jobs(jobs, args.jobs)
-            best = None
-            for key2, exe in exes.items():
-                cfg = dict(SWEEP_CFGS[key2[0]], split=key2[1])
-                rec = dict(kernel=kind, M=m, cfg=cfg)
-                if isinstance(exe, Exception):
-                    rec["error"] = repr(exe)[:300]
-                else:
-                    try:
-                        us, y = time_compiled(exe, xs, ws)
-                        rec.update(us=us, rel_err=rel_err(y[0], ref))
-                        rec["bw_frac"] = (
-                            (nbytes + m * k * 2 + m * n * 2) / (us * 1e-6) / (copy_tbps * 1e12)
-                        )
-                        if best is None or us < best["us"]:
-                            best = rec
-                    except Exception as ex:
-                        rec["error"] = repr(ex)[:300]
-                out.append(rec)
-                log(f"  sweep {kind} M={m} {cfg}: {_f(rec.get('us'))} us {rec.get('error', '')}")
-            if best:
-                log(
-                    f"BEST {kind} M={m}: {best['cfg']} {best['us']:.1f} us bw={best['bw_frac']:.2f}"
-                )
+    for r in rows:
+        if r["M"] <= 16 and (r["K"], r["N"]) == tuned.TUNED_SHAPE and r.get("us"):
+            out.append({kk: r.get(kk) for kk in ("kernel", "M", "K", "N", "us", "bw_frac", "cfg")})
     return out
 
 
-def main():
+def main(argv=None):
+    global MAX_CALLS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="kernels_bench.json")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="decode tile sweep instead of the grid")
+    ap.add_argument("--sweep", action="store_true", help="decode tile sweep, then the grid")
+    ap.add_argument("--sweep-only", action="store_true", help="decode tile sweep only")
+    ap.add_argument("--sweep-budget-s", type=float, default=240.0, help="sweep wall time")
+    ap.add_argument("--sweep-kernels", default=",".join(SWEEP_KERNELS))
+    ap.add_argument("--sweep-shape", default="x".join(map(str, tuned.TUNED_SHAPE)), help="K x N")
     ap.add_argument("--kernels", default=",".join(KERNELS))
     ap.add_argument("--ms", default=None, help="comma-separated M values")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,4096x14336 (K x N)")
     ap.add_argument("--jobs", type=int, default=8, help="parallel compile threads")
-    ap.add_argument("--budget-s", type=float, default=330.0, help="stop timing after this")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="grid wall time (and startup)")
     ap.add_argument("--seed", type=int, default=None, help="default: fresh random each run")
-    args = ap.parse_args()
+    ap.add_argument("--verbose", action="store_true", help="log every sweep measurement")
+    ap.add_argument("--max-calls", type=int, default=48, help="calls per timed executable")
+    args = ap.parse_args(argv)
+    MAX_CALLS = args.max_calls
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(3), "little")
-
-    kernels = [k for k in args.kernels.split(",") if k]
+    args.sweep_shape = tuple(int(v) for v in args.sweep_shape.split("x"))
+    args.grid_kernels = [k for k in args.kernels.split(",") if k]
+    kernels = args.grid_kernels
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (QUICK_MS if args.quick else MS)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -533,31 +727,50 @@ def main():
         backend=jax.default_backend(),
         num_sms=getattr(dev, "core_count", None),
         seed=args.seed,
+        prefill_min_m=dispatch.PREFILL_MIN_M,
     )
     log("device", info)
     bw = copy_bandwidth()
     log("copy bandwidth", bw)
-    result = dict(info, **bw, rows=[])
-    deadline = T0 + args.budget_s
+    result = dict(info, **bw, rows=[], decode=[], sweep=[])
+    cache = {}
 
     def save():
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(result, f, indent=1, default=str)
 
-    if args.sweep:
-        result["sweep"] = run_sweep(kernels, args, bw.get("copy_tbps") or 3.0)
-        save()
-        return
-    for k, n in shapes:
-        try:
-            run_shape(k, n, ms, kernels, args, bw.get("copy_tbps"), result["rows"], deadline)
-        except Exception as ex:
-            log(f"shape {k}x{n} failed: {ex!r}\n{traceback.format_exc()}")
-        save()
-    print_table(result["rows"])
+    try:
+        if args.sweep or args.sweep_only:
+            kinds = [k for k in args.sweep_kernels.split(",") if k]
+            run_sweep(kinds, args, bw.get("copy_tbps") or 3.0, cache, result, save)
+            result["tuned_applied"] = {f"{k}|{m}": v for (k, m), v in tuned.TUNED.items()}
+            save()
+        if not args.sweep_only:
+            # a plain run's budget counts from startup; after a sweep, from the sweep's end
+            deadline = (time.perf_counter() if args.sweep else T0) + args.budget_s
+            run_grid(
+                shapes,
+                ms,
+                kernels,
+                args,
+                bw.get("copy_tbps"),
+                result["rows"],
+                deadline,
+                cache,
+                save,
+            )
+            sort_rows(result["rows"], shapes, kernels)
+            if not result["decode"]:
+                result["decode"] = decode_from_rows(result["rows"])
+            print_table(result["rows"])
+    except Exception as ex:
+        log(f"failed: {ex!r}\n{traceback.format_exc()}")
     save()
     log(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    os._exit(0)  # do not wait for compile threads abandoned at the time budget

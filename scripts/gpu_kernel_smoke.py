@@ -1,14 +1,18 @@
 """GPU smoke test of the packed-weight Pallas kernels: PASS/FAIL per kernel and shape.
 
     python3 scripts/gpu_kernel_smoke.py            # native kernels (interpret mode on CPU)
+    python3 scripts/gpu_kernel_smoke.py --kinds int4_g128,mxfp4 --labels decode,dequant
 
-Runs each kernel once at a small ragged shape, a decode shape (M=1) and a prefill shape on
-fresh random inputs, compares with the pure-jnp reference (relative Frobenius error < 1e-2) and
-prints the exception text on failure. Exit status 1 if anything failed.
+Runs each kernel once at a small ragged shape, decode shapes (M=1: tensor cores, CUDA-core FMA,
+late scaling) and prefill shapes (M=300 fused; M=600 dequantize-then-cuBLAS, whose Pallas
+dequantize pass must also equal the reference dequantization bit for bit) on fresh random
+inputs, compares with the pure-jnp reference (relative Frobenius error < 1e-2) and prints the
+exception text on failure. Exit status 1 if anything failed.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -21,18 +25,23 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from shrinkjax.kernels import dequant, driver  # noqa: E402
 from shrinkjax.kernels import layouts as L  # noqa: E402
 from shrinkjax.kernels import reference as R  # noqa: E402
 from shrinkjax.kernels.fp4_matmul import fp4_matmul  # noqa: E402
 from shrinkjax.kernels.int_matmul import int_matmul  # noqa: E402
 from shrinkjax.kernels.sparse_matmul import sparse24_matmul  # noqa: E402
 
-SHAPES = [
-    ("small", 5, 512, 384, False),
-    ("decode", 1, 4096, 4096, False),
-    ("dec-fma", 1, 4096, 4096, True),
-    ("prefill", 300, 1024, 512, False),
+SHAPES = [  # label, M, K, N, kernel keyword arguments
+    ("small", 5, 512, 384, dict(fma=False)),
+    ("decode", 1, 4096, 4096, dict(fma=False)),
+    ("dec-fma", 1, 4096, 4096, dict(fma=True)),
+    ("dec-late", 1, 4096, 4096, dict(late_scale=True)),
+    ("dec-wide", 16, 4096, 4096, dict(block_n=256, split_k=2, num_stages=3)),
+    ("prefill", 300, 1024, 512, dict(fma=False)),
+    ("dequant", 600, 1024, 520, dict(path="dequant_dot")),
 ]
+KINDS = ["int4_g128", "int4_g32_sym", "int8_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
 
 
 def keep_24(rng, k, n):
@@ -73,6 +82,11 @@ def build(kind, k, n, rng):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--labels", default=",".join(s[0] for s in SHAPES))
+    args = ap.parse_args()
+    labels = set(args.labels.split(","))
     dev = jax.devices()[0]
     print(
         f"jax {jax.__version__} backend={jax.default_backend()} device={dev.device_kind} "
@@ -80,27 +94,36 @@ def main():
         flush=True,
     )
     native = jax.default_backend() == "gpu"
-    kinds = ["int4_g128", "int4_g32_sym", "int8_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
     failures = 0
     rng = np.random.default_rng(0)
-    for kind in kinds:
-        for label, m, k, n, fma in SHAPES:
+    for kind in args.kinds.split(","):
+        for label, m, k, n, kw in SHAPES:
+            if label not in labels:
+                continue
             t = time.perf_counter()
             try:
                 fn, p = build(kind, k, n, rng)
                 x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-                cfg = L.config_for(p, m, fma=fma)
-                y = jax.block_until_ready(fn(x, p, interpret=not native, fma=fma))
+                deq_ok, cfg = True, "dequant_dot"
+                if kw.get("path") == "dequant_dot":
+                    w = dequant.dequantize(p, interpret=not native)
+                    want = R.dequantize(p)
+                    u16 = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
+                    deq_ok = bool(jnp.all(u16(w) == u16(want)))
+                else:
+                    cfg = driver.config_for(p, m, **kw)
+                y = jax.block_until_ready(fn(x, p, interpret=not native, **kw))
                 ref = R.matmul_ref(x, p)
                 a = np.asarray(y.astype(jnp.float32), np.float64)
                 b = np.asarray(ref.astype(jnp.float32), np.float64)
                 err = float(np.linalg.norm(a - b) / np.linalg.norm(b))
-                ok = err < 1e-2 and np.all(np.isfinite(a)) and y.shape == (m, n)
+                ok = err < 1e-2 and np.all(np.isfinite(a)) and y.shape == (m, n) and deq_ok
                 status = "PASS" if ok else "FAIL"
                 failures += not ok
                 print(
                     f"{status} {kind:13s} {label:8s} M={m} K={k} N={n} rel_err={err:.2e} "
-                    f"cfg={cfg} {time.perf_counter() - t:.1f}s",
+                    + ("" if deq_ok else "DEQUANT NOT BIT-EXACT ")
+                    + f"cfg={cfg} {time.perf_counter() - t:.1f}s",
                     flush=True,
                 )
             except Exception as e:

@@ -14,6 +14,9 @@ operations (no lookup table, no int->float conversion):
 
 Layouts: :class:`~shrinkjax.kernels.layouts.PackedMXFP4` (split-half nibble pairs, ``D = 32``,
 one e8m0 row per half) and :class:`~shrinkjax.kernels.layouts.PackedNVFP4` (``D = 16``).
+With ``late_scale`` the block scale multiplies the ``[bm, bn]`` dot result instead of W. The
+same chunk decoder feeds the prefill path's dequantize kernel (:mod:`shrinkjax.kernels.dequant`),
+which for NVFP4 also folds ``tensor_scale`` into the bf16 W it writes.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from shrinkjax.kernels import dispatch
-from shrinkjax.kernels import layouts as L
+from shrinkjax.kernels import dequant, dispatch
+from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedMXFP4, PackedNVFP4
 from shrinkjax.kernels.reference import mxfp4_matmul_ref, nvfp4_matmul_ref
 
@@ -39,7 +42,7 @@ def e2m1_to_bf16_scaled(nib):
 
 def e8m0_scale_row(e):
     """uint8 e8m0 [1, bn] -> bf16 ``2**(e - 127 + 14)`` (exact for e <= 240)."""
-    return L.as_bf16_bits((e.astype(jnp.uint16) + 14) << 7)
+    return D.as_bf16_bits((e.astype(jnp.uint16) + 14) << 7)
 
 
 def e4m3_scale_row(b):
@@ -51,27 +54,26 @@ def e4m3_scale_row(b):
 
 def _fp4_chunk(mac, w_refs, k, acc, *, pair, block, decode_scale):
     q_ref, s_ref = w_refs
-    b = q_ref[pl.ds(pl.multiple_of(L.idiv(k, 2), pair), pair), :]  # uint8 [D, bn]
+    b = q_ref[pl.ds(pl.multiple_of(D.idiv(k, 2), pair), pair), :].astype(jnp.uint16)  # [D, bn]
     for h, nib in enumerate((b & 0xF, b >> 4)):
         kh = k + h * pair
-        s = decode_scale(s_ref[pl.ds(L.idiv(kh, block), 1), :])  # bf16 [1, bn]
-        w = e2m1_to_bf16_scaled(nib) * s
-        acc = mac(acc, (), pl.multiple_of(kh, pair), pair, w)
+        s = decode_scale(s_ref[pl.ds(D.idiv(kh, block), 1), :])  # bf16 [1, bn]
+        acc = mac(acc, (), pl.multiple_of(kh, pair), pair, e2m1_to_bf16_scaled(nib), s)
     return acc
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _fp4_matmul_2d(x2, p, cfg: L.TileConfig, interpret: bool):
+def _chunk_fn(p):
     nv = isinstance(p, PackedNVFP4)
-    fn = functools.partial(
-        _fp4_chunk,
-        pair=p.pair,
-        block=p.block,
-        decode_scale=e4m3_scale_row if nv else e8m0_scale_row,
-    )
-    out = L.run_tiled_matmul(
-        fn,
-        L.prepare_x(x2, p.kp, cfg.block_m),
+    decode_scale = e4m3_scale_row if nv else e8m0_scale_row
+    return functools.partial(_fp4_chunk, pair=p.pair, block=p.block, decode_scale=decode_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _fp4_matmul_2d(x2, p, cfg: D.TileConfig, interpret: bool):
+    nv = isinstance(p, PackedNVFP4)
+    out = D.run_tiled_matmul(
+        _chunk_fn(p),
+        D.prepare_x(x2, p.kp, cfg.block_m),
         [p.codes, p.scales],
         m=x2.shape[0],
         kp=p.kp,
@@ -81,8 +83,21 @@ def _fp4_matmul_2d(x2, p, cfg: L.TileConfig, interpret: bool):
         interpret=interpret,
         name="nvfp4_matmul" if nv else "mxfp4_matmul",
         width=p.pair,
+        out_dtype=jnp.float32 if nv else x2.dtype,  # NVFP4: tensor scale on the f32 result
     )
-    return L.finish(out, p.n, x2.dtype, scale=p.tensor_scale if nv else None)
+    return D.finish(out, p.n, x2.dtype, scale=p.tensor_scale if nv else None)
+
+
+@dequant.register(PackedMXFP4)
+def _mxfp4_decoder(p: PackedMXFP4) -> dequant.Decoder:
+    return dequant.Decoder(_chunk_fn(p), [p.codes, p.scales], "mxfp4_dequant")
+
+
+@dequant.register(PackedNVFP4)
+def _nvfp4_decoder(p: PackedNVFP4) -> dequant.Decoder:
+    return dequant.Decoder(
+        _chunk_fn(p), [p.codes, p.scales], "nvfp4_dequant", tensor_scale=p.tensor_scale
+    )
 
 
 def fp4_matmul(
@@ -90,6 +105,7 @@ def fp4_matmul(
     packed: PackedMXFP4 | PackedNVFP4,
     *,
     interpret=None,
+    path="auto",
     block_m=None,
     block_n=None,
     block_k=None,
@@ -97,16 +113,18 @@ def fp4_matmul(
     num_warps=None,
     num_stages=None,
     fma=None,
+    late_scale=None,
 ):
     """``x[..., K] @ W[K, N]`` for an MXFP4 or NVFP4 packed weight (see :func:`int_matmul`
     in :mod:`shrinkjax.kernels.int_matmul` for the shared keyword arguments)."""
     if not isinstance(packed, PackedMXFP4 | PackedNVFP4):
         raise TypeError(f"expected PackedMXFP4 or PackedNVFP4, got {type(packed).__name__}")
-    return L.run_packed(
+    return D.run_packed(
         _fp4_matmul_2d,
         x,
         packed,
         interpret,
+        path=path,
         block_m=block_m,
         block_n=block_n,
         block_k=block_k,
@@ -114,6 +132,7 @@ def fp4_matmul(
         num_warps=num_warps,
         num_stages=num_stages,
         fma=fma,
+        late_scale=late_scale,
     )
 
 
@@ -131,12 +150,12 @@ def nvfp4_matmul(x, packed: PackedNVFP4, **kw):
     return fp4_matmul(x, packed, **kw)
 
 
-def _linear_fp4(x, w, ref):
-    if L.use_kernel_backend():
-        return fp4_matmul(x, w)
-    x2, lead = L.flatten_x(x, w.k)
+def _linear_fp4(x, w, ref, path="auto"):
+    if D.use_kernel_backend():
+        return fp4_matmul(x, w, path=path)
+    x2, lead = D.flatten_x(x, w.k)
     return ref(x2, w).reshape(*lead, w.n)
 
 
-dispatch.register(PackedMXFP4)(lambda x, w: _linear_fp4(x, w, mxfp4_matmul_ref))
-dispatch.register(PackedNVFP4)(lambda x, w: _linear_fp4(x, w, nvfp4_matmul_ref))
+dispatch.register(PackedMXFP4)(lambda x, w, **kw: _linear_fp4(x, w, mxfp4_matmul_ref, **kw))
+dispatch.register(PackedNVFP4)(lambda x, w, **kw: _linear_fp4(x, w, nvfp4_matmul_ref, **kw))

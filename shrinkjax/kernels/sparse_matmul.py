@@ -11,7 +11,9 @@ The activations are re-ordered once by XLA as ``x4[p, m, j] = x[m, 4j + p]``. Fo
 ``i0, i1`` and, for each in-group position ``p``, builds the dense rows ``4j + p`` as
 ``where(i0 == p, v0, where(i1 == p, v1, 0))`` and dots them with ``x4[p, :, groups]``: no
 scatter, gather or reshape inside the kernel. Hopper's sparse tensor cores are not used (the
-Triton lowering has no sparse MMA); the gain is the halved weight stream.
+Triton lowering has no sparse MMA); the gain is the halved weight stream. The same chunk decoder
+feeds the prefill path's dequantize kernel (:mod:`shrinkjax.kernels.dequant`), which stores
+each position's rows ``4j + p`` of the dense bf16 W (a ``[Kp/4, 4, Np]`` view of ``[Kp, Np]``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from shrinkjax.kernels import dispatch
-from shrinkjax.kernels import layouts as L
+from shrinkjax.kernels import dequant, dispatch
+from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import Packed24
 from shrinkjax.kernels.reference import sparse24_matmul_ref
 
@@ -32,19 +34,19 @@ _BF16_MAGIC = 0x4300  # bits of 128.0
 
 
 def _dequant_int4(nib, s, zoff):
-    w = L.as_bf16_bits(nib.astype(jnp.uint16) | _BF16_MAGIC)
+    w = D.as_bf16_bits(nib.astype(jnp.uint16) | _BF16_MAGIC)
     return (w - zoff) * s
 
 
 def _sparse_chunk(mac, w_refs, k, acc, *, pair, is_int4, group, has_zeros):
     v_ref, m_ref = w_refs[0], w_refs[1]
-    g0 = pl.multiple_of(L.idiv(k, 4), 2 * pair)  # first group of this chunk
-    mb = m_ref[pl.ds(pl.multiple_of(L.idiv(k, 8), pair), pair), :]  # uint8 [Dg, bn]
+    g0 = pl.multiple_of(D.idiv(k, 4), 2 * pair)  # first group of this chunk
+    mb = m_ref[pl.ds(pl.multiple_of(D.idiv(k, 8), pair), pair), :]  # uint8 [Dg, bn]
     for h, nib in enumerate((mb & 0xF, mb >> 4)):
         gh = pl.multiple_of(g0 + h * pair, pair)
         if is_int4:
             c = v_ref[pl.ds(gh, pair), :]  # uint8 [Dg, bn]: slot0 | slot1 << 4
-            srow = L.idiv(k + h * 4 * pair, group)
+            srow = D.idiv(k + h * 4 * pair, group)
             s = w_refs[2][pl.ds(srow, 1), :]
             if has_zeros:
                 z = w_refs[3][pl.ds(srow, 1), :]
@@ -64,25 +66,32 @@ def _sparse_chunk(mac, w_refs, k, acc, *, pair, is_int4, group, has_zeros):
     return acc
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _sparse24_matmul_2d(x2, p: Packed24, cfg: L.TileConfig, interpret: bool):
-    m = x2.shape[0]
+def _chunk_fn(p: Packed24):
     has_zeros = p.zeros is not None
-    xp = L.prepare_x(x2, p.kp, cfg.block_m)  # [Mp, Kp]
-    mp = xp.shape[0]
-    x4 = xp.reshape(mp, p.kp // 4, 4).transpose(2, 0, 1)  # [4, Mp, Kq]
+    return functools.partial(
+        _sparse_chunk, pair=p.pair, is_int4=p.is_int4, group=p.group, has_zeros=has_zeros
+    )
+
+
+def _weights(p: Packed24):
     ws = [p.values, p.meta]
     if p.is_int4:
         ws.append(p.scales)
-        if has_zeros:
+        if p.zeros is not None:
             ws.append(p.zeros)
-    fn = functools.partial(
-        _sparse_chunk, pair=p.pair, is_int4=p.is_int4, group=p.group, has_zeros=has_zeros
-    )
-    out = L.run_tiled_matmul(
-        fn,
+    return ws
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def _sparse24_matmul_2d(x2, p: Packed24, cfg: D.TileConfig, interpret: bool):
+    m = x2.shape[0]
+    xp = D.prepare_x(x2, p.kp, cfg.block_m)  # [Mp, Kp]
+    mp = xp.shape[0]
+    x4 = xp.reshape(mp, p.kp // 4, 4).transpose(2, 0, 1)  # [4, Mp, Kq]
+    out = D.run_tiled_matmul(
+        _chunk_fn(p),
         x4,
-        ws,
+        _weights(p),
         m=m,
         kp=p.kp,
         np_=p.np_,
@@ -91,8 +100,15 @@ def _sparse24_matmul_2d(x2, p: Packed24, cfg: L.TileConfig, interpret: bool):
         interpret=interpret,
         name="sparse24_int4_matmul" if p.is_int4 else "sparse24_bf16_matmul",
         width=p.pair,
+        out_dtype=x2.dtype,
     )
-    return L.finish(out, p.n, x2.dtype)
+    return D.finish(out, p.n, x2.dtype)
+
+
+@dequant.register(Packed24)
+def _sparse24_decoder(p: Packed24) -> dequant.Decoder:
+    name = "sparse24_int4_dequant" if p.is_int4 else "sparse24_bf16_dequant"
+    return dequant.Decoder(_chunk_fn(p), _weights(p), name, sparse24=True)
 
 
 def sparse24_matmul(
@@ -100,6 +116,7 @@ def sparse24_matmul(
     packed: Packed24,
     *,
     interpret=None,
+    path="auto",
     block_m=None,
     block_n=None,
     block_k=None,
@@ -107,19 +124,22 @@ def sparse24_matmul(
     num_warps=None,
     num_stages=None,
     fma=None,
+    late_scale=None,
 ):
     """``x[..., K] @ W[K, N]`` for a 2:4-sparse :class:`Packed24` weight (bf16 or int4 values).
 
     Same keyword arguments as :func:`shrinkjax.kernels.int_matmul.int_matmul`; ``block_k`` is
-    rounded to a multiple of the layout chunk (``8 * Dg`` rows of K).
+    rounded to a multiple of the layout chunk (``8 * Dg`` rows of K); ``late_scale`` has no
+    effect (the kept values are dequantized before the position select).
     """
     if not isinstance(packed, Packed24):
         raise TypeError(f"expected Packed24, got {type(packed).__name__}")
-    return L.run_packed(
+    return D.run_packed(
         _sparse24_matmul_2d,
         x,
         packed,
         interpret,
+        path=path,
         block_m=block_m,
         block_n=block_n,
         block_k=block_k,
@@ -127,12 +147,13 @@ def sparse24_matmul(
         num_warps=num_warps,
         num_stages=num_stages,
         fma=fma,
+        late_scale=late_scale,
     )
 
 
 @dispatch.register(Packed24)
-def _linear_24(x, w: Packed24):
-    if L.use_kernel_backend():
-        return sparse24_matmul(x, w)
-    x2, lead = L.flatten_x(x, w.k)
+def _linear_24(x, w: Packed24, path="auto"):
+    if D.use_kernel_backend():
+        return sparse24_matmul(x, w, path=path)
+    x2, lead = D.flatten_x(x, w.k)
     return sparse24_matmul_ref(x2, w).reshape(*lead, w.n)

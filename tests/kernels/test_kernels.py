@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from shrinkjax.kernels import dispatch
+from shrinkjax.kernels import dequant, dispatch, driver
 from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels.fp4_matmul import (
@@ -377,15 +377,15 @@ def test_fma_decode_path(kind):
     y = fn.get(kind, sparse24_matmul)(x, p, interpret=True, fma=True, block_n=64)
     check(y, x, w64, R.matmul_ref(x, p))
     with pytest.raises(ValueError, match="M <= 8"):
-        L.config_for(p, 9, fma=True)
+        driver.config_for(p, 9, fma=True)
 
 
 def test_default_configs_decode_and_prefill():
     """Default (auto-tuned) tiles: decode M=1 with split-K, prefill M=256 with 128x128 tiles."""
     big = 8192 * 8192 // 2
-    cfg = L.choose_config(1, 8192, 8192, 128, big)
+    cfg = driver.choose_config(1, 8192, 8192, 128, big)
     assert cfg.block_m == 16 and cfg.split_k > 1 and 8192 // cfg.block_n * cfg.split_k >= 264
-    cfg = L.choose_config(4096, 8192, 8192, 128, big)
+    cfg = driver.choose_config(4096, 8192, 8192, 128, big)
     assert (cfg.block_m, cfg.block_n, cfg.split_k) == (128, 128, 1)
     rng = np.random.default_rng(5)
     p, w64 = make_int(rng, 512, 256, 4, 128, True)
@@ -429,8 +429,18 @@ def test_jit_and_pytree():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["int4", "int8", "mxfp4", "nvfp4", "24", "24_int4"])
-@pytest.mark.parametrize("m,fma", [(1, False), (1, True), (16, False), (300, False)])
-def test_gpu_native_matches_reference(kind, m, fma):
+@pytest.mark.parametrize(
+    "m,kw",
+    [
+        (1, dict(fma=False)),
+        (1, dict(fma=True)),
+        (1, dict(late_scale=True)),
+        (16, dict(block_n=256, split_k=2)),
+        (300, dict(fma=False)),
+        (600, dict(path="dequant_dot")),
+    ],
+)
+def test_gpu_native_matches_reference(kind, m, kw):
     rng = np.random.default_rng(0)
     k, n = 1024, 768
     if kind in ("int4", "int8"):
@@ -445,5 +455,8 @@ def test_gpu_native_matches_reference(kind, m, fma):
         p, w64 = make_24_int4(rng, k, n, 128, True)
     x = rand_x(rng, m, k)
     fn = {"int4": int_matmul, "int8": int_matmul, "mxfp4": fp4_matmul, "nvfp4": fp4_matmul}
-    y = fn.get(kind, sparse24_matmul)(x, p, interpret=False, fma=fma)
+    y = fn.get(kind, sparse24_matmul)(x, p, interpret=False, **kw)
     check(y, x, w64, R.matmul_ref(x, p))
+    if kw.get("path") == "dequant_dot":  # the Pallas dequantize pass is bit-exact on GPU too
+        w = np.asarray(dequant.dequantize(p, interpret=False)).view(np.uint16)
+        np.testing.assert_array_equal(w, np.asarray(R.dequantize(p)).view(np.uint16))

@@ -1,0 +1,77 @@
+"""The kernel and decode benchmarks end to end on CPU (tiny shapes, kernels in interpret mode):
+the JSON format, both prefill paths, the sweep applying its winner, the time budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from shrinkjax.kernels import dispatch, driver, tuned
+from tests.conftest import ROOT
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernels_benchmark_grid_and_sweep(tmp_path, monkeypatch):
+    kb = _load("kernels")
+    monkeypatch.setattr(tuned, "TUNED", {})  # the sweep writes its winner here
+    out = tmp_path / "k.json"
+    args = ["--sweep", "--sweep-shape", "128x128", "--sweep-kernels", "int4_g128"]
+    args += ["--sweep-budget-s", "4", "--shapes", "128x256", "--ms", "1,600"]
+    args += ["--kernels", "int4_g128", "--max-calls", "2", "--jobs", "2", "--out", str(out)]
+    kb.main(args)
+    res = json.loads(out.read_text())
+    assert res["copy_tbps"] > 0 and res["device"]
+    rows = {r["M"]: r for r in res["rows"]}
+    for r in rows.values():
+        for key in ("kernel", "M", "K", "N", "us", "bytes", "xla_bf16_us", "torch_bf16_us"):
+            assert key in r
+        assert r["us"] > 0 and r["bw_frac"] > 0 and r["rel_err"] < 1e-2 and "error" not in r
+        assert "torch_us" in r
+    assert rows[1]["path"] == "fused" and rows[1]["dequant_dot_us"] is None
+    assert rows[600]["path"] == "dequant_dot" and rows[600]["us"] == rows[600]["dequant_dot_us"]
+    assert rows[600]["fused_us"] > 0 and rows[600]["dequant_us"] > 0
+    best = [d for d in res["decode"] if d["M"] == 1]
+    assert best and best[0]["us"] <= best[0]["default_us"] and best[0]["bw_frac"] > 0
+    assert "TUNED = {" in res["tuned_snippet"] and ("int4_g128", 1) in tuned.TUNED
+    assert (tmp_path / "k.tuned.py").exists()
+
+
+def test_kernels_benchmark_budget_skips_cells(tmp_path):
+    kb = _load("kernels")
+    out = tmp_path / "k.json"
+    kb.main(["--out", str(out), "--shapes", "128x128", "--ms", "1,16", "--budget-s", "0"])
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 2 * len(kb.KERNELS)
+    assert all(r["error"].startswith("skipped") and r["us"] is None for r in res["rows"])
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_decode_benchmark_quick(tmp_path, kernels):
+    db = _load("decode")
+    out = tmp_path / "d.json"
+    args = ["--quick", "--out", str(out), "--batches", "2"]
+    if kernels:  # packed weights through the Pallas kernels; the prefill (M = 16) dequant_dot
+        args += ["--interpret-kernels", "--formats", "int4_g128"]
+        args += ["--prefill-tokens", "8", "--prefill-min-m", "16"]
+    else:  # the reference path (what CPU dispatch does)
+        args += ["--formats", "bf16,2:4_bf16"]
+    db.main(args)
+    res = json.loads(out.read_text())
+    rows = res["decode"]
+    assert len(rows) == (1 if kernels else 2) and all("error" not in r for r in rows)
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    if kernels:
+        assert all(r["prefill_path"] == "dequant_dot" and r["prefill_ms"] > 0 for r in rows)
+    # main() leaves the dispatch/kernels globals as it found them
+    assert dispatch.PREFILL_MIN_M == 512 and not driver.use_kernel_backend()
