@@ -156,7 +156,7 @@ def format_table(best: dict[tuple[str, int], dict], *, device: str, note: str = 
     fields = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "fma", "late_scale")
     lines = [f"# measured on {device}{note} by benchmarks/kernels.py --sweep", "TUNED = {"]
     for (kind, m), cfg in sorted(best.items()):
-        kv = ", ".join(f"{f}={cfg[f]!r}" for f in fields if cfg.get(f) not in (None, False))
-        lines.append(f"    ({kind!r}, {m}): dict({kv}),")
+        kv = ", ".join(f"{f!r}: {cfg[f]!r}" for f in fields if cfg.get(f) not in (None, False))
+        lines.append(f"    ({kind!r}, {m}): {{{kv}}},")
     lines.append("}")
     return "\n".join(lines)

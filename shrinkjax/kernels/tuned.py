@@ -19,6 +19,33 @@ TUNED_SHAPE = (8192, 8192)  # (K, N) the entries were measured at
 # Filled from a sweep on the target GPU; empty = heuristics everywhere.
 TUNED: dict[tuple[str, int], dict] = {}
 
+ENV_OVERRIDE = "SHRINKJAX_TUNED"  # path of a sweep's ``<out>.tuned.py``: its entries win
+
+
+def read_snippet(path: str) -> dict:
+    """The ``TUNED = {...}`` dict of a sweep's snippet file, read as a literal (never run)."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "TUNED" for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise ValueError(f"{path}: no 'TUNED = {{...}}' assignment")
+
+
+def _apply_override() -> None:
+    import os
+
+    path = os.environ.get(ENV_OVERRIDE, "")
+    if path:
+        TUNED.update(read_snippet(path))
+
+
+_apply_override()
+
 
 def m_bucket(m: int) -> int | None:
     """1 for M = 1, 16 for 2 <= M <= 16, None above (no tuned decode config)."""

@@ -95,7 +95,7 @@ def _normalize(c):
     return tuple(sorted(c.items()))
 
 
-def test_autotune_search_finds_optimum_and_respects_budget():
+def test_autotune_search_finds_optimum_and_respects_budget(tmp_path):
     calls = []
 
     def evaluate(cands):
@@ -135,6 +135,9 @@ def test_autotune_search_finds_optimum_and_respects_budget():
     )
     ns = {}
     exec(src, ns)
-    assert ns["TUNED"] == {
-        ("int4_g128", 1): dict(block_n=256, block_k=512, split_k=2, num_warps=8, num_stages=3)
-    }
+    want = {("int4_g128", 1): dict(block_n=256, block_k=512, split_k=2, num_warps=8, num_stages=3)}
+    assert ns["TUNED"] == want
+    # ... and a literal that tuned.py reads through $SHRINKJAX_TUNED without running it
+    path = tmp_path / "k.tuned.py"
+    path.write_text(src)
+    assert tuned.read_snippet(str(path)) == want
