@@ -38,9 +38,11 @@ device-to-device copy, read + write bytes.
 
 JSON: ``{"device", "copy_tbps", "rows": [{"kernel", "M", "K", "N", "us", "bytes",
 "xla_bf16_us", "torch_bf16_us", "torch_us", "bw_frac", "path", "fused_us", "dequant_dot_us",
-"dequant_us", "dequant_bw_frac", "xla_dequant_us", "rel_err", "cfg", ...}], "decode": [...],
-"sweep": [...], ...}`` where ``decode`` holds, per (kernel, M <= 16) at 8192x8192, the
-default and (after a sweep) the best configuration with their times and bandwidth fractions.
+"dequant_us", "dequant_bw_frac", "xla_dequant_us", "rel_err", "cfg", ...}],
+"decode_tuning": [...], "sweep": [...], ...}`` where ``decode_tuning`` holds, per (kernel,
+M <= 16) at 8192x8192, the default and (after a sweep) the best configuration with their times
+and bandwidth fractions. The issue's ``"decode"`` list (greedy tokens/s of an 8B-shaped model)
+is added by ``benchmarks/decode.py --kernels-json <this file>``.
 The printed table's ``x_bf16`` is the faster bf16 baseline (XLA or cuBLAS) divided by ``us``.
 """
 
@@ -662,7 +664,7 @@ def run_sweep(kinds, args, copy_tbps, cache, result, save):
             log(f"sweep {kind} M={m} failed: {ex!r}\n{traceback.format_exc()}")
             continue
         result["sweep"] += records
-        result["decode"].append(summary)
+        result["decode_tuning"].append(summary)
         if summary.get("cfg"):
             best_table[(kind, m)] = summary["cfg"]
             log(
@@ -732,7 +734,7 @@ def main(argv=None):
     log("device", info)
     bw = copy_bandwidth()
     log("copy bandwidth", bw)
-    result = dict(info, **bw, rows=[], decode=[], sweep=[])
+    result = dict(info, **bw, rows=[], decode_tuning=[], sweep=[])
     cache = {}
 
     def save():
@@ -760,8 +762,8 @@ def main(argv=None):
                 save,
             )
             sort_rows(result["rows"], shapes, kernels)
-            if not result["decode"]:
-                result["decode"] = decode_from_rows(result["rows"])
+            if not result["decode_tuning"]:
+                result["decode_tuning"] = decode_from_rows(result["rows"])
             print_table(result["rows"])
     except Exception as ex:
         log(f"failed: {ex!r}\n{traceback.format_exc()}")

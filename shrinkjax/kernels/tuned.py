@@ -16,8 +16,36 @@ from __future__ import annotations
 
 TUNED_SHAPE = (8192, 8192)  # (K, N) the entries were measured at
 
-# Filled from a sweep on the target GPU; empty = heuristics everywhere.
-TUNED: dict[tuple[str, int], dict] = {}
+# Filled from a sweep on the target GPU (kinds/buckets without an entry: heuristics).
+# 2026-11-27, NVIDIA H100 80GB HBM3 (K=N=8192), benchmarks/kernels.py --sweep --sweep-budget-s 170
+TUNED: dict[tuple[str, int], dict] = {
+    ("2:4_bf16", 1): {"block_n": 64, "block_k": 256, "split_k": 2, "num_warps": 4, "num_stages": 4},
+    ("2:4_bf16", 16): {
+        "block_n": 64,
+        "block_k": 256,
+        "split_k": 1,
+        "num_warps": 4,
+        "num_stages": 4,
+    },
+    ("int4_g128", 1): {
+        "block_n": 64,
+        "block_k": 256,
+        "split_k": 1,
+        "num_warps": 4,
+        "num_stages": 3,
+    },
+    ("int4_g128", 16): {
+        "block_n": 64,
+        "block_k": 256,
+        "split_k": 1,
+        "num_warps": 4,
+        "num_stages": 4,
+    },
+    ("mxfp4", 1): {"block_n": 64, "block_k": 64, "split_k": 8, "num_warps": 4, "num_stages": 4},
+    ("mxfp4", 16): {"block_n": 64, "block_k": 64, "split_k": 4, "num_warps": 4, "num_stages": 4},
+    ("nvfp4", 1): {"block_n": 64, "block_k": 128, "split_k": 8, "num_warps": 4, "num_stages": 4},
+    ("nvfp4", 16): {"block_n": 64, "block_k": 128, "split_k": 4, "num_warps": 4, "num_stages": 4},
+}
 
 ENV_OVERRIDE = "SHRINKJAX_TUNED"  # path of a sweep's ``<out>.tuned.py``: its entries win
 

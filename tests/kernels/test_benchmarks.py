@@ -41,7 +41,7 @@ def test_kernels_benchmark_grid_and_sweep(tmp_path, monkeypatch):
     assert rows[1]["path"] == "fused" and rows[1]["dequant_dot_us"] is None
     assert rows[600]["path"] == "dequant_dot" and rows[600]["us"] == rows[600]["dequant_dot_us"]
     assert rows[600]["fused_us"] > 0 and rows[600]["dequant_us"] > 0
-    best = [d for d in res["decode"] if d["M"] == 1]
+    best = [d for d in res["decode_tuning"] if d["M"] == 1]
     assert best and best[0]["us"] <= best[0]["default_us"] and best[0]["bw_frac"] > 0
     assert "TUNED = {" in res["tuned_snippet"] and ("int4_g128", 1) in tuned.TUNED
     assert (tmp_path / "k.tuned.py").exists()
@@ -64,11 +64,18 @@ def test_decode_benchmark_quick(tmp_path, kernels):
     if kernels:  # packed weights through the Pallas kernels; the prefill (M = 16) dequant_dot
         args += ["--interpret-kernels", "--formats", "int4_g128"]
         args += ["--prefill-tokens", "8", "--prefill-min-m", "16"]
-    else:  # the reference path (what CPU dispatch does)
-        args += ["--formats", "bf16,2:4_bf16"]
+    else:  # the reference path (what CPU dispatch does); rows also go into a kernels.json
+        args += ["--formats", "bf16,2:4_bf16", "--kernels-json", str(tmp_path / "k.json")]
+        (tmp_path / "k.json").write_text(json.dumps({"device": "x", "rows": []}))
     db.main(args)
     res = json.loads(out.read_text())
     rows = res["decode"]
+    if not kernels:
+        k = json.loads((tmp_path / "k.json").read_text())
+        assert k["device"] == "x" and [(r["format"], r["batch"]) for r in k["decode"]] == [
+            ("bf16", 2),
+            ("2:4_bf16", 2),
+        ]
     assert len(rows) == (1 if kernels else 2) and all("error" not in r for r in rows)
     assert all(r["tokens_per_s"] > 0 for r in rows)
     if kernels:
