@@ -483,3 +483,24 @@ def test_ptq_configs_resolve(name):
                     node = node[part]
                 node[k.split(".")[-1]] = v
             formats.make(spec_from_config(c.quantize))
+
+
+def test_quantize_stage_gptq_fp8_w8a8(tiny_llama):
+    """``quantize.method=gptq`` with FP8 activations: every quantized kernel ends up a W8A8
+    kernel (GPTQ-rounded E4M3 weights, dynamic per-token E4M3 activations)."""
+    import importlib
+
+    from shrinkjax.models.params import flat_params
+    from shrinkjax.quant.stage import quantize_model
+
+    c = importlib.import_module("configs.ptq.fp8").get_config("tiny")
+    c.unlock()
+    c.quantize.method = "gptq"
+    model = nnx.clone(tiny_llama.model)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.cfg.vocab_size, size=(4, 32)).astype(np.int32)
+    res = quantize_model(model, c.quantize, tokens=tokens, progress=False)
+    kernels = {p: v for p, v in flat_params(model).items() if p.startswith("layers.")}
+    w8 = [p for p, v in kernels.items() if isinstance(v, W8A8Array)]
+    assert w8 and len(w8) == res["quantized"]
+    assert all(kernels[p].kind == "fp8_e4m3" and kernels[p].act_scale is None for p in w8)
