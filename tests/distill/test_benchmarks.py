@@ -4,7 +4,6 @@ the speed benchmark's budget."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,16 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, data_path
+from tests.conftest import data_path, load_benchmark
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_benchmark
 
 
 @pytest.fixture(scope="module")

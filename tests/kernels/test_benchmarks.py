@@ -3,23 +3,14 @@ the JSON format, both prefill paths, the sweep applying its winner, the time bud
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
 from shrinkjax.kernels import dispatch, driver, tuned
-from tests.conftest import ROOT
+from tests.conftest import load_benchmark
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_benchmark
 
 
 def test_kernels_benchmark_grid_and_sweep(tmp_path, monkeypatch):
