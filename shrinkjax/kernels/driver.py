@@ -236,8 +236,31 @@ def run_packed(kernel_2d, x, packed, interpret=None, *, path="auto", **tuning):
         y = dequant.dequant_matmul_2d(x2, packed, resolve_interpret(interpret))
     else:
         cfg = config_for(packed, x2.shape[0], **tuning)
-        y = kernel_2d(x2, packed, cfg, resolve_interpret(interpret))
+        y = _run_fitting_smem(kernel_2d, x2, packed, cfg, resolve_interpret(interpret), tuning)
     return y.reshape(*lead, packed.n)
+
+
+SMEM_ERROR = "Shared memory size limit exceeded"
+
+
+def _run_fitting_smem(kernel_2d, x2, packed, cfg, interpret, tuning):
+    """Run the fused kernel; when Triton rejects the tiles for shared memory (a large explicit
+    ``block_n``/``block_k`` with a deep pipeline), drop pipeline stages unless ``num_stages`` was
+    given, else raise a ValueError naming the configuration. (Eager calls only: under an outer
+    jit the compilation, and so this error, happens later.)"""
+    while True:
+        try:
+            return kernel_2d(x2, packed, cfg, interpret)
+        except Exception as e:  # JaxRuntimeError: RESOURCE_EXHAUSTED at compile time
+            if SMEM_ERROR not in str(e):
+                raise
+            if tuning.get("num_stages") is not None or cfg.num_stages <= 1:
+                raise ValueError(
+                    f"{type(packed).__name__} {packed.shape}: tiles {cfg} need more shared "
+                    f"memory than this GPU has; use a smaller block_n / block_k or fewer "
+                    f"num_stages ({str(e).splitlines()[0][:200]})"
+                ) from e
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
 
 
 def can_mask() -> bool:

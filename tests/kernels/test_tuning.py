@@ -141,3 +141,28 @@ def test_autotune_search_finds_optimum_and_respects_budget(tmp_path):
     path = tmp_path / "k.tuned.py"
     path.write_text(src)
     assert tuned.read_snippet(str(path)) == want
+
+
+def test_shared_memory_overflow_drops_stages_or_names_the_tiles():
+    """Triton's shared-memory rejection (seen on the H100 for block_n=256 at 4 stages): without
+    an explicit num_stages the fused kernel retries with fewer stages; with one, a ValueError
+    names the tiles."""
+    import jax.numpy as jnp
+
+    from tests.kernels.test_kernels import make_int
+
+    rng = np.random.default_rng(0)
+    p, _ = make_int(rng, 128, 64, 4, 64, True)
+    x = jnp.asarray(rng.normal(size=(2, 128)), jnp.float32)
+    seen = []
+
+    def kernel_2d(x2, packed, cfg, interpret):
+        seen.append(cfg.num_stages)
+        if cfg.num_stages > 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Shared memory size limit exceeded: requested")
+        return jnp.zeros((x2.shape[0], packed.n), jnp.float32)
+
+    y = driver.run_packed(kernel_2d, x, p, interpret=True, block_n=64, num_warps=4)
+    assert y.shape == (2, 64) and seen[-1] == 2 and seen == sorted(seen, reverse=True)
+    with pytest.raises(ValueError, match="shared memory"):
+        driver.run_packed(kernel_2d, x, p, interpret=True, block_n=64, num_stages=4)
