@@ -29,7 +29,10 @@ import numpy as np
 
 _IMPLS: dict[type, Callable] = {}
 
-PREFILL_MIN_M = 512  # M >= this: dequantize-then-cuBLAS ("dequant_dot"), else the fused kernel
+# M >= this: dequantize-then-cuBLAS ("dequant_dot"), else the fused kernel. H100, 2026-11-27
+# (benchmarks/RESULTS.md): at M = 256 dequant_dot beat the fused kernels for every format and
+# shape (int4 8192²: 97 vs 141 µs); at M <= 16 the fused kernels are 2–4× faster.
+PREFILL_MIN_M = 256
 PATHS = ("auto", "fused", "dequant_dot")
 
 

@@ -72,4 +72,4 @@ def test_decode_benchmark_quick(tmp_path, kernels):
     if kernels:
         assert all(r["prefill_path"] == "dequant_dot" and r["prefill_ms"] > 0 for r in rows)
     # main() leaves the dispatch/kernels globals as it found them
-    assert dispatch.PREFILL_MIN_M == 512 and not driver.use_kernel_backend()
+    assert dispatch.PREFILL_MIN_M == 256 and not driver.use_kernel_backend()
