@@ -220,6 +220,27 @@ def use_kernel_backend() -> bool:
     return jax.default_backend() == "gpu"
 
 
+TUNING_KEYS = (
+    "block_m",
+    "block_n",
+    "block_k",
+    "split_k",
+    "num_warps",
+    "num_stages",
+    "fma",
+    "late_scale",
+)
+
+
+def packed_linear(matmul, ref, x, w, path="auto"):
+    """The dispatch implementation of a packed layout: ``matmul`` (the public kernel entry
+    point) where the kernels compile natively, else the pure-jnp ``ref(x2, w)``."""
+    if use_kernel_backend():
+        return matmul(x, w, path=path)
+    x2, lead = flatten_x(x, w.k)
+    return ref(x2, w).reshape(*lead, w.n)
+
+
 def run_packed(kernel_2d, x, packed, interpret=None, *, path="auto", **tuning):
     """``x[..., K] @ W`` for a packed weight; every public kernel entry point goes through here.
 
@@ -227,6 +248,9 @@ def run_packed(kernel_2d, x, packed, interpret=None, *, path="auto", **tuning):
     arguments in ``tuning`` imply the fused kernel under ``path="auto"``): the fused
     ``kernel_2d(x2, packed, cfg, interpret)`` with :func:`config_for`'s tiles, or
     :func:`shrinkjax.kernels.dequant.dequant_matmul_2d`."""
+    unknown = sorted(set(tuning) - set(TUNING_KEYS))
+    if unknown:
+        raise TypeError(f"unknown tile arguments {unknown}; known: {list(TUNING_KEYS)}")
     x2, lead = flatten_x(x, packed.k)
     if path == "auto" and any(v is not None for v in tuning.values()):
         path = "fused"

@@ -106,14 +106,7 @@ def fp4_matmul(
     *,
     interpret=None,
     path="auto",
-    block_m=None,
-    block_n=None,
-    block_k=None,
-    split_k=None,
-    num_warps=None,
-    num_stages=None,
-    fma=None,
-    late_scale=None,
+    **tuning,
 ):
     """``x[..., K] @ W[K, N]`` for an MXFP4 or NVFP4 packed weight (see :func:`int_matmul`
     in :mod:`shrinkjax.kernels.int_matmul` for the shared keyword arguments)."""
@@ -125,14 +118,7 @@ def fp4_matmul(
         packed,
         interpret,
         path=path,
-        block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
-        split_k=split_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        fma=fma,
-        late_scale=late_scale,
+        **tuning,
     )
 
 
@@ -150,12 +136,9 @@ def nvfp4_matmul(x, packed: PackedNVFP4, **kw):
     return fp4_matmul(x, packed, **kw)
 
 
-def _linear_fp4(x, w, ref, path="auto"):
-    if D.use_kernel_backend():
-        return fp4_matmul(x, w, path=path)
-    x2, lead = D.flatten_x(x, w.k)
-    return ref(x2, w).reshape(*lead, w.n)
-
-
-dispatch.register(PackedMXFP4)(lambda x, w, **kw: _linear_fp4(x, w, mxfp4_matmul_ref, **kw))
-dispatch.register(PackedNVFP4)(lambda x, w, **kw: _linear_fp4(x, w, nvfp4_matmul_ref, **kw))
+dispatch.register(PackedMXFP4)(
+    lambda x, w, **kw: D.packed_linear(fp4_matmul, mxfp4_matmul_ref, x, w, **kw)
+)
+dispatch.register(PackedNVFP4)(
+    lambda x, w, **kw: D.packed_linear(fp4_matmul, nvfp4_matmul_ref, x, w, **kw)
+)

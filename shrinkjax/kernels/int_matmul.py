@@ -105,14 +105,7 @@ def int_matmul(
     *,
     interpret=None,
     path="auto",
-    block_m=None,
-    block_n=None,
-    block_k=None,
-    split_k=None,
-    num_warps=None,
-    num_stages=None,
-    fma=None,
-    late_scale=None,
+    **tuning,
 ):
     """``x[..., K] @ W[K, N]`` for a :class:`PackedInt` weight (int4/int8, grouped scales).
 
@@ -125,8 +118,9 @@ def int_matmul(
     ``"auto"`` (``M >= dispatch.PREFILL_MIN_M`` -> dequant_dot, unless a tile argument below
     is given).
 
-    Fused-kernel tiles (``None`` = :func:`shrinkjax.kernels.driver.choose_config`: the tuned
-    table for M <= 16, heuristics otherwise): ``block_m`` / ``block_n`` (powers of two >= 16),
+    ``tuning``: fused-kernel tiles (:data:`shrinkjax.kernels.driver.TUNING_KEYS`; unknown names
+    raise a TypeError; absent or ``None`` = :func:`shrinkjax.kernels.driver.choose_config`: the
+    tuned table for M <= 16, heuristics otherwise): ``block_m`` / ``block_n`` (powers of two >= 16),
     ``block_k`` (K rows per loop step, rounded to the layout chunk), ``split_k`` (K splits whose
     f32 partials XLA sums), ``num_warps``, ``num_stages`` (Triton), ``fma`` (M <= 8: CUDA-core
     GEMV accumulation instead of tensor-core dots), ``late_scale`` (scale the dot result).
@@ -137,20 +131,10 @@ def int_matmul(
         packed,
         interpret,
         path=path,
-        block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
-        split_k=split_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        fma=fma,
-        late_scale=late_scale,
+        **tuning,
     )
 
 
-@dispatch.register(PackedInt)
-def _linear_int(x, w: PackedInt, path="auto"):
-    if D.use_kernel_backend():
-        return int_matmul(x, w, path=path)
-    x2, lead = D.flatten_x(x, w.k)
-    return int_matmul_ref(x2, w).reshape(*lead, w.n)
+dispatch.register(PackedInt)(
+    lambda x, w, **kw: D.packed_linear(int_matmul, int_matmul_ref, x, w, **kw)
+)

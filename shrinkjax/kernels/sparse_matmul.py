@@ -117,14 +117,7 @@ def sparse24_matmul(
     *,
     interpret=None,
     path="auto",
-    block_m=None,
-    block_n=None,
-    block_k=None,
-    split_k=None,
-    num_warps=None,
-    num_stages=None,
-    fma=None,
-    late_scale=None,
+    **tuning,
 ):
     """``x[..., K] @ W[K, N]`` for a 2:4-sparse :class:`Packed24` weight (bf16 or int4 values).
 
@@ -140,20 +133,10 @@ def sparse24_matmul(
         packed,
         interpret,
         path=path,
-        block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
-        split_k=split_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        fma=fma,
-        late_scale=late_scale,
+        **tuning,
     )
 
 
-@dispatch.register(Packed24)
-def _linear_24(x, w: Packed24, path="auto"):
-    if D.use_kernel_backend():
-        return sparse24_matmul(x, w, path=path)
-    x2, lead = D.flatten_x(x, w.k)
-    return sparse24_matmul_ref(x2, w).reshape(*lead, w.n)
+dispatch.register(Packed24)(
+    lambda x, w, **kw: D.packed_linear(sparse24_matmul, sparse24_matmul_ref, x, w, **kw)
+)

@@ -166,3 +166,13 @@ def test_shared_memory_overflow_drops_stages_or_names_the_tiles():
     assert y.shape == (2, 64) and seen[-1] == 2 and seen == sorted(seen, reverse=True)
     with pytest.raises(ValueError, match="shared memory"):
         driver.run_packed(kernel_2d, x, p, interpret=True, block_n=64, num_stages=4)
+
+
+def test_unknown_tile_argument_is_a_clear_error():
+    import jax.numpy as jnp
+
+    from tests.kernels.test_kernels import make_int
+
+    p, _ = make_int(np.random.default_rng(1), 128, 64, 4, 64, True)
+    with pytest.raises(TypeError, match=r"unknown tile arguments \['blockn'\]"):
+        int_matmul(jnp.ones((2, 128), jnp.float32), p, interpret=True, blockn=64)
