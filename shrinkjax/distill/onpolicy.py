@@ -119,22 +119,15 @@ def run_onpolicy(
     apply_masks=None,
 ):
     """GKD: corpus windows for off-policy steps, student samples for a fraction λ."""
-    from shrinkjax.data.sources import load_text
-    from shrinkjax.data.windows import tokenize, windows
+    from shrinkjax.data.windows import windows
     from shrinkjax.distill import losses
     from shrinkjax.distill.logit import Distiller, eval_windows, loss_config
-    from shrinkjax.distill.sequence import sample_prompts
+    from shrinkjax.distill.sequence import prompt_corpus, sample_prompts
 
     tc, oc = config.train, config.distill.onpolicy
     prog = bool(config.get("progress", True))
-    seqlen = int(oc.prompt_len) + int(oc.max_new_tokens)
-    if seqlen != int(tc.seqlen):
-        raise ValueError(
-            f"on-policy KD: train.seqlen={tc.seqlen} must equal "
-            f"distill.onpolicy.prompt_len + max_new_tokens = {seqlen}"
-        )
+    ids, seqlen = prompt_corpus(config, "onpolicy", tokenizer, cache_dir)
     d = config.distill.data
-    ids = tokenize(load_text(d.source, d.path), tokenizer, cache_dir=cache_dir, progress=prog)
     toks, _ = windows(ids, seqlen, max_windows=int(d.get("max_windows", 0) or 0))
     lcfg = loss_config(config.distill, tc.chunk_tokens)
     # alpha > 0: the loss mix changes per batch (no cross entropy on the student's samples)

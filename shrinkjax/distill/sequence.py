@@ -172,6 +172,26 @@ def generate_dataset(
     return tokens, loss_mask
 
 
+def prompt_corpus(config, flavour: str, tokenizer, cache_dir: str = "") -> tuple[np.ndarray, int]:
+    """(token ids of ``distill.data``, sequence length) for the prompt-based flavours
+    (``flavour`` = ``sequence`` | ``onpolicy``), whose ``prompt_len + max_new_tokens`` must
+    equal ``train.seqlen``."""
+    from shrinkjax.data.sources import load_text
+    from shrinkjax.data.windows import tokenize
+
+    sec = config.distill[flavour]
+    seqlen = int(sec.prompt_len) + int(sec.max_new_tokens)
+    if seqlen != int(config.train.seqlen):
+        raise ValueError(
+            f"{flavour} KD: train.seqlen={config.train.seqlen} must equal "
+            f"distill.{flavour}.prompt_len + max_new_tokens = {seqlen}"
+        )
+    d = config.distill.data
+    prog = bool(config.get("progress", True))
+    ids = tokenize(load_text(d.source, d.path), tokenizer, cache_dir=cache_dir, progress=prog)
+    return ids, seqlen
+
+
 def run_sequence(
     teacher,
     student,
@@ -184,22 +204,13 @@ def run_sequence(
     apply_masks=None,
 ):
     """Generate (or reuse) the teacher dataset, then train the student on it with CE."""
-    from shrinkjax.data.sources import load_text
-    from shrinkjax.data.windows import tokenize
     from shrinkjax.distill import losses
     from shrinkjax.distill.logit import Distiller, eval_windows
     from shrinkjax.train.loop import StepBatcher
 
     tc, sc = config.train, config.distill.sequence
     prog = bool(config.get("progress", True))
-    seqlen = int(sc.prompt_len) + int(sc.max_new_tokens)
-    if seqlen != int(tc.seqlen):
-        raise ValueError(
-            f"sequence KD: train.seqlen={tc.seqlen} must equal "
-            f"distill.sequence.prompt_len + max_new_tokens = {seqlen}"
-        )
-    d = config.distill.data
-    ids = tokenize(load_text(d.source, d.path), tokenizer, cache_dir=cache_dir, progress=prog)
+    ids, seqlen = prompt_corpus(config, "sequence", tokenizer, cache_dir)
     seed = int(tc.get("seed", config.seed))
     prompts = sample_prompts(ids, int(sc.num_prompts), int(sc.prompt_len), seed)
     out_dir = sc.dataset_dir or os.path.join(workdir, "teacher_data")

@@ -165,3 +165,15 @@ def test_generate_dataset_stops_at_deadline_and_resumes(tmp_path, tiny_llama, mo
     toks, mask = sequence.generate_dataset(tiny_llama.model, prompts, str(tmp_path), **kw)
     assert toks.shape == (6, 8) and len(calls) == 3  # the finished batch was kept
     assert not mask[:, :4].any()
+
+
+@pytest.mark.parametrize("flavour", ["sequence", "onpolicy"])
+def test_prompt_flavour_seqlen_mismatch_is_a_clear_error(flavour):
+    from shrinkjax.distill.sequence import prompt_corpus
+
+    c = _config(flavour)
+    sec = c.distill[flavour]
+    with c.unlocked():
+        c.train.seqlen = int(sec.prompt_len) + int(sec.max_new_tokens) + 1
+    with pytest.raises(ValueError, match=f"distill.{flavour}.prompt_len \\+ max_new_tokens"):
+        prompt_corpus(c, flavour, None)
