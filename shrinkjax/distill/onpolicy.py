@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 
 from shrinkjax.models.generate import Sampling, generate
+from shrinkjax.models.params import nest
 from shrinkjax.train.loop import StepBatcher
-from shrinkjax.train.state import nest
 
 
 class OnPolicyBatcher:

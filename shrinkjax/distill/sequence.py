@@ -26,7 +26,8 @@ from flax import nnx
 
 from shrinkjax.io.files import write_json
 from shrinkjax.models.generate import Sampling, generate
-from shrinkjax.train.state import flat_state, nest
+from shrinkjax.models.params import nest
+from shrinkjax.train.state import flat_state
 
 
 def sampling_model(model, dtype: str | None = None, flat: dict | None = None):

@@ -19,7 +19,8 @@ def flat_params(model: nnx.Module) -> dict[str, object]:
     return {".".join(_key(k) for k in path): v.value for path, v in nnx.to_flat_state(state)}
 
 
-def _nest(flat: dict[str, object]) -> dict:
+def nest(flat: dict[str, object]) -> dict:
+    """{'layers.0.attn.q_proj.kernel': x} -> {'layers': {0: {'attn': ...}}} (NNX pure dict)."""
     out: dict = {}
     for name, value in flat.items():
         node = out
@@ -58,7 +59,7 @@ def model_from_params(cfg: LlamaConfig, flat: dict[str, object], *, source: str 
             return jax.numpy.asarray(v, dtype if v.ndim >= 2 else np.float32)
         return v
 
-    state.replace_by_pure_dict(_nest({k: cast(v) for k, v in flat.items()}))
+    state.replace_by_pure_dict(nest({k: cast(v) for k, v in flat.items()}))
     return nnx.merge(graphdef, state)
 
 

@@ -164,15 +164,18 @@ def unpack(packed, bits: int, k: int) -> jax.Array:
     return out.reshape(k, n).astype(jnp.uint8)
 
 
-def _leaf_nbytes(x) -> int:
+def leaf_nbytes(x) -> int:
     if x is None:
         return 0
+    if isinstance(x, StoredWeight):  # a compressed field (e.g. quantized N:M values)
+        return x.nbytes
     return int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
 
 
 class StoredWeight:
     """Size accounting shared by compressed ``[K, N]`` weight types: a subclass names the
-    fields it stores in ``STORED``; ``shape`` is the logical float weight's."""
+    fields it stores in ``STORED`` (arrays, or compressed weights counted by their own
+    ``nbytes``); ``shape`` is the logical float weight's."""
 
     STORED: tuple[str, ...] = ()
 
@@ -187,7 +190,7 @@ class StoredWeight:
     @property
     def nbytes(self) -> int:
         """Bytes actually stored (packed codes, scales, zero points, ...)."""
-        return sum(_leaf_nbytes(getattr(self, f)) for f in self.STORED)
+        return sum(leaf_nbytes(getattr(self, f)) for f in self.STORED)
 
     @property
     def bits_per_weight(self) -> float:

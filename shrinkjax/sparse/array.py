@@ -37,7 +37,14 @@ import jax.numpy as jnp
 
 from shrinkjax.io.checkpoint import register_weight_type
 from shrinkjax.kernels import dispatch
-from shrinkjax.quant.array import PACK_UNIT, QuantizedArray, pack, unpack
+from shrinkjax.quant.array import (
+    PACK_UNIT,
+    QuantizedArray,
+    StoredWeight,
+    leaf_nbytes,
+    pack,
+    unpack,
+)
 from shrinkjax.sparse.masks import nm_mask
 
 __all__ = ["NMSparseArray", "compress", "index_bits", "stored_nbytes"]
@@ -53,10 +60,6 @@ def index_bits(m: int, rows: int | None = None) -> int:
     raise ValueError(f"no index width for m={m} with {rows} compressed rows")
 
 
-def _leaf_nbytes(x) -> int:
-    return 0 if x is None else int(math.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-
-
 @register_weight_type
 @functools.partial(
     jax.tree_util.register_dataclass,
@@ -64,8 +67,12 @@ def _leaf_nbytes(x) -> int:
     meta_fields=["n", "m", "shape", "dtype"],
 )
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NMSparseArray:
-    """An N:M sparse ``[K, N]`` kernel (see the module docstring); a pytree of stored arrays."""
+class NMSparseArray(StoredWeight):
+    """An N:M sparse ``[K, N]`` kernel (see the module docstring); a pytree of stored arrays.
+    ``nbytes``: the values (packed codes and scales when quantized) plus the packed position
+    metadata."""
+
+    STORED = ("values", "index")
 
     values: jax.Array | QuantizedArray
     index: jax.Array
@@ -80,32 +87,12 @@ class NMSparseArray:
             raise ValueError(f"NMSparseArray: bad shape {self.shape} for {self.n}:{self.m}")
 
     @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
     def pattern(self) -> str:
         return f"{self.n}:{self.m}"
 
     @property
     def kept_rows(self) -> int:
         return self.shape[0] // self.m * self.n
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually stored: the values (packed codes and scales when quantized) plus the
-        packed position metadata."""
-        v = self.values
-        vb = v.nbytes if isinstance(v, QuantizedArray) else _leaf_nbytes(v)
-        return int(vb) + _leaf_nbytes(self.index)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / self.size
 
     def positions(self) -> jax.Array:
         """Positions (0..m-1) of the kept values, ``[K/m, n, N]`` int32."""
@@ -243,4 +230,4 @@ def _linear_reference(x_MxK, w: NMSparseArray):
 
 def stored_nbytes(tree) -> int:
     """Bytes really stored by a pytree of (possibly compressed) kernels: every leaf's buffer."""
-    return int(sum(_leaf_nbytes(x) for x in jax.tree.leaves(tree)))
+    return int(sum(leaf_nbytes(x) for x in jax.tree.leaves(tree)))

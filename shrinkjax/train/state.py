@@ -22,18 +22,7 @@ import optax
 from flax import nnx, struct
 
 from shrinkjax.models.llama import Llama
-
-
-def nest(flat: dict) -> dict:
-    """{'layers.0.attn.q_proj.kernel': x} -> {'layers': {0: {'attn': ...}}} (NNX pure dict)."""
-    out: dict = {}
-    for name, value in flat.items():
-        node = out
-        parts = [int(p) if p.isdigit() else p for p in name.split(".")]
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
+from shrinkjax.models.params import nest
 
 
 def flat_state(model: nnx.Module) -> dict:

@@ -32,8 +32,9 @@ from flax import nnx
 
 from shrinkjax.distill import losses
 from shrinkjax.models.llama import LlamaConfig, abstract_model
+from shrinkjax.models.params import nest
 from shrinkjax.parallel import mesh as meshlib
-from shrinkjax.train.state import TrainState, nest
+from shrinkjax.train.state import TrainState
 
 REMAT = ("none", "full", "dots")
 
