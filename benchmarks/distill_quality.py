@@ -79,6 +79,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from benchmarks import protocol  # noqa: E402
+
 ARMS = {
     # name: (weights of the arm's own term over (ce, fkl, rkl, jsd), has on-policy steps)
     "ce": ((1.0, 0.0, 0.0, 0.0), False),
@@ -482,7 +484,7 @@ def main(argv=None):
         md = markdown(result)
         write_text(os.path.join(a.out, "distill_quality.md"), md)
         if a.results_md:
-            update_section(a.results_md, md)
+            protocol.update_section(a.results_md, md, MD_BEGIN, MD_END)
 
     def finish(status: str):
         call["status"] = status
@@ -914,20 +916,6 @@ def markdown(r: dict) -> str:
         lines += ["", f"Targets: {r['targets']}"]
     lines.append(MD_END)
     return "\n".join(lines) + "\n"
-
-
-def update_section(path: str, md: str) -> None:
-    """Replace (or append) this benchmark's section of a RESULTS.md."""
-    from shrinkjax.io.files import write_text
-
-    old = open(path).read() if os.path.isfile(path) else "# Benchmark results\n"
-    if MD_BEGIN in old and MD_END in old:
-        head, rest = old.split(MD_BEGIN, 1)
-        tail = rest.split(MD_END, 1)[1].lstrip("\n")
-        new = head + md + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + md
-    write_text(path, new)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import protocol  # noqa: E402
+from benchmarks.protocol import data_dir, dense_copy  # noqa: E402
+
 ROWS = [
     ("magnitude", "50%"),
     ("wanda", "50%"),
@@ -65,20 +68,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--out", default=os.path.join(ROOT, "benchmarks", "results", "prune_quality.json")
     )
-    p.add_argument(
-        "--data-dir",
-        default="",
-        help="shared data dir (default: $SHRINKJAX_DATA, "
-        "../shared/data beside the checkout, or .gpu_data)",
-    )
-    p.add_argument("--calib-windows", type=int, default=None, help="default 128 (quick: 4)")
-    p.add_argument("--calib-seqlen", type=int, default=None, help="default 2048 (quick: 128)")
-    p.add_argument(
-        "--seqlen", type=int, default=None, help="eval window, default 2048 (quick: 128)"
-    )
-    p.add_argument("--eval-windows", type=int, default=None, help="default 0 = all (quick: 4)")
-    p.add_argument("--batch-size", type=int, default=None, help="eval batch, default 8 (quick: 4)")
-    p.add_argument("--calib-batch-size", type=int, default=None, help="default 8 (quick: 4)")
+    protocol.add_protocol_args(p)
     p.add_argument(
         "--rows",
         default="",
@@ -95,12 +85,6 @@ def parse_args(argv=None):
     p.add_argument("--heal-lr", type=float, default=2e-4)
     p.add_argument("--workdir", default="", help="distillation workdir (default: a new temp dir)")
     p.add_argument(
-        "--precision",
-        default="highest",
-        help="jax_default_matmul_precision "
-        "(highest = true f32 matmuls on GPU, as the foundation perplexity)",
-    )
-    p.add_argument(
         "--budget-s",
         type=float,
         default=0.0,
@@ -112,43 +96,15 @@ def parse_args(argv=None):
         help="RESULTS.md whose section to replace "
         "(default benchmarks/RESULTS.md; none with --quick)",
     )
-    p.add_argument("--quick", action="store_true", help="CPU smoke: tiny numbers")
     a = p.parse_args(argv)
-    defaults = dict(
-        calib_windows=128,
-        calib_seqlen=2048,
-        seqlen=2048,
-        eval_windows=0,
-        batch_size=8,
-        calib_batch_size=8,
-        heal_steps=200,
-        heal_batch=16,
-        heal_seqlen=2048,
+    protocol.fill_defaults(
+        a,
+        full=dict(heal_steps=200, heal_batch=16, heal_seqlen=2048),
+        quick=dict(heal_steps=2, heal_batch=2, heal_seqlen=64),
     )
-    if a.quick:
-        defaults = dict(
-            calib_windows=4,
-            calib_seqlen=128,
-            seqlen=128,
-            eval_windows=4,
-            batch_size=4,
-            calib_batch_size=4,
-            heal_steps=2,
-            heal_batch=2,
-            heal_seqlen=64,
-        )
-    for k, v in defaults.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
     if a.results_md is None and not a.quick:
         a.results_md = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     return a
-
-
-def data_dir(arg: str) -> str:
-    from shrinkjax.data.sources import shared_data_dir
-
-    return shared_data_dir(arg, ROOT)
 
 
 def selected_rows(spec: str):
@@ -161,22 +117,6 @@ def selected_rows(spec: str):
             raise ValueError(f"--rows: bad item {item!r} (method:pattern)")
         out.append((method, pattern))
     return out
-
-
-def dense_copy(model):
-    """``model`` with every compressed kernel replaced by its dense (bit-identical) weight."""
-    from shrinkjax.models.params import flat_params, model_from_params
-    from shrinkjax.quant.array import QuantizedArray
-    from shrinkjax.sparse.array import NMSparseArray
-
-    flat = {}
-    for k, v in flat_params(model).items():
-        if isinstance(v, NMSparseArray):
-            v = v.to_dense(model.cfg.jnp_dtype)
-        elif isinstance(v, QuantizedArray):
-            v = v.dequantize(model.cfg.jnp_dtype)
-        flat[k] = v
-    return model_from_params(model.cfg, flat)
 
 
 def prune_section(method: str, pattern: str, calib_batch: int):
@@ -312,18 +252,6 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_section(path: str, md: str) -> None:
-    from shrinkjax.io.files import write_text
-
-    old = open(path).read() if os.path.isfile(path) else "# Measured results\n"
-    if MD_BEGIN in old and MD_END in old:
-        head, rest = old.split(MD_BEGIN, 1)
-        new = head + md + rest.split(MD_END, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + md
-    write_text(path, new)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
@@ -445,7 +373,7 @@ def main(argv=None) -> dict:
     doc["total_seconds"] = time.perf_counter() - t_start
     write(args.out, doc)
     if args.results_md:
-        update_section(args.results_md, markdown(doc))
+        protocol.update_section(args.results_md, markdown(doc), MD_BEGIN, MD_END)
     rows = [
         {
             "method": "dense",

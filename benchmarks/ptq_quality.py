@@ -40,6 +40,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import protocol  # noqa: E402
+from benchmarks.protocol import data_dir, dense_copy  # noqa: E402
+
 # rough H100 seconds per row (quantization + evaluation, compilation included) for the budget
 ROW_SECONDS = {"gptq": 60.0, "awq": 60.0, "smoothquant": 40.0, "llm_int8": 35.0}
 QWIX_MIN_SECONDS = 120.0  # qwix's eager GPTQ compiles per slice shape: ~1 min per new shape
@@ -91,22 +94,7 @@ GPTQ_OPTIONS = {"ao": {"gptq.act_order": True}, "mse": {"gptq.mse_grid": 100}}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "ptq_quality.json"))
-    p.add_argument(
-        "--data-dir",
-        default="",
-        help="shared data dir (default: $SHRINKJAX_DATA, "
-        "../shared/data beside the checkout, or .gpu_data)",
-    )
-    p.add_argument("--calib-windows", type=int, default=None, help="default 128 (quick: 4)")
-    p.add_argument("--calib-seqlen", type=int, default=None, help="default 2048 (quick: 128)")
-    p.add_argument(
-        "--seqlen", type=int, default=None, help="evaluation window, default 2048 (quick: 256)"
-    )
-    p.add_argument(
-        "--eval-windows", type=int, default=None, help="default 0 = every window (quick: 4)"
-    )
-    p.add_argument("--batch-size", type=int, default=None, help="default 8 (quick: 4)")
-    p.add_argument("--calib-batch-size", type=int, default=None, help="default 8 (quick: 4)")
+    protocol.add_protocol_args(p)
     p.add_argument(
         "--rows",
         default="",
@@ -120,12 +108,6 @@ def parse_args(argv=None):
         "(0 = no budget)",
     )
     p.add_argument("--eval-packed", action="store_true")
-    p.add_argument(
-        "--precision",
-        default="highest",
-        help="jax_default_matmul_precision (highest = true f32 on GPUs, no TF32; as the "
-        "foundation perplexity)",
-    )
     p.add_argument("--qwix", action="store_true", help="also run qwix's GPTQ solver on real layers")
     p.add_argument("--qwix-budget-s", type=float, default=150.0)
     p.add_argument(
@@ -147,36 +129,10 @@ def parse_args(argv=None):
         help="after the table, time GPTQ W4 g128 once more in the same process (compiled "
         "steady state) and record it as a timing row",
     )
-    p.add_argument("--quick", action="store_true", help="CPU smoke: tiny numbers")
     a = p.parse_args(argv)
-    defaults = dict(
-        calib_windows=128,
-        calib_seqlen=2048,
-        seqlen=2048,
-        eval_windows=0,
-        batch_size=8,
-        calib_batch_size=8,
-    )
     if a.quick:
-        defaults = dict(
-            calib_windows=4,
-            calib_seqlen=128,
-            seqlen=256,
-            eval_windows=4,
-            batch_size=4,
-            calib_batch_size=4,
-        )
         a.budget_s = 0.0
-    for k, v in defaults.items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    return a
-
-
-def data_dir(arg: str) -> str:
-    from shrinkjax.data.sources import shared_data_dir
-
-    return shared_data_dir(arg, ROOT)
+    return protocol.fill_defaults(a, quick=dict(seqlen=256))
 
 
 def selected_rows(spec: str):
@@ -205,21 +161,6 @@ def selected_rows(spec: str):
         default = {"symmetric": not fmt.startswith("int"), **extra}
         out += hits or [(method, fmt, group or 0, default)]
     return out
-
-
-def dense_copy(model):
-    """The model with every QuantizedArray replaced by its dequantized weight (dense)."""
-    from flax import nnx
-
-    from shrinkjax.models.params import flat_params
-    from shrinkjax.quant.array import QuantizedArray
-    from shrinkjax.quant.methods import set_param
-
-    m = nnx.clone(model)
-    for path, v in flat_params(m).items():
-        if isinstance(v, QuantizedArray):
-            set_param(m, path, v.dequantize(m.cfg.jnp_dtype))
-    return m
 
 
 def quantize_cfg(method, fmt, group, extra, calib_batch):
