@@ -7,10 +7,19 @@ for the same number of training tokens (``--tokens``):
 * ``ce``        hard-label cross entropy on the data only (no teacher signal)
 * ``fkl``       α · CE + (1 − α) · forward KL(p_T ‖ p_S) at the loss temperature ``--tau``
 * ``rkl``       α · CE + (1 − α) · reverse KL(p_S ‖ p_T)
-* ``gkd``       on-policy GKD: λ = 0.5 of the steps on the student's own samples (a 384-token
-                data prompt continued by 128 sampled tokens; only those are scored), JSD(β = 0.5)
-                on every step; α · CE + (1 − α) · JSD on data steps, (1 − α) · JSD on
-                on-policy steps (the student's samples are not labels: CE weight 0 there)
+* ``gkd``       on-policy GKD: λ = 0.5 of the steps on the student's own samples, JSD(β = 0.5)
+                on every step, α · CE + (1 − α) · JSD; cross entropy never on the student's
+                samples (they are not labels: the batch's ``ce_mask`` leaves them out). By
+                default (``--gkd_prompts batch --gkd_score_prompt``) an on-policy step keeps
+                the first 384 tokens of the same data batch the other arms train on that step
+                and the student continues them with 128 sampled tokens; the data part is
+                scored as in an off-policy step (CE + JSD), the sampled part with JSD only, so
+                every arm scores the same number of positions. ``--gkd_prompts corpus
+                --no_gkd_score_prompt`` is the earlier protocol: fresh 384-token validation
+                prompts, context only (only the 128 sampled tokens scored).
+                ``--jsd_normalize`` (default on) divides JSD(β) by β(1 − β) = 1/4: near
+                p_S = p_T it then has a KL's curvature, so the α blend weighs it like the
+                fkl/rkl arms' divergences (unnormalised it carries a quarter of their gradient)
 
 ``--alpha`` (default 0.5) blends the divergence with hard-label cross entropy (Hinton et al.,
 2015). By default one compiled train step serves all arms: the loss mix is a run-time input
@@ -31,8 +40,8 @@ after.
 Token budget: ``tokens`` = sequence positions trained per arm (steps × batch × seqlen), equal
 for every arm (each is one student forward/backward). Per arm,
 ``scored_tokens`` counts the positions whose next-token prediction is in the loss (unscored:
-prompts unless ``--train_on_prompt``, each window's last position, and on on-policy steps
-the 384-token data prompt).
+prompts unless ``--train_on_prompt``, each window's last position, and with
+``--no_gkd_score_prompt`` the data prompt of on-policy steps).
 
 Resumable across calls of limited length (a 10-minute device slot cannot hold 4 × 20M tokens):
 
@@ -95,23 +104,16 @@ ONPOLICY_SLOWDOWN = 2.2
 
 
 def arm_weights(name: str, alpha: float):
-    """(loss weights over (ce, fkl, rkl, jsd) on data steps, on on-policy steps or None).
-
-    KD arms: α · CE + (1 − α) · divergence; ``ce`` is hard labels only. On on-policy steps
-    (student samples) the CE weight is 0 and the divergence keeps its 1 − α.
-    """
+    """Loss weights over (ce, fkl, rkl, jsd): KD arms α · CE + (1 − α) · divergence, ``ce``
+    hard labels only. (On-policy steps keep these weights; their ``ce_mask`` keeps cross
+    entropy off the student's samples.)"""
     import numpy as np
 
-    base, onpolicy = ARMS[name]
-    w = np.asarray(base, np.float32)
+    w = np.asarray(ARMS[name][0], np.float32)
     if w[0] != 1.0:
         w = (1.0 - alpha) * w
         w[0] = alpha
-    w_on = None
-    if onpolicy:
-        w_on = w.copy()
-        w_on[0] = 0.0
-    return w, w_on
+    return w
 
 
 def parse(argv=None):
@@ -155,7 +157,27 @@ def parse(argv=None):
         type=int,
         default=None,
         help="tokens the student samples per on-policy sequence (the rest of the "
-        "sequence is a data prompt; only sampled tokens are scored)",
+        "sequence is a data prompt)",
+    )
+    p.add_argument(
+        "--gkd_prompts",
+        choices=("batch", "corpus"),
+        default="batch",
+        help="on-policy prompts: the head of the step's data batch (batch) or fresh "
+        "validation-text slices (corpus)",
+    )
+    p.add_argument(
+        "--gkd_score_prompt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score the data prompt of on-policy steps like an off-policy batch (batch "
+        "prompts only; --no_gkd_score_prompt: context only)",
+    )
+    p.add_argument(
+        "--jsd_normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gkd: JSD(beta) / (beta (1 - beta)), a KL's curvature at p_S = p_T",
     )
     p.add_argument(
         "--real_windows", type=int, default=None, help="cap on real-text training windows (0 = all)"
@@ -241,6 +263,8 @@ def parse(argv=None):
         a.results_md = os.path.join(HERE, "RESULTS.md")
     if not 0.0 <= a.alpha <= 1.0:
         p.error(f"--alpha must be in [0, 1], got {a.alpha}")
+    if a.gkd_score_prompt and a.gkd_prompts != "batch":
+        p.error("--gkd_score_prompt needs --gkd_prompts batch (corpus prompts have no mask)")
     return a
 
 
@@ -271,7 +295,7 @@ def bench_config(a, steps: int):
         tensorboard=False,
         seed=a.seed,
     )
-    c.distill.update(tau=a.tau, beta=a.beta, alpha=a.alpha)
+    c.distill.update(tau=a.tau, beta=a.beta, alpha=a.alpha, jsd_normalize=a.jsd_normalize)
     c.lock()
     return c
 
@@ -296,6 +320,13 @@ def arm_protocol(common: dict, name: str, a) -> dict:
         p.update(alpha=a.alpha, tau=a.tau)
     if ARMS[name][1]:
         p.update(beta=a.beta, lam=a.lam, onpolicy_new=a.onpolicy_new)
+        if (a.gkd_prompts, a.gkd_score_prompt, a.jsd_normalize) != ("corpus", False, False):
+            # (the earlier protocol's arms carry none of these keys)
+            p.update(
+                gkd_prompts=a.gkd_prompts,
+                gkd_score_prompt=a.gkd_score_prompt,
+                jsd_normalize=a.jsd_normalize,
+            )
     return p
 
 
@@ -675,10 +706,12 @@ def main(argv=None):
             loss_cfg=lc,
             use_teacher=None if lc is None else lc.needs_teacher,
             dynamic_loss=lc is None,
+            ce_mask=lc is None,  # the shared step also serves gkd's on-policy batches
         )
         probe = base(0)
         if lc is None:
             probe.update(
+                ce_mask=probe["loss_mask"],
                 loss_weights=np.zeros(4, np.float32),
                 tau=np.float32(a.tau),
                 beta=np.float32(a.beta),
@@ -730,7 +763,8 @@ def main(argv=None):
             result["skipped"].append({"name": name, "reason": msg, "estimated_seconds": est})
             write()
             continue
-        w_off, w_on = arm_weights(name, a.alpha)
+        w_off = arm_weights(name, a.alpha)
+        onpolicy = ARMS[name][1]
         dist, fresh = trainer(name)
         # a copy: the step donates its state, and `fresh` must survive for the next arm
         dist.state = jax.device_put(jax.tree.map(lambda x: x.copy(), fresh), dist.state_sh)
@@ -740,22 +774,27 @@ def main(argv=None):
         if trainer_key(name) != "dynamic":
             dyn = {}  # the loss mix is compiled in
         op = None
-        if w_on is not None:
+        if onpolicy:
             op_prompt = a.seqlen - a.onpolicy_new
             op = OnPolicyBatcher(
                 base,
-                sample_prompts(train_ids, 4096, op_prompt, a.seed + 1),
+                None
+                if a.gkd_prompts == "batch"
+                else sample_prompts(train_ids, 4096, op_prompt, a.seed + 1),
                 lam=a.lam,
                 max_new_tokens=a.onpolicy_new,
                 sampling=Sampling(temperature=1.0),
                 seed=a.seed,
                 student_cfg=dist.student_cfg,
                 eos_id=tok.eos_id,
-                dynamic=dyn,  # CE weight 0 on the student's samples
+                dynamic=dyn,
+                score_prompt=a.gkd_score_prompt,  # the ce_mask leaves samples out of CE
             )
             batch_fn = op
+        elif dyn:  # the shared dynamic step: every batch has a CE mask (= its loss mask)
+            batch_fn = lambda s, st: (lambda b: dict(b, ce_mask=b["loss_mask"], **dyn))(base(s))
         else:
-            batch_fn = lambda s, st: dict(base(s), **dyn)
+            batch_fn = lambda s, st: base(s)
         scored = [0.0]
         stop_at = (deadline - min(a.margin_s, 10.0)) if deadline else None
 
@@ -807,13 +846,20 @@ def main(argv=None):
         if op is not None:
             arm.update(
                 onpolicy_steps=op.onpolicy_steps,
-                onpolicy_loss_weights=w_on.tolist(),
                 lam=a.lam,
                 beta=a.beta,
+                jsd_normalize=a.jsd_normalize,
+                gkd_prompts=a.gkd_prompts,
+                gkd_score_prompt=a.gkd_score_prompt,
                 onpolicy_sampled_tokens=a.onpolicy_new,
-                note=f"on-policy steps: prompt {a.seqlen - a.onpolicy_new} data tokens + "
-                f"{a.onpolicy_new} student-sampled tokens, only the sampled ones scored, "
-                "no cross entropy",
+                note=(
+                    f"on-policy steps: the first {op_prompt} tokens of the step's data batch "
+                    + ("(scored as data: CE + JSD) " if a.gkd_score_prompt else "(context) ")
+                    if a.gkd_prompts == "batch"
+                    else f"on-policy steps: a {op_prompt}-token validation-text prompt (context) "
+                )
+                + f"+ {a.onpolicy_new} student-sampled tokens (JSD only, no cross entropy)"
+                + ("; JSD / (β(1 − β))" if a.jsd_normalize else ""),
             )
         result["arms"] = [x for x in result["arms"] if x["name"] != name] + [arm]
         call["arms_run"].append(name)
@@ -895,8 +941,8 @@ def markdown(r: dict) -> str:
         f"**{r['tokens']:,} tokens** ({r['steps']} steps × {r['batch']} × {r['seqlen']} "
         f"sequence positions), lr {r['lr']}, {r['compute_dtype']}, attention {r['attention']}, "
         f"on {r['device']}. KD arms: α = {r['alpha']} hard-label CE + (1 − α) divergence "
-        f"(τ = {r['tau']}); gkd: λ = {r['lam']}, JSD(β = {r['beta']}), no CE on its on-policy "
-        f"steps. Data: {r['train_data']}. Eval: {r['eval']}.",
+        f"(τ = {r['tau']}); gkd: λ = {r['lam']}, JSD(β = {r['beta']}), no CE on the "
+        f"student's samples. Data: {r['train_data']}. Eval: {r['eval']}.",
         "",
         "| model | wikitext-2 ppl | KL(p_T‖p_S) | log-ppl gap recovered |",
         "|---|---|---|---|",
@@ -910,6 +956,7 @@ def markdown(r: dict) -> str:
         lines.append(
             f"| {x['name']} | {x['ppl']:.2f} | {x['kl']:.4f} | {100 * x['gap_recovered']:.1f}% |"
         )
+    lines += [f"\n{x['name']}: {x['note']}" for x in r["arms"] if x.get("note")]
     if r.get("targets", {}).get("arms_missing"):
         lines += ["", f"Not yet run: {', '.join(r['targets']['arms_missing'])}."]
     if "targets" in r:

@@ -60,11 +60,12 @@ def distill_base(kind: str) -> ConfigDict:
         dict(
             kind=kind,  # logit | sequence | onpolicy
             # loss = alpha * CE(labels) + (1 - alpha) * tau^2 * D(p_T, p_S), loss temperature tau
-            # (on-policy steps: no CE on the student's own samples, (1 - alpha) * D only)
+            # (never CE on the student's own on-policy samples: (1 - alpha) * D there)
             alpha=0.0,
             divergence="forward_kl",  # forward_kl | reverse_kl | jsd | none
             tau=1.0,  # LOSS temperature (not the sampling temperature)
             beta=0.5,  # JSD(beta): 0 = forward KL, 1 = reverse KL
+            jsd_normalize=False,  # JSD(beta) / (beta (1 - beta)): a KL's curvature at p_S = p_T
             teacher_top_k=0,  # >0: only the teacher's top-k logits (renormalised)
             hidden_weight=0.0,  # >0: + MSE of hidden states (learned proj. if widths differ)
             hidden_layers=("",),  # "student:teacher" layer pairs; "" = last of each
@@ -99,6 +100,10 @@ def distill_base(kind: str) -> ConfigDict:
                     top_k=0,
                     top_p=1.0,
                     stop_at_eos=True,
+                    # corpus: num_prompts random slices of prompt_len tokens; batch: the first
+                    # prompt_len tokens of the step's data batch (same stream as off-policy)
+                    prompt_source="corpus",
+                    score_prompt=False,  # batch prompts: score them like data (CE + D)
                 )
             ),
         )

@@ -32,6 +32,7 @@ def loss_config(dcfg, chunk: int = 4096) -> losses.LossConfig:
         beta=float(dcfg.beta),
         teacher_top_k=int(dcfg.teacher_top_k),
         chunk=int(chunk),
+        jsd_normalize=bool(dcfg.get("jsd_normalize", False)),
     )
 
 
@@ -57,7 +58,10 @@ def hidden_pairs(dcfg, n_student: int, n_teacher: int) -> tuple[tuple[int, int],
 
 class Distiller:
     """Everything one distillation run needs; ``fit(batch_fn)`` trains (resuming if a
-    checkpoint exists in ``<workdir>/checkpoints``)."""
+    checkpoint exists in ``<workdir>/checkpoints``).
+
+    ``dynamic_loss``: batches carry the loss mix (``loss_weights``, ``tau``, ``beta``);
+    ``ce_mask``: batches carry a ``ce_mask`` (see :mod:`shrinkjax.train.step`)."""
 
     def __init__(
         self,
@@ -69,6 +73,7 @@ class Distiller:
         use_teacher: bool | None = None,
         loss_cfg: losses.LossConfig | None = None,
         dynamic_loss: bool = False,
+        ce_mask: bool = False,
         apply_masks=None,
         masks: dict | None = None,
         progress: bool | None = None,
@@ -124,6 +129,8 @@ class Distiller:
             )
         shape = (tc.grad_accum, mb, tc.seqlen) if tc.grad_accum > 1 else (tc.batch_size, tc.seqlen)
         example = {"tokens": np.zeros(shape, np.int32), "loss_mask": np.ones(shape, bool)}
+        if ce_mask:  # batches carry their own cross-entropy mask (on-policy samples)
+            example["ce_mask"] = np.ones(shape, bool)
         if dynamic_loss:
             example.update(
                 loss_weights=np.zeros(4, np.float32), tau=np.float32(1.0), beta=np.float32(0.5)

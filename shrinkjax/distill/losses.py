@@ -51,6 +51,7 @@ class LossConfig:
     beta: float = 0.5  # JSD(β): 0 = forward KL, 1 = reverse KL
     teacher_top_k: int = 0  # 0 = full teacher distribution
     chunk: int = 4096  # tokens per chunk (0 = no chunking)
+    jsd_normalize: bool = False  # JSD(β) / (β(1 − β)): KL's curvature at p_S = p_T
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -120,8 +121,10 @@ def token_terms(
     beta=0.5,
     teacher_top_k: int = 0,
     with_kl: bool = False,
+    jsd_normalize: bool = False,
 ) -> dict[str, jax.Array]:
-    """Per-token values [C] of the requested ``terms`` (subset of :data:`TERMS`), unscaled.
+    """Per-token values [C] of the requested ``terms`` (subset of :data:`TERMS`), without τ²
+    (``jsd`` divided by β(1 − β) with ``jsd_normalize``, β strictly inside (0, 1)).
 
     ``with_kl`` adds ``kl``: KL(p_T ‖ p_S) at τ = 1 on the full distributions, as a metric
     (no gradient).
@@ -149,7 +152,11 @@ def token_terms(
             lm = jnp.logaddexp(ls + jnp.log1p(-beta), lt + jnp.log(beta))
             kl_t = jnp.sum(jnp.where(pt > 0, pt * (lt_safe - lm), 0.0), -1)
             kl_s = jnp.sum(ps * (ls - lm), -1)
-            out["jsd"] = beta * kl_t + (1.0 - beta) * kl_s
+            jsd = beta * kl_t + (1.0 - beta) * kl_s
+            if jsd_normalize:  # β at 0 or 1: the term vanishes, nothing to normalise
+                inner = beta * (1.0 - beta)
+                jsd = jsd / jnp.where(inner > 0, inner, 1.0)
+            out["jsd"] = jsd
     same = isinstance(tau, int | float) and tau == 1.0 and not teacher_top_k
     if with_kl and same and "fkl" in out:  # the loss term already is the metric
         out["kl"] = jax.lax.stop_gradient(out["fkl"])
@@ -163,37 +170,43 @@ def token_terms(
 # ----------------------------------------------------------------------------- chunking
 
 
-def chunked_sums(fn: Callable, arrays: tuple, mask_N, chunk: int) -> dict[str, jax.Array]:
+def chunked_sums(
+    fn: Callable, arrays: tuple, mask_N, chunk: int, term_masks: dict | None = None
+) -> dict[str, jax.Array]:
     """Σ_n mask[n] · fn(*chunk_of_arrays)[key][n] for every key, plus ``count`` = Σ mask.
 
-    ``arrays`` share a leading token axis N; ``fn`` maps [C, ...] chunks to {key: [C]}. The
-    chunks run in a ``lax.scan`` with a rematerialised body, so per-chunk intermediates are
-    never stored for the backward pass.
+    ``arrays`` share a leading token axis N; ``fn`` maps [C, ...] chunks to {key: [C]}.
+    ``term_masks`` {key: [N]} replaces ``mask`` for those keys (e.g. cross entropy only on
+    the tokens that are real labels); ``count`` stays Σ mask. The chunks run in a
+    ``lax.scan`` with a rematerialised body, so per-chunk intermediates are never stored for
+    the backward pass.
     """
     n = mask_N.shape[0]
-    w = mask_N.astype(jnp.float32)
+    ws = {"": mask_N.astype(jnp.float32)}
+    ws.update({k: m.astype(jnp.float32) for k, m in (term_masks or {}).items()})
 
     def sums(xs, wc):
-        return {k: jnp.sum(v * wc) for k, v in fn(*xs).items()}
+        return {k: jnp.sum(v * wc.get(k, wc[""])) for k, v in fn(*xs).items()}
 
     if not chunk or n <= chunk:
-        out = sums(arrays, w)
+        out = sums(arrays, ws)
     else:
         pad = (-n) % chunk
         if pad:
             arrays = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in arrays)
-            w = jnp.pad(w, (0, pad))
+            ws = {k: jnp.pad(w, (0, pad)) for k, w in ws.items()}
         nc = (n + pad) // chunk
         xs = tuple(x.reshape(nc, chunk, *x.shape[1:]) for x in arrays)
+        wcs = {k: w.reshape(nc, chunk) for k, w in ws.items()}
         body_fn = jax.checkpoint(sums)
-        shapes = jax.eval_shape(sums, tuple(x[0] for x in xs), w[:chunk])
+        shapes = jax.eval_shape(sums, tuple(x[0] for x in xs), {k: w[0] for k, w in wcs.items()})
         init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         def body(carry, c):
             got = body_fn(c[0], c[1])
             return jax.tree.map(jnp.add, carry, got), None
 
-        out, _ = jax.lax.scan(body, init, (xs, w.reshape(nc, chunk)))
+        out, _ = jax.lax.scan(body, init, (xs, wcs))
     out["count"] = jnp.sum(mask_N.astype(jnp.float32))
     return out
 
@@ -234,16 +247,36 @@ def reverse_kl(s_logits, t_logits, mask, *, tau=1.0, chunk: int = 4096):
 
 
 def generalized_jsd(
-    s_logits, t_logits, mask, *, beta=0.5, tau=1.0, teacher_top_k: int = 0, chunk: int = 4096
+    s_logits,
+    t_logits,
+    mask,
+    *,
+    beta=0.5,
+    tau=1.0,
+    teacher_top_k: int = 0,
+    chunk: int = 4096,
+    normalize: bool = False,
 ):
-    """τ² · mean JSD(β) over masked tokens; β = 0 is forward KL, β = 1 reverse KL."""
+    """τ² · mean JSD(β) over masked tokens; β = 0 is forward KL, β = 1 reverse KL.
+    ``normalize``: divided by β(1 − β) (see the module docstring)."""
     if isinstance(beta, int | float) and beta in (0.0, 1.0):
         if beta == 0.0:
             return forward_kl(
                 s_logits, t_logits, mask, tau=tau, teacher_top_k=teacher_top_k, chunk=chunk
             )
         return reverse_kl(s_logits, t_logits, mask, tau=tau, chunk=chunk)
-    return _divergence("jsd", s_logits, t_logits, mask, tau, beta, teacher_top_k, chunk)
+    fn = lambda s, t: token_terms(
+        s,
+        t,
+        None,
+        ("jsd",),
+        tau=tau,
+        beta=beta,
+        teacher_top_k=teacher_top_k,
+        jsd_normalize=normalize,
+    )
+    s, c = _mean(fn, (_flat(s_logits, 1), _flat(t_logits, 1)), mask, chunk)
+    return tau**2 * s["jsd"] / c
 
 
 def blend(sums, weights, tau, count=None):
@@ -279,8 +312,13 @@ def loss_sums(
     tau=None,
     beta=None,
     with_kl: bool = False,
+    ce_mask=None,
 ) -> dict[str, jax.Array]:
     """Masked sums of the loss terms; ``head_fn(*chunk) -> (s_logits, t_logits, labels)``.
+
+    ``ce_mask`` (same shape as ``mask``, a subset of it): the tokens whose cross entropy
+    counts (default: ``mask``); e.g. the prompt of an on-policy sequence, not the student's
+    own samples. Every term is still divided by the count of ``mask``.
 
     ``weights`` None: the config's static weights (zero-weight terms skipped). A [4] array over
     :data:`TERMS`: every term is computed and weighted at run time (one compiled step for
@@ -303,9 +341,11 @@ def loss_sums(
             beta=beta,
             teacher_top_k=cfg.teacher_top_k,
             with_kl=with_kl and t is not None,
+            jsd_normalize=cfg.jsd_normalize,
         )
 
-    return chunked_sums(fn, arrays, _flat(mask, 0), cfg.chunk)
+    tm = None if ce_mask is None else {"ce": _flat(ce_mask, 0)}
+    return chunked_sums(fn, arrays, _flat(mask, 0), cfg.chunk, tm)
 
 
 def distill_loss(

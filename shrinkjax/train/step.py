@@ -6,6 +6,9 @@ One call is one optimizer update. The batch is a dict of arrays:
   inside the step, their gradients summed, then one update; the result equals the [B, L]
   step up to float summation order);
 * ``loss_mask`` bool, same shape: True where a token is a *target* to be predicted;
+* optional ``ce_mask`` bool, same shape, a subset of ``loss_mask``: the targets whose
+  hard-label cross entropy counts (default: all of ``loss_mask``); on-policy batches leave
+  the student's own samples out (they are not labels) while the divergence scores them;
 * optional ``loss_weights`` f32 [4] over (ce, fkl, rkl, jsd), ``tau`` and ``beta`` scalars:
   per-step loss mix (one compiled step serves several losses; see
   :func:`shrinkjax.distill.losses.loss_sums`).
@@ -156,8 +159,11 @@ def make_train_step(
     t_collect = tuple(sorted({t for _, t in step_cfg.hidden_pairs})) if hidden_on else ()
     mask_fn = apply_masks or default_apply_masks
 
-    def micro_loss(params, frozen, tokens, loss_mask, count, dyn):
+    def micro_loss(params, frozen, tokens, loss_mask, count, dyn, ce_mask=None):
         labels, mask = losses.next_token_targets(tokens, loss_mask)
+        ce_m = None
+        if ce_mask is not None:
+            ce_m = losses.next_token_targets(tokens, ce_mask & loss_mask)[1]
         hs, s_taps = sfwd.hidden(params["student"], tokens, s_collect)
         need_teacher = dyn.get("loss_weights") is not None or lcfg.needs_teacher or hidden_on
         ht = t_head = None
@@ -184,7 +190,15 @@ def make_train_step(
             )
             head = lambda h, g, y: (s_head(h), t_head(g), y)
         sums = losses.loss_sums(
-            head, arrays, mask, lcfg, weights=weights, tau=tau, beta=beta, with_kl=step_cfg.with_kl
+            head,
+            arrays,
+            mask,
+            lcfg,
+            weights=weights,
+            tau=tau,
+            beta=beta,
+            with_kl=step_cfg.with_kl,
+            ce_mask=ce_m,
         )
         w = lcfg.weights() if weights is None else weights
         loss, parts = losses.blend(sums, w, tau, count=count)
@@ -204,7 +218,7 @@ def make_train_step(
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
-        tokens, loss_mask = batch["tokens"], batch["loss_mask"]
+        tokens, loss_mask, ce_mask = batch["tokens"], batch["loss_mask"], batch.get("ce_mask")
         dyn = {k: batch[k] for k in ("loss_weights", "tau", "beta") if k in batch}
         _, m = losses.next_token_targets(
             tokens.reshape(-1, tokens.shape[-1]), loss_mask.reshape(-1, tokens.shape[-1])
@@ -212,7 +226,7 @@ def make_train_step(
         count = jnp.sum(m.astype(jnp.float32))
         if step_cfg.grad_accum == 1:
             (loss, parts), grads = grad_fn(
-                state.params, state.frozen, tokens, loss_mask, count, dyn
+                state.params, state.frozen, tokens, loss_mask, count, dyn, ce_mask
             )
         else:
             if tokens.ndim != 3 or tokens.shape[0] != step_cfg.grad_accum:
@@ -222,7 +236,7 @@ def make_train_step(
                 )
 
             def body(carry, mb):
-                (l, p), g = grad_fn(state.params, state.frozen, mb[0], mb[1], count, dyn)
+                (l, p), g = grad_fn(state.params, state.frozen, mb[0], mb[1], count, dyn, mb[2])
                 acc_l, acc_p, acc_g = carry
                 return (
                     acc_l + l,
@@ -231,11 +245,19 @@ def make_train_step(
                 ), None
 
             shapes = jax.eval_shape(
-                lambda: grad_fn(state.params, state.frozen, tokens[0], loss_mask[0], count, dyn)
+                lambda: grad_fn(
+                    state.params,
+                    state.frozen,
+                    tokens[0],
+                    loss_mask[0],
+                    count,
+                    dyn,
+                    None if ce_mask is None else ce_mask[0],
+                )
             )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             init = (zeros[0][0], zeros[0][1], zeros[1])
-            (loss, parts, grads), _ = jax.lax.scan(body, init, (tokens, loss_mask))
+            (loss, parts, grads), _ = jax.lax.scan(body, init, (tokens, loss_mask, ce_mask))
             # parts summed over microbatches are per-token means already (count = total)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

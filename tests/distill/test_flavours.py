@@ -87,8 +87,10 @@ def test_onpolicy_alpha_blends_ce_only_on_data_steps(tmp_path):
     for r in train:
         on = r["tokens"] < 4 * 31  # student samples: only the 24 sampled tokens are scored
         on_steps += on
-        # no cross entropy on the student's own samples; the divergence keeps 1 - alpha
-        want = 0.6 * r["jsd"] + (0.0 if on else 0.4 * r["ce"])
+        # no cross entropy on the student's own samples (their ce_mask is False); the
+        # divergence keeps 1 - alpha
+        assert (r["ce"] == 0.0) == bool(on), r
+        want = 0.6 * r["jsd"] + 0.4 * r["ce"]
         assert np.isclose(r["loss"], want, rtol=1e-4, atol=1e-6), r
     assert on_steps == res["onpolicy_steps"]
 
@@ -114,6 +116,56 @@ def test_onpolicy_schedule_is_deterministic():
     flags = [a.is_onpolicy(s) for s in range(200)]
     assert flags == [b.is_onpolicy(s) for s in range(200)]
     assert 0.2 < np.mean(flags) < 0.4
+
+
+@pytest.mark.parametrize("score_prompt", [True, False])
+def test_onpolicy_batch_prompts_continue_the_data_batch(score_prompt):
+    from types import SimpleNamespace
+
+    from shrinkjax.distill.onpolicy import OnPolicyBatcher
+    from shrinkjax.models.generate import Sampling
+    from shrinkjax.models.llama import LlamaConfig, init_model
+    from shrinkjax.models.params import flat_params
+    from shrinkjax.train.loop import StepBatcher
+
+    cfg = LlamaConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=8)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 16, (10, 9)).astype(np.int32)
+    mask = rng.random((10, 9)) < 0.7
+    base = StepBatcher(toks, mask, 4, seed=3)
+    op = OnPolicyBatcher(
+        base,
+        None,
+        lam=1.0,
+        max_new_tokens=3,
+        sampling=Sampling(1.0),
+        seed=3,
+        student_cfg=cfg,
+        score_prompt=score_prompt,
+    )
+    state = SimpleNamespace(params={"student": flat_params(init_model(cfg, seed=0))})
+    got, data = op(5, state), base(5)
+    assert got["tokens"].shape == (4, 9)
+    np.testing.assert_array_equal(got["tokens"][:, :6], data["tokens"][:, :6])
+    want_prompt = data["loss_mask"][:, :6] if score_prompt else np.zeros((4, 6), bool)
+    np.testing.assert_array_equal(got["loss_mask"][:, :6], want_prompt)
+    np.testing.assert_array_equal(got["ce_mask"][:, :6], want_prompt)
+    assert got["loss_mask"][:, 6:].all() and not got["ce_mask"][:, 6:].any()
+    # an off-policy step: the data batch, cross entropy on every scored token
+    op.lam = 0.0
+    off = op(5, state)
+    np.testing.assert_array_equal(off["ce_mask"], off["loss_mask"])
+    with pytest.raises(ValueError, match="prompt_source='batch'"):
+        OnPolicyBatcher(
+            base,
+            toks[:, :6],
+            lam=0.5,
+            max_new_tokens=3,
+            sampling=Sampling(1.0),
+            seed=3,
+            student_cfg=cfg,
+            score_prompt=True,
+        )
 
 
 def test_vocab_mismatch_is_a_clear_error(tmp_path):

@@ -63,6 +63,43 @@ def test_divergences_match_float64(data, tau, chunk):
     np.testing.assert_allclose(got_j, tau**2 * masked_mean(jsd, mask), rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("beta,chunk", [(0.5, 0), (0.2, 4)])
+def test_normalized_jsd_matches_float64_and_kl_curvature(data, beta, chunk):
+    s, t, mask, _ = data
+    _, _, jsd = ref_terms(s, t, 1.3, beta=beta)
+    got = losses.generalized_jsd(s, t, mask, beta=beta, tau=1.3, chunk=chunk, normalize=True)
+    want = 1.3**2 * masked_mean(jsd, mask) / (beta * (1 - beta))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    # near p_S = p_T the normalised JSD equals KL to second order (the unnormalised one is
+    # β(1 − β) times smaller)
+    eps = (np.random.default_rng(5).normal(size=t.shape) * 1e-2).astype(np.float32)
+    near = t + eps
+    kl = float(losses.forward_kl(near, t, mask))
+    nj = float(losses.generalized_jsd(near, t, mask, beta=beta, normalize=True))
+    assert abs(nj / kl - 1) < 0.05
+    assert (
+        abs(float(losses.generalized_jsd(near, t, mask, beta=beta)) / kl - beta * (1 - beta)) < 0.02
+    )
+
+
+def test_ce_mask_scores_cross_entropy_on_a_subset(data):
+    s, t, mask, labels = data
+    ce_mask = mask & (np.random.default_rng(7).random(mask.shape) < 0.5)
+    cfg = losses.LossConfig(alpha=0.3, divergence="jsd", beta=0.5, chunk=4)
+    sums = losses.loss_sums(
+        lambda a, b, y: (a, b, y),
+        (s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), labels.reshape(-1)),
+        mask,
+        cfg,
+        ce_mask=ce_mask,
+    )
+    ce_tok = -np.take_along_axis(_ls(s, 1.0), labels[..., None], -1)[..., 0]
+    _, _, jsd = ref_terms(s, t, 1.0, beta=0.5)
+    np.testing.assert_allclose(sums["ce"], (ce_tok * ce_mask).sum(), rtol=2e-5)
+    np.testing.assert_allclose(sums["jsd"], (jsd * mask).sum(), rtol=2e-5)  # D on all of mask
+    assert int(sums["count"]) == int(mask.sum())
+
+
 def test_jsd_endpoints_are_kls(data):
     s, t, mask, _ = data
     np.testing.assert_allclose(

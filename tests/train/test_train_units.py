@@ -162,3 +162,36 @@ def test_flops_and_mfu():
     assert f == 2 * metrics.matmul_params(cfg) + 4 * 30 * 2048 * 576
     assert metrics.mfu(1000.0, 1e9, 1, peak=1e12) == pytest.approx(1.0)
     assert metrics.peak_flops(jax.devices("cpu")[0]) is None
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ce_mask_keeps_cross_entropy_off_masked_targets(grad_accum):
+    """ce_mask = loss_mask is the unmasked step; an all-False ce_mask leaves (1 − α)·D only,
+    with the divergence still over every target and the same token count."""
+    from shrinkjax.distill.logit import loss_config
+    from shrinkjax.train import state as statelib
+    from shrinkjax.train import step as steplib
+
+    teacher, student = tiny_pair()
+    c = config(1, grad_accum=grad_accum, **FAST)
+    opt, _ = statelib.optimizer_from_config(c.train)
+    scfg = student.cfg.replace(dtype="float32", attention_impl="einsum")
+    tcfg = teacher.cfg.replace(dtype="float32", attention_impl="einsum")
+    step_cfg = steplib.StepConfig(
+        loss=loss_config(c.distill, 0), grad_accum=grad_accum, scan_layers=False
+    )
+    fn = jax.jit(steplib.make_train_step(scfg, opt, step_cfg, tcfg))
+    state = statelib.create_train_state(student, opt, seed=0, teacher=teacher)
+    toks = data(16)
+    mask = np.random.default_rng(4).random(toks.shape) < 0.8
+    shape = (grad_accum, 16 // grad_accum, 16) if grad_accum > 1 else (16, 16)
+    batch = {"tokens": toks.reshape(shape), "loss_mask": mask.reshape(shape)}
+
+    _, plain = fn(state, batch)
+    _, same = fn(state, dict(batch, ce_mask=batch["loss_mask"]))
+    _, none = fn(state, dict(batch, ce_mask=np.zeros(shape, bool)))
+    np.testing.assert_allclose(same["loss"], plain["loss"], rtol=1e-6)
+    assert float(plain["ce"]) > 1.0 and float(none["ce"]) == 0.0
+    np.testing.assert_allclose(none["jsd"], plain["jsd"], rtol=1e-6)
+    np.testing.assert_allclose(none["loss"], 0.8 * float(plain["jsd"]), rtol=1e-5)
+    assert float(none["tokens"]) == float(plain["tokens"])
