@@ -88,6 +88,24 @@ def parse(argv=None):
         help="scratch: the weights handed to the torch side",
     )
     p.add_argument("--no_torch_compile", action="store_true")
+    p.add_argument(
+        "--random_init",
+        action="store_true",
+        help="SmolLM2-135M-shaped random weights instead of the GGUF (speed only: the same "
+        "shapes, no 98 MB upload)",
+    )
+    p.add_argument(
+        "--bf16_backward",
+        action="store_true",
+        help="shrinkjax: backward GEMMs of the dense linears in bf16 (StepConfig."
+        "low_precision_backward, dispatch.mixed_matmul) instead of autodiff's f32 ones",
+    )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="shrinkjax: also trace 3 steps with jax.profiler into this directory (a "
+        "Perfetto trace.json.gz; summarise with scripts/trace_summary.py)",
+    )
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker_out", default="", help=argparse.SUPPRESS)
@@ -113,16 +131,31 @@ def tiny_config():
     )
 
 
-def pair(quick: bool):
+# SmolLM2-135M-Instruct's architecture (as read from its GGUF), for --random_init
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    hidden_dim=1536,
+    head_dim=64,
+    rope_theta=100000.0,
+    max_seq_len=8192,
+    tie_embeddings=True,
+)
+
+
+def pair(quick: bool, random_init: bool = False):
     """(teacher cfg, teacher flat numpy params, student cfg, student flat) — numpy only."""
     import numpy as np
 
     from shrinkjax.models.surgery import drop_layer_params
 
-    if quick:
+    if quick or random_init:
         from shrinkjax.models.llama import LlamaConfig
 
-        cfg = LlamaConfig(**tiny_config())
+        cfg = LlamaConfig(**(tiny_config() if quick else SMOLLM2_135M))
         rng = np.random.default_rng(0)
         from shrinkjax.models.llama import abstract_model
         from shrinkjax.models.params import flat_params
@@ -132,7 +165,7 @@ def pair(quick: bool):
             k: (rng.normal(size=s) * 0.05 if len(s) > 1 else np.ones(s)).astype(np.float32)
             for k, s in sorted(shapes.items())
         }
-        drop = (1,)
+        drop = (1,) if quick else tuple(range(12, 18))
     else:
         from shrinkjax.io.gguf import read_gguf, smollm2_path
 
@@ -195,7 +228,7 @@ def jax_worker(a) -> dict:
     from shrinkjax.train import step as steplib
     from shrinkjax.train.state import TrainState
 
-    tcfg, tflat, scfg, sflat = pair(a.quick)
+    tcfg, tflat, scfg, sflat = pair(a.quick, a.random_init)
     if a.weights:  # the torch side's copy, before anything can fail on the device
         save_weights(
             a.weights,
@@ -247,7 +280,12 @@ def jax_worker(a) -> dict:
             "ce": losses.LossConfig(alpha=1.0, divergence="none", chunk=a.chunk),
             "fkl_ce": losses.LossConfig(alpha=0.5, divergence="forward_kl", chunk=a.chunk),
         }.get(a.loss, losses.LossConfig(divergence="forward_kl", chunk=a.chunk))
-        scfg_step = steplib.StepConfig(loss=lc, remat=a.remat, scan_layers=not a.no_scan)
+        scfg_step = steplib.StepConfig(
+            loss=lc,
+            remat=a.remat,
+            scan_layers=not a.no_scan,
+            low_precision_backward=a.bf16_backward,
+        )
         fn = steplib.make_train_step(
             s_cfg, opt, scfg_step, teacher_cfg=None if a.loss == "ce" else t_cfg
         )
@@ -281,6 +319,11 @@ def jax_worker(a) -> dict:
         state, m = step(state, b)
     jax.block_until_ready((state, m))
     dt = time.perf_counter() - t
+    if a.profile:
+        with jax.profiler.trace(a.profile, create_perfetto_trace=True):
+            for _ in range(3):
+                state, m = step(state, b)
+            jax.block_until_ready((state, m))
     tok_s = a.batch * a.seqlen * a.steps / dt
     fpt = metlib.train_flops_per_token(s_cfg, a.seqlen, None if a.loss == "ce" else t_cfg)
     return {
@@ -293,6 +336,7 @@ def jax_worker(a) -> dict:
         "chunk": a.chunk,
         "scan_layers": not a.no_scan,
         "remat": a.remat,
+        "backward": "bf16 (dispatch.mixed_matmul)" if a.bf16_backward else "f32 autodiff",
         "compile_seconds": compile_s,
         "first_loss": first,
         "last_loss": float(m["loss"]),
@@ -445,7 +489,18 @@ def run_worker(a, kind: str, timeout: float, python: str, env: dict) -> dict:
         argv += ["--weights", os.path.join(a.workdir, "weights.npz")]
     for k in ("seqlen", "batch", "steps", "warmup", "chunk", "attention", "remat", "loss"):
         argv += [f"--{k}", str(getattr(a, k))]
-    argv += [f for f, on in (("--quick", a.quick), ("--no_scan", a.no_scan)) if on]
+    argv += [
+        f
+        for f, on in (
+            ("--quick", a.quick),
+            ("--no_scan", a.no_scan),
+            ("--random_init", a.random_init),
+            ("--bf16_backward", a.bf16_backward),
+        )
+        if on
+    ]
+    if a.profile and kind == "jax":
+        argv += ["--profile", a.profile]
     print(f"--- {kind} (timeout {timeout:.0f}s)", flush=True)
     t = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True)
@@ -514,6 +569,7 @@ def drive(a, t_start: float, env0: dict) -> dict:
         "setup": "teacher SmolLM2-135M-Instruct (30 layers, bf16, frozen) + student with "
         "layers 12-17 dropped (24 layers, f32 master, bf16 compute), forward KL, "
         "AdamW, clip 1.0"
+        + ("; random weights of its shapes (--random_init)" if a.random_init else "")
         if not a.quick
         else "tiny random 4-layer teacher (CPU)",
     }

@@ -129,6 +129,7 @@ def distill_base(kind: str) -> ConfigDict:
             attention_impl="cudnn",
             scan_layers=True,
             remat="none",  # none | full | dots
+            low_precision_backward=False,  # bf16 backward GEMMs (not yet measured on GPU)
             chunk_tokens=4096,  # tokens per chunk of the vocabulary-sized loss
             mesh_data=-1,
             mesh_fsdp=1,  # mesh axes (-1 = all remaining devices)

@@ -110,6 +110,7 @@ class Distiller:
             hidden_pairs=pairs,
             scan_layers=bool(tc.scan_layers),
             remat=tc.remat,
+            low_precision_backward=bool(tc.get("low_precision_backward", False)),
         )
         fn = steplib.make_train_step(
             self.student_cfg,

@@ -21,6 +21,8 @@ kernels so benchmarks can compare both; the model uses the default "auto".
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 
 import jax
@@ -46,6 +48,66 @@ def choose_path(path: str, m: int) -> str:
     return path
 
 
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_LOW_PRECISION_BACKWARD = [False]  # set by low_precision_backward(), read at trace time
+
+
+@contextlib.contextmanager
+def low_precision_backward(on: bool = True):
+    """Dense low-precision linears traced inside this context use :func:`mixed_matmul`
+    (backward GEMMs in bf16/f16 instead of f32). Off by default: not yet measured end to end
+    (``benchmarks/distill_speed.py --bf16_backward``)."""
+    old = _LOW_PRECISION_BACKWARD[0]
+    _LOW_PRECISION_BACKWARD[0] = bool(on)
+    try:
+        yield
+    finally:
+        _LOW_PRECISION_BACKWARD[0] = old
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x_MxK, w_KxN, out_dtype):
+    """``x @ w`` for low-precision (bf16/f16) operands of one dtype, f32 accumulation, the
+    result in ``out_dtype``; the backward pass is two GEMMs in the operands' dtype (f32
+    accumulation) on the cotangent rounded to that dtype — the usual mixed-precision rule.
+
+    Why: autodiff of ``matmul(x, w, preferred_element_type=f32)`` feeds the f32 cotangent to
+    the transposed dots, which XLA then runs as f32 (TF32) GEMMs: on an H100 they took ~10 ms
+    of a 100 ms SmolLM2 logit-KD step (``scripts/trace_summary.py`` of
+    ``benchmarks/distill_speed.py --profile``, 2026-11-27; the gain of this rule is not yet
+    measured). The forward is unchanged."""
+    return jnp.matmul(x_MxK, w_KxN, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _mixed_fwd(x, w, out_dtype):
+    return mixed_matmul(x, w, out_dtype), (x, w)
+
+
+def _mixed_bwd(out_dtype, res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    k, n = w.shape
+    dw = jnp.matmul(
+        x.reshape(-1, k).T, g.reshape(-1, n), preferred_element_type=jnp.float32
+    ).astype(w.dtype)
+    return dx, dw
+
+
+mixed_matmul.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def dense_matmul(x_MxK, w_KxN, out_dtype=None):
+    """``x @ w`` (f32 accumulation) in ``out_dtype`` (default x's dtype), w cast to x's dtype;
+    inside :func:`low_precision_backward`, low-precision x goes through :func:`mixed_matmul`
+    (low-precision backward GEMMs)."""
+    out_dtype = jnp.dtype(out_dtype or x_MxK.dtype)
+    w = jnp.asarray(w_KxN).astype(x_MxK.dtype)
+    if x_MxK.dtype in LOW_PRECISION and _LOW_PRECISION_BACKWARD[0]:
+        return mixed_matmul(x_MxK, w, out_dtype)
+    return jnp.matmul(x_MxK, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
 def register(weight_type: type):
     """Decorator: ``@register(QuantizedArray) def _(x, w): ...``."""
 
@@ -61,8 +123,7 @@ def linear(x_MxK, w_KxN, **kw):
 
     ``kw`` (e.g. ``path="dequant_dot"``) is passed to the registered implementation."""
     if isinstance(w_KxN, jax.Array | np.ndarray):
-        w = jnp.asarray(w_KxN).astype(x_MxK.dtype)
-        return jnp.matmul(x_MxK, w, preferred_element_type=jnp.float32).astype(x_MxK.dtype)
+        return dense_matmul(x_MxK, w_KxN)
     for t in type(w_KxN).__mro__:
         if t in _IMPLS:
             return _IMPLS[t](x_MxK, w_KxN, **kw)

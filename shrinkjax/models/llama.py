@@ -304,7 +304,7 @@ class Llama(nnx.Module):
         if self.lm_head is not None:
             return self.lm_head(x).astype(jnp.float32)
         emb = self.embed.embedding.value.astype(x.dtype)
-        return jnp.einsum("bld,vd->blv", x, emb, preferred_element_type=jnp.float32)
+        return dispatch.dense_matmul(x, emb.T, jnp.float32)  # f32 logits
 
     def __call__(self, tokens_BxL, *, mask_BxL=None, cache: KVCache | None = None):
         """Logits [B, L, V] (f32) and the updated cache (None without one).

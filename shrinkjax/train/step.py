@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from shrinkjax.distill import losses
+from shrinkjax.kernels import dispatch
 from shrinkjax.models.llama import LlamaConfig, abstract_model
 from shrinkjax.models.params import nest
 from shrinkjax.parallel import mesh as meshlib
@@ -51,6 +52,9 @@ class StepConfig:
     scan_layers: bool = True
     remat: str = "none"  # none | full (recompute each block) | dots (save matmul outputs)
     with_kl: bool = True  # report KL(p_T‖p_S) at τ=1 when a teacher is present
+    # bf16 compute: backward GEMMs of dense linears in bf16 (dispatch.mixed_matmul) instead
+    # of autodiff's f32 ones
+    low_precision_backward: bool = False
 
     def __post_init__(self):
         if self.remat not in REMAT:
@@ -215,7 +219,11 @@ def make_train_step(
         parts.pop("tokens", None)
         return loss, parts
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    def traced_loss(*args):
+        with dispatch.low_precision_backward(step_cfg.low_precision_backward):
+            return micro_loss(*args)
+
+    grad_fn = jax.value_and_grad(traced_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
         tokens, loss_mask, ce_mask = batch["tokens"], batch["loss_mask"], batch.get("ce_mask")

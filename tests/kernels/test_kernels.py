@@ -468,3 +468,38 @@ def native_case(kind, m, kw, k, n, group, interpret):
     if kw.get("path") == "dequant_dot":  # the Pallas dequantize pass is bit-exact on GPU too
         w = np.asarray(dequant.dequantize(p, interpret=interpret)).view(np.uint16)
         np.testing.assert_array_equal(w, np.asarray(R.dequantize(p)).view(np.uint16))
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_mixed_matmul_forward_and_low_precision_gradients(out_dtype):
+    """Dense bf16 linear: the forward equals the f32-accumulated dot; the gradients are the
+    float64 reference's up to bf16 rounding, and the backward dots run in bf16 (no f32 dot
+    in the gradient's jaxpr)."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(2, 5, 48)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(48, 40)) * 0.2, jnp.bfloat16)
+    ct = rng.normal(size=(2, 5, 40))
+    with dispatch.low_precision_backward():
+        y = dispatch.dense_matmul(x, w, out_dtype)
+    want = jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    assert y.dtype == jnp.dtype(out_dtype)
+
+    def loss(x, w, on=True):
+        with dispatch.low_precision_backward(on):
+            y = dispatch.dense_matmul(x, w, out_dtype)
+        return jnp.sum(y.astype(jnp.float32) * ct)
+
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), ct @ w64.T, rtol=0.03, atol=0.05)
+    dw_ref = x64.reshape(-1, 48).T @ ct.reshape(-1, 40)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), dw_ref, rtol=0.03, atol=0.1)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr
+    bwd_dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(bwd_dots) == 2  # dx and dw, outside the forward's custom_vjp call
+    assert all(v.aval.dtype == jnp.bfloat16 for e in bwd_dots for v in e.invars)
+    # outside the context: plain autodiff, whose backward dots take the f32 cotangent
+    plain = jax.make_jaxpr(jax.grad(lambda x, w: loss(x, w, False), argnums=(0, 1)))(x, w)
+    dots = [e for e in plain.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert any(v.aval.dtype == jnp.float32 for e in dots for v in e.invars)
