@@ -11,12 +11,13 @@ for the same number of training tokens (``--tokens``):
                 on every step, α · CE + (1 − α) · JSD; cross entropy never on the student's
                 samples (they are not labels: the batch's ``ce_mask`` leaves them out). By
                 default (``--gkd_prompts batch --gkd_score_prompt``) an on-policy step keeps
-                the first 384 tokens of the same data batch the other arms train on that step
-                and the student continues them with 128 sampled tokens; the data part is
-                scored as in an off-policy step (CE + JSD), the sampled part with JSD only, so
-                every arm scores the same number of positions. ``--gkd_prompts corpus
-                --no_gkd_score_prompt`` is the earlier protocol: fresh 384-token validation
-                prompts, context only (only the 128 sampled tokens scored).
+                the first 448 tokens of the same data batch the other arms train on that step
+                and the student continues them with ``--onpolicy_new`` = 64 sampled tokens;
+                the data part is scored as in an off-policy step (CE + JSD), the sampled part
+                with JSD only, so every arm scores about the same number of positions.
+                ``--gkd_prompts corpus --no_gkd_score_prompt --no_jsd_normalize
+                --onpolicy_new 128`` is the first protocol: fresh 384-token validation prompts,
+                context only (only the 128 sampled tokens scored).
                 ``--jsd_normalize`` (default on) divides JSD(β) by β(1 − β) = 1/4: near
                 p_S = p_T it then has a KL's curvature, so the α blend weighs it like the
                 fkl/rkl arms' divergences (unnormalised it carries a quarter of their gradient)
@@ -251,7 +252,7 @@ def parse(argv=None):
     a.batch = a.batch or (4 if q else 32)
     a.prompt_len = a.prompt_len or (8 if q else 64)
     a.gen_batch = a.gen_batch or (16 if q else 512)
-    a.onpolicy_new = a.onpolicy_new or (16 if q else 128)
+    a.onpolicy_new = a.onpolicy_new or (16 if q else 64)
     a.real_windows = (16 if q else 0) if a.real_windows is None else a.real_windows
     a.eval_windows = (4 if q else 0) if a.eval_windows is None else a.eval_windows
     a.attention = a.attention or ("einsum" if q else "cudnn")
@@ -498,6 +499,8 @@ def main(argv=None):
         "init_eval_seconds",
         "teacher_gen_seconds",
         "train_data_scored_tokens",
+        "gkd_variants",
+        "gkd_variants_note",
     ):
         if same_common and k in prior:
             result[k] = prior[k]
@@ -957,6 +960,13 @@ def markdown(r: dict) -> str:
             f"| {x['name']} | {x['ppl']:.2f} | {x['kl']:.4f} | {100 * x['gap_recovered']:.1f}% |"
         )
     lines += [f"\n{x['name']}: {x['note']}" for x in r["arms"] if x.get("note")]
+    if r.get("gkd_variants"):  # other gkd protocols kept by hand (not re-run by this script)
+        lines += ["", "Other gkd protocols, same data and budget:", ""]
+        lines += ["| gkd variant | ppl | KL | gap recovered |", "|---|---|---|---|"]
+        lines += [
+            f"| {x['variant']} | {x['ppl']:.2f} | {x['kl']:.4f} | {100 * x['gap_recovered']:.1f}% |"
+            for x in r["gkd_variants"]
+        ]
     if r.get("targets", {}).get("arms_missing"):
         lines += ["", f"Not yet run: {', '.join(r['targets']['arms_missing'])}."]
     if "targets" in r:

@@ -5,6 +5,15 @@ tokens; the other steps use corpus windows.
 ``distill.onpolicy.temperature`` is the student's *sampling* temperature; ``distill.tau`` is
 the *loss* temperature.
 
+Defaults follow the GKD paper (corpus prompts as context, plain JSD). The setting that beat
+cross entropy in ``benchmarks/distill_quality.py`` (H100, 2026-11-27: 24.22 vs 24.35 ppl) scores
+the prompts, taken from the step's data batch, and normalises JSD:
+
+    python -m experiments.run --config=configs/distill/onpolicy.py --workdir=/tmp/kd-gkd \
+      --config.distill.onpolicy.prompt_source=batch --config.distill.onpolicy.score_prompt=True \
+      --config.distill.jsd_normalize=True --config.distill.alpha=0.5 \
+      --config.distill.onpolicy.prompt_len=448 --config.distill.onpolicy.max_new_tokens=64
+
     python -m experiments.run --config=configs/distill/onpolicy.py --workdir=/tmp/kd-gkd
 
 CPU smoke run:

@@ -95,6 +95,25 @@ def test_onpolicy_alpha_blends_ce_only_on_data_steps(tmp_path):
     assert on_steps == res["onpolicy_steps"]
 
 
+def test_onpolicy_batch_prompts_scored_through_the_runner(tmp_path):
+    c = _config("onpolicy", steps=6, eval_every=0, checkpoint_every=-1)
+    with c.unlocked():
+        c.distill.onpolicy.update(lam=0.5, prompt_source="batch", score_prompt=True)
+        c.distill.update(alpha=0.4, jsd_normalize=True)
+    res = runner.run(c, str(tmp_path))["distill"]
+    assert 0 < res["onpolicy_steps"] < 6
+    train = [r for r in _jsonl(tmp_path / "metrics.jsonl") if r.get("kind") == "train"]
+    # prompt and samples alike are scored: more targets than the 4 × 24 sampled tokens alone
+    # (all 4 × 31 unless a sample ends early at EOS), and cross entropy on the data part
+    assert all(4 * 24 < r["tokens"] <= 4 * 31 and r["ce"] > 0 for r in train)
+    for r in train:
+        np.testing.assert_allclose(r["loss"], 0.4 * r["ce"] + 0.6 * r["jsd"], rtol=1e-4)
+    with c.unlocked():
+        c.distill.onpolicy.prompt_source = "nowhere"
+    with pytest.raises(ValueError, match="prompt_source must be one of"):
+        runner.run(c, str(tmp_path / "bad"))
+
+
 def test_onpolicy_schedule_is_deterministic():
     from shrinkjax.distill.onpolicy import OnPolicyBatcher
     from shrinkjax.models.generate import Sampling
