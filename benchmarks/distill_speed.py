@@ -148,21 +148,6 @@ def tiny_config():
     )
 
 
-# SmolLM2-135M-Instruct's architecture (as read from its GGUF), for --random_init
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    dim=576,
-    n_layers=30,
-    n_heads=9,
-    n_kv_heads=3,
-    hidden_dim=1536,
-    head_dim=64,
-    rope_theta=100000.0,
-    max_seq_len=8192,
-    tie_embeddings=True,
-)
-
-
 def pair(quick: bool, random_init: bool = False):
     """(teacher cfg, teacher flat numpy params, student cfg, student flat) — numpy only."""
     import numpy as np
@@ -170,9 +155,10 @@ def pair(quick: bool, random_init: bool = False):
     from shrinkjax.models.surgery import drop_layer_params
 
     if quick or random_init:
+        from shrinkjax.io.gguf import SMOLLM2_CONFIG
         from shrinkjax.models.llama import LlamaConfig
 
-        cfg = LlamaConfig(**(tiny_config() if quick else SMOLLM2_135M))
+        cfg = LlamaConfig(**tiny_config()) if quick else SMOLLM2_CONFIG
         rng = np.random.default_rng(0)
         from shrinkjax.models.llama import abstract_model
         from shrinkjax.models.params import flat_params

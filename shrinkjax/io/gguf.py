@@ -19,6 +19,21 @@ from shrinkjax.models.llama import LlamaConfig
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# its architecture as the GGUF declares it (checked against the file in tests/io): for
+# speed benchmarks on random weights of the real shapes, without the 98 MB file
+SMOLLM2_CONFIG = LlamaConfig(
+    vocab_size=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    hidden_dim=1536,
+    head_dim=64,
+    norm_eps=9.999999747378752e-06,
+    rope_theta=100000.0,
+    max_seq_len=8192,
+    tie_embeddings=True,
+)
 
 _BLOCK_NAMES = {
     "attn_norm.weight": "attn_norm.scale",

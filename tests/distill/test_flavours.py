@@ -152,16 +152,17 @@ def test_onpolicy_batch_prompts_continue_the_data_batch(score_prompt):
     toks = rng.integers(0, 16, (10, 9)).astype(np.int32)
     mask = rng.random((10, 9)) < 0.7
     base = StepBatcher(toks, mask, 4, seed=3)
-    op = OnPolicyBatcher(
+    make = lambda prompts, lam, score: OnPolicyBatcher(
         base,
-        None,
-        lam=1.0,
+        prompts,
+        lam=lam,
         max_new_tokens=3,
         sampling=Sampling(1.0),
         seed=3,
         student_cfg=cfg,
-        score_prompt=score_prompt,
+        score_prompt=score,
     )
+    op = make(None, 1.0, score_prompt)
     state = SimpleNamespace(params={"student": flat_params(init_model(cfg, seed=0))})
     got, data = op(5, state), base(5)
     assert got["tokens"].shape == (4, 9)
@@ -175,16 +176,7 @@ def test_onpolicy_batch_prompts_continue_the_data_batch(score_prompt):
     off = op(5, state)
     np.testing.assert_array_equal(off["ce_mask"], off["loss_mask"])
     with pytest.raises(ValueError, match="prompt_source='batch'"):
-        OnPolicyBatcher(
-            base,
-            toks[:, :6],
-            lam=0.5,
-            max_new_tokens=3,
-            sampling=Sampling(1.0),
-            seed=3,
-            student_cfg=cfg,
-            score_prompt=True,
-        )
+        make(toks[:, :6], 0.5, True)  # corpus prompts have no mask to score them with
 
 
 def test_vocab_mismatch_is_a_clear_error(tmp_path):

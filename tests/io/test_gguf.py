@@ -150,3 +150,10 @@ def test_missing_and_non_gguf_files(tmp_path):
     d.mkdir()
     with pytest.raises(ModelFileError, match="neither shrinkjax_model.json"):
         load_model(str(d))
+
+
+def test_smollm2_config_constant_matches_the_gguf():
+    from shrinkjax.io.gguf import SMOLLM2_CONFIG, config_from_gguf, open_reader, smollm2_path
+
+    path = smollm2_path()
+    assert config_from_gguf(open_reader(path), path) == SMOLLM2_CONFIG
