@@ -18,7 +18,7 @@ from shrinkjax.quant.formats.nf4 import NF4_VALUES, nf4_encode
 
 # Every new (spec, shape) costs an XLA compile (~0.3 s on CPU): few examples, few fixed shapes
 # (values vary per example; the shapes cover single and ragged columns, 1 and several groups).
-SETTINGS = settings(max_examples=12, deadline=None)
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)  # same examples in CI
 KS = st.sampled_from([64, 256])
 NS = st.sampled_from([1, 40])
 SEEDS = st.integers(0, 2**31 - 1)
@@ -274,7 +274,13 @@ def test_fp8_is_nearest_grid_point_within_half_ulp(k, n, seed, mag, name, gran):
     np.testing.assert_allclose(s, amax / fmt.fmax, rtol=2**-22)  # XLA may divide via reciprocal
     v = w / s
     assert np.abs(v).max() <= fmt.fmax
-    np.testing.assert_array_equal(q.codes, v.astype(dt).view(np.uint8))  # RNE, as ml_dtypes
+    codes, want = np.asarray(q.codes), v.astype(dt).view(np.uint8)  # RNE, as ml_dtypes
+    off = codes != want
+    if off.any():  # XLA's w * (1/s) may differ from w / s by an ulp: only at exact ties
+        a, b = codes[off].view(dt).astype(np.float64), want[off].view(dt).astype(np.float64)
+        vf = v[off].astype(np.float32)
+        assert np.all(np.abs(vf - (a + b) / 2) <= 4 * np.spacing(np.abs(vf))), (vf, a, b)
+        assert off.sum() <= max(1, off.size // 1000)
     got = np.asarray(q.dequantize()) / s
     e = np.maximum(np.floor(np.log2(np.maximum(np.abs(v), 1e-38))), fmt.emin)
     assert np.all(np.abs(got - v) <= 2.0 ** (e - fmt.mbits) / 2)
