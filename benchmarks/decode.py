@@ -86,17 +86,6 @@ def linear_shapes(cfg):
     }
 
 
-def _keep_24(rng, k, n):
-    """bool [K, N]: 2 of every 4 rows along K (one of the 6 patterns per group, at random)."""
-    pairs = np.array([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
-    pat = pairs[rng.integers(0, 6, (k // 4, n))]  # [K/4, N, 2]
-    keep = np.zeros((k // 4, 4, n), bool)
-    j, c = np.meshgrid(np.arange(k // 4), np.arange(n), indexing="ij")
-    keep[j, pat[..., 0], c] = True
-    keep[j, pat[..., 1], c] = True
-    return keep.reshape(k, n)
-
-
 def make_weight(fmt, k, n, rng):
     if fmt == "bf16":
         w = jax.random.normal(jax.random.PRNGKey(int(rng.integers(2**31))), (k, n), jnp.float32)
@@ -111,7 +100,9 @@ def make_weight(fmt, k, n, rng):
         return layouts.pack_mxfp4(codes, e8m0)
     if fmt == "2:4_bf16":
         dense = rng.standard_normal((k, n), np.float32) * 0.02
-        return layouts.pack_24(np.where(_keep_24(rng, k, n), dense, 0.0).astype(np.float32))
+        return layouts.pack_24(
+            np.where(layouts.random_mask_24(rng, k, n), dense, 0.0).astype(np.float32)
+        )
     raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
 

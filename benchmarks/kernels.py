@@ -103,17 +103,6 @@ def log(*a):
 # problems
 # ------------------------------------------------------------------------------------------
 
-_PAIRS = np.array([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
-
-
-def _keep_24(rng, k, n):
-    pat = _PAIRS[rng.integers(0, 6, (k // 4, n))]  # [K/4, N, 2]
-    keep = np.zeros((k // 4, 4, n), bool)
-    j, c = np.meshgrid(np.arange(k // 4), np.arange(n), indexing="ij")
-    keep[j, pat[..., 0], c] = True
-    keep[j, pat[..., 1], c] = True
-    return keep.reshape(k, n)
-
 
 def make_problem(kind, k, n, rng):
     """Packed weight + plain arrays (for the PyTorch kernels)."""
@@ -134,12 +123,12 @@ def make_problem(kind, k, n, rng):
         s = rng.uniform(0.1, 2.0, (k // 16, n)).astype(np.float32)
         p = L.pack_nvfp4(codes, s, 0.01)
     elif kind == "2:4_bf16":
-        keep = _keep_24(rng, k, n)
+        keep = L.random_mask_24(rng, k, n)
         dense = np.where(keep, rng.standard_normal((k, n), dtype=np.float32) * 0.02, 0)
         p = L.pack_24(dense)
         plain = dict(dense=dense)
     elif kind == "2:4_int4":
-        keep = _keep_24(rng, k, n)
+        keep = L.random_mask_24(rng, k, n)
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         scales = rng.uniform(0.002, 0.004, (k // GROUP, n)).astype(np.float32)
         p = L.pack_24_int4(codes, scales, None, group=GROUP, keep_KxN=keep)

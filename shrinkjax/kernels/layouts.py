@@ -437,6 +437,19 @@ def _sparse_geometry(k: int, n: int, pair: int) -> tuple[int, int]:
     return round_up(k, 8 * pair), round_up(n, N_ALIGN)
 
 
+def random_mask_24(rng: np.random.Generator, k: int, n: int, min_keep: int = 2) -> np.ndarray:
+    """bool [K, N]: a random 2:4 pattern along K (for tests and benchmarks): each group of 4
+    rows keeps between ``min_keep`` and 2 of them (K need not be a multiple of 4)."""
+    kq = -(-k // 4)
+    cnt = rng.integers(min_keep, 3, (kq, 1, n))
+    order = np.argsort(rng.random((kq, 4, n)), axis=1)
+    keep = np.zeros((kq, 4, n), bool)
+    np.put_along_axis(keep, order[:, :2, :], True, axis=1)
+    rank = np.argsort(order, axis=1)
+    keep &= rank < cnt
+    return keep.reshape(kq * 4, n)[:k]
+
+
 def pack_24(dense_KxN) -> Packed24:
     """Pack a dense [K, N] weight with a 2:4 pattern along K into bf16 values + 2-bit metadata.
 

@@ -94,15 +94,7 @@ def make_nvfp4(rng, k, n, ts=0.37):
 
 
 def mask_24(rng, k, n, min_keep=0):
-    """bool [K, N]: random 2:4 pattern along K (K padded up to 4 internally)."""
-    kq = -(-k // 4)
-    cnt = rng.integers(min_keep, 3, (kq, 1, n))
-    order = np.argsort(rng.random((kq, 4, n)), axis=1)
-    keep = np.zeros((kq, 4, n), bool)
-    np.put_along_axis(keep, order[:, :2, :], True, axis=1)
-    rank = np.argsort(order, axis=1)
-    keep &= rank < cnt
-    return keep.reshape(kq * 4, n)[:k]
+    return L.random_mask_24(rng, k, n, min_keep)
 
 
 def make_24(rng, k, n):
