@@ -794,10 +794,13 @@ def main(argv=None):
                 score_prompt=a.gkd_score_prompt,  # the ce_mask leaves samples out of CE
             )
             batch_fn = op
-        elif dyn:  # the shared dynamic step: every batch has a CE mask (= its loss mask)
-            batch_fn = lambda s, st: (lambda b: dict(b, ce_mask=b["loss_mask"], **dyn))(base(s))
         else:
-            batch_fn = lambda s, st: base(s)
+
+            def batch_fn(s, st, dyn=dyn):
+                b = base(s)
+                # the shared dynamic step takes a CE mask (= the loss mask on data batches)
+                return dict(b, ce_mask=b["loss_mask"], **dyn) if dyn else b
+
         scored = [0.0]
         stop_at = (deadline - min(a.margin_s, 10.0)) if deadline else None
 

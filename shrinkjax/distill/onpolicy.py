@@ -143,10 +143,7 @@ class OnPolicyBatcher:
     def __call__(self, step: int, state=None) -> dict:
         if not self.is_onpolicy(step):
             batch = self.base(step)
-            lm = batch.get("loss_mask")
-            if lm is None:
-                lm = np.ones(batch["tokens"].shape, bool)
-            batch = {**batch, "loss_mask": lm, "ce_mask": lm}
+            batch = {**batch, "ce_mask": batch["loss_mask"]}  # data: CE on every target
         else:
             if state is None:
                 raise ValueError("on-policy batches need the train state (the student samples)")

@@ -177,6 +177,10 @@ def test_onpolicy_batch_prompts_continue_the_data_batch(score_prompt):
     np.testing.assert_array_equal(off["ce_mask"], off["loss_mask"])
     with pytest.raises(ValueError, match="prompt_source='batch'"):
         make(toks[:, :6], 0.5, True)  # corpus prompts have no mask to score them with
+    with pytest.raises(ValueError, match=r"max_new_tokens=9 must be in \[1, 8\].*9-token"):
+        OnPolicyBatcher(
+            base, None, lam=0.5, max_new_tokens=9, sampling=Sampling(1.0), seed=3, student_cfg=cfg
+        )
 
 
 def test_vocab_mismatch_is_a_clear_error(tmp_path):
