@@ -201,6 +201,12 @@ def parse(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--bf16_backward",
+        action="store_true",
+        help="backward GEMMs of the dense linears in bf16 (train.low_precision_backward; "
+        "distill_speed.py's fastest step); recorded in each arm's protocol",
+    )
+    p.add_argument(
         "--budget_s",
         type=float,
         default=None,
@@ -295,6 +301,7 @@ def bench_config(a, steps: int):
         log_every=max(1, steps // 20),
         tensorboard=False,
         seed=a.seed,
+        low_precision_backward=a.bf16_backward,
     )
     c.distill.update(tau=a.tau, beta=a.beta, alpha=a.alpha, jsd_normalize=a.jsd_normalize)
     c.lock()
@@ -317,6 +324,8 @@ def read_json(path: str) -> dict:
 def arm_protocol(common: dict, name: str, a) -> dict:
     """Everything an arm's result depends on: the shared protocol plus the arm's own loss."""
     p = dict(common)
+    if a.bf16_backward:  # (arms without the key ran autodiff's f32 backward)
+        p.update(low_precision_backward=True)
     if name != "ce":
         p.update(alpha=a.alpha, tau=a.tau)
     if ARMS[name][1]:
@@ -501,6 +510,7 @@ def main(argv=None):
         "train_data_scored_tokens",
         "gkd_variants",
         "gkd_variants_note",
+        "step_variants",
     ):
         if same_common and k in prior:
             result[k] = prior[k]
@@ -969,6 +979,14 @@ def markdown(r: dict) -> str:
         lines += [
             f"| {x['variant']} | {x['ppl']:.2f} | {x['kl']:.4f} | {100 * x['gap_recovered']:.1f}% |"
             for x in r["gkd_variants"]
+        ]
+    if r.get("step_variants"):  # the same arm with another train step (kept by hand)
+        lines += ["", "Same arm, another train step, same data and budget:", ""]
+        lines += ["| arm | step | ppl | KL | gap recovered | train tok/s |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"| {x['name']} | {x['variant']} | {x['ppl']:.2f} | {x['kl']:.4f} | "
+            f"{100 * x['gap_recovered']:.1f}% | {x['tokens_per_s']:,.0f} |"
+            for x in r["step_variants"]
         ]
     if r.get("targets", {}).get("arms_missing"):
         lines += ["", f"Not yet run: {', '.join(r['targets']['arms_missing'])}."]

@@ -36,16 +36,19 @@ with torch + transformers but no JAX):
 Writes ``<out>/distill_speed.json``: {"device", "seqlen", "shrinkjax_tokens_per_s",
 "torch_tokens_per_s", "mfu", ...}.
 
-Default shrinkjax step: layers unrolled, one unchunked loss (the fastest measured; H100,
-2026-11-27: 162K tokens/s vs 136K with the 8192-token chunked loss and 124K with both the
-chunked loss and the layer scan — the library's defaults, which use less memory and compile
-faster). Variants to measure (``--skip_torch`` for speed): ``--chunk`` (loss chunk), ``--scan``
-(layers in a ``lax.scan``), ``--remat``, ``--bf16_backward`` (bf16 backward GEMMs), ``--profile
-DIR`` (a trace of 3 steps; ``scripts/trace_summary.py DIR``), ``--random_init`` (SmolLM2 shapes,
-random weights: no GGUF needed), ``--loss`` (``dynamic``: all four loss
-terms with run-time weights, the step ``benchmarks/distill_quality.py`` trains with by default;
-``fkl_ce``/``ce``: its ``--static_loss`` steps), ``--seqlen``/``--batch``, e.g. the quality
-benchmark's shape: ``--skip_torch --seqlen 512 --batch 32 --loss dynamic``.
+Default shrinkjax step: layers unrolled, one unchunked loss, backward GEMMs in bf16 (the
+fastest measured; H100, 2026-11-27: 228K tokens/s; with autodiff's f32 backward GEMMs 163K,
+with that and the 8192-token chunked loss 136K, with both and the layer scan 124K — the
+library keeps scan + chunks as its defaults: less memory, faster compiles). Variants to
+measure (``--skip_torch`` for speed): ``--chunk`` (loss chunk), ``--scan`` (layers in a
+``lax.scan``), ``--remat``, ``--no-bf16_backward`` (f32 backward GEMMs), ``--profile DIR`` (a
+trace of 3 steps; ``scripts/trace_summary.py DIR``), ``--random_init`` (SmolLM2 shapes, random
+weights: no GGUF needed), ``--loss`` (``dynamic``: all four loss terms with run-time weights,
+the step ``benchmarks/distill_quality.py`` trains with by default; ``fkl_ce``/``ce``: its
+``--static_loss`` steps), ``--seqlen``/``--batch``, e.g. the quality benchmark's shape:
+``--skip_torch --seqlen 512 --batch 32 --loss dynamic``. The torch side runs with
+``torch.set_float32_matmul_precision("high")`` (TF32 for any f32 matmul, like XLA's default
+precision on GPU).
 """
 
 from __future__ import annotations
@@ -113,9 +116,11 @@ def parse(argv=None):
     )
     p.add_argument(
         "--bf16_backward",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="shrinkjax: backward GEMMs of the dense linears in bf16 (StepConfig."
-        "low_precision_backward, dispatch.mixed_matmul) instead of autodiff's f32 ones",
+        "low_precision_backward, dispatch.mixed_matmul; default, as PyTorch autocast does) "
+        "or, with --no-bf16_backward, autodiff's f32 ones",
     )
     p.add_argument(
         "--profile",
@@ -364,6 +369,7 @@ def torch_worker(a, mode: str) -> dict:
         sflat = {k[2:]: z[k] for k in z.files if k.startswith("s/")}
     tcfg, scfg = meta["teacher"], meta["student"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_float32_matmul_precision("high")  # TF32 for any f32 matmul, as XLA's default
     amp = torch.bfloat16 if dev == "cuda" else torch.float32
 
     def hf_model(cfg, flat, dtype):
