@@ -982,7 +982,7 @@ def markdown(r: dict) -> str:
         ]
     if r.get("step_variants"):  # the same arm with another train step (kept by hand)
         lines += ["", "Same arm, another train step, same data and budget:", ""]
-        lines += ["| arm | step | ppl | KL | gap recovered | train tok/s |", "|---|---|---|---|---|---|"]
+        lines += ["| arm | step | ppl | KL | gap recovered | train tok/s |", "|---" * 6 + "|"]
         lines += [
             f"| {x['name']} | {x['variant']} | {x['ppl']:.2f} | {x['kl']:.4f} | "
             f"{100 * x['gap_recovered']:.1f}% | {x['tokens_per_s']:,.0f} |"

@@ -5,8 +5,8 @@ The question it answers. At M = 1 the fused int4 kernel (:mod:`shrinkjax.kernels
 streams an 8192 x 8192 g128 weight at 0.43 of the copy bandwidth (27 µs on an H100; the issue
 asks for 0.75). Is that the memory system or the arithmetic after each load? ``load_only=True``
 keeps this kernel's weight loads, grid and tiles but drops the scale loads and replaces the
-decode with one FMA per word (a wrong result, for timing only): 14.9-16.5 µs, 0.73-0.76 of the copy bandwidth. So the loads can meet
-the target; the time goes to what follows them.
+decode with one FMA per word (a wrong result, for timing only): 14.9-16.5 µs, 0.73-0.76 of the
+copy bandwidth. So the loads can meet the target; the time goes to what follows them.
 
 The decode here is short. Each thread loads ``uint32`` words — the same bytes as
 :class:`~shrinkjax.kernels.layouts.PackedInt`, four columns at a time — and makes each of the 8
