@@ -24,9 +24,10 @@ per group and column: three per weight. Measured (H100, 2026-11-27,
 ``torch._weight_int4pack_mm`` in the same run; 4 instructions per weight 28.0 µs; at M = 4 it
 is 2x slower than the fused kernel (the FMA work grows with M). Loading a whole chunk before
 its arithmetic, or prefetching the next chunk into registers, made it slower (30-40 µs). The
-next step is to read the generated SASS (layout conversions of the ``[rows, 1]`` x and
-``[1, bn]`` scale broadcasts are the suspects), or to write the decode with packed bf16x2
-instructions.
+compiled loop (``scripts/triton_sass.py``) issues ~4.8 instructions per weight (the fused
+kernel ~5.8): 10-13 µs of issue time that adds to the 15 µs memory stream instead of hiding
+under it. Closing the gap needs ~1-1.5 per weight: packed bf16x2 decode into tensor-core
+fragments (``benchmarks/RESULTS.md``, Pallas kernels).
 
 Layouts. Weight: ``PackedInt.qweight`` uint8 ``[Kp/2, Np]`` viewed as uint32 ``[Kp/2, Np/4]``
 (little endian: byte ``c`` of word ``i`` = column ``4i + c``; a free bitcast). Scales and
