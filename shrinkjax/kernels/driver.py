@@ -220,6 +220,11 @@ def use_kernel_backend() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def on_tpu() -> bool:
+    """True where the Pallas TPU (Mosaic) kernels compile natively."""
+    return jax.default_backend() == "tpu"
+
+
 TUNING_KEYS = (
     "block_m",
     "block_n",
@@ -232,11 +237,14 @@ TUNING_KEYS = (
 )
 
 
-def packed_linear(matmul, ref, x, w, path="auto"):
+def packed_linear(matmul, ref, x, w, path="auto", tpu_matmul=None):
     """The dispatch implementation of a packed layout: ``matmul`` (the public kernel entry
-    point) where the kernels compile natively, else the pure-jnp ``ref(x2, w)``."""
+    point) where the Triton kernels compile natively (GPU), ``tpu_matmul(x, w)`` on a TPU when
+    the layout has a TPU kernel, else the pure-jnp ``ref(x2, w)``."""
     if use_kernel_backend():
         return matmul(x, w, path=path)
+    if tpu_matmul is not None and on_tpu():
+        return tpu_matmul(x, w)
     x2, lead = flatten_x(x, w.k)
     return ref(x2, w).reshape(*lead, w.n)
 
