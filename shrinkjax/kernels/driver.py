@@ -237,6 +237,13 @@ TUNING_KEYS = (
 )
 
 
+def tpu_matmul(x, w):
+    """The Pallas TPU kernel (:mod:`shrinkjax.kernels.tpu_matmul`; imported on first use)."""
+    from shrinkjax.kernels.tpu_matmul import tpu_matmul as kernel
+
+    return kernel(x, w)
+
+
 def packed_linear(matmul, ref, x, w, path="auto", tpu_matmul=None):
     """The dispatch implementation of a packed layout: ``matmul`` (the public kernel entry
     point) where the Triton kernels compile natively (GPU), ``tpu_matmul(x, w)`` on a TPU when

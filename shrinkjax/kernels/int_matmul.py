@@ -135,14 +135,8 @@ def int_matmul(
     )
 
 
-def _tpu_int_matmul(x, w):
-    from shrinkjax.kernels.tpu_int_matmul import tpu_int_matmul
-
-    return tpu_int_matmul(x, w)
-
-
 dispatch.register(PackedInt)(
     lambda x, w, **kw: D.packed_linear(
-        int_matmul, int_matmul_ref, x, w, tpu_matmul=_tpu_int_matmul, **kw
+        int_matmul, int_matmul_ref, x, w, tpu_matmul=D.tpu_matmul, **kw
     )
 )
