@@ -205,12 +205,20 @@ def _matmul24_2d(x2, values, meta, s, z, *, int4, pair, group, bm, bn, bq, inter
         in_specs += [table, table]
         arrays += [s, z]
     kern = functools.partial(_kernel24, int4=int4, pair=pair, group=group, bq=bq)
+    name = f"tpu_24_{'int4' if int4 else 'bf16'}_matmul"
+    y = _call(kern, arrays, in_specs, (mp // bm, np_ // bn, kq // bq), bm, bn, interpret, name)
+    return y[:m]
+
+
+def _call(kernel, arrays, in_specs, grid, bm, bn, interpret, name):
+    """The pallas_call every TPU kernel here shares: f32 ``[M, N]`` out, K (grid axis 2) last
+    and sequential, an f32 VMEM accumulator of one ``[bm, bn]`` tile."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        y = pl.pallas_call(
-            kern,
-            out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
-            grid=(mp // bm, np_ // bn, kq // bq),
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((grid[0] * bm, grid[1] * bn), jnp.float32),
+            grid=grid,
             in_specs=in_specs,
             out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
             scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
@@ -218,9 +226,8 @@ def _matmul24_2d(x2, values, meta, s, z, *, int4, pair, group, bm, bn, bq, inter
             if interpret
             else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
             interpret=pltpu.InterpretParams() if interpret else False,
-            name=f"tpu_24_{'int4' if int4 else 'bf16'}_matmul",
+            name=name,
         )(*arrays)
-    return y[:m]
 
 
 @functools.partial(
@@ -234,27 +241,14 @@ def _matmul_2d(x2, q, s, z, scale, *, kind, pair, group, bm, bn, bk, interpret):
     qrows = bk if kind == "int8" else bk // 2
     kern = functools.partial(_kernel, kind=kind, pair=pair, group=group, bk=bk)
     table = pl.BlockSpec((s.shape[0], bn), lambda i, j, kk: (0, j))
+    in_specs = [
+        pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
+        pl.BlockSpec((qrows, bn), lambda i, j, kk: (kk, j)),
+        table,
+    ] + ([] if z is None else [table])
     arrays = [xb, q, s] + ([] if z is None else [z])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        y = pl.pallas_call(
-            kern,
-            out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
-            grid=(mp // bm, np_ // bn, kp // bk),
-            in_specs=[
-                pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-                pl.BlockSpec((qrows, bn), lambda i, j, kk: (kk, j)),
-                table,
-            ]
-            + ([] if z is None else [table]),
-            out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-            scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-            compiler_params=None
-            if interpret
-            else pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-            interpret=pltpu.InterpretParams() if interpret else False,
-            name=f"tpu_{kind}_g{group}_matmul",
-        )(*arrays)
+    grid = (mp // bm, np_ // bn, kp // bk)
+    y = _call(kern, arrays, in_specs, grid, bm, bn, interpret, f"tpu_{kind}_g{group}_matmul")
     if scale is not None:  # NVFP4 tensor scale, on the f32 result as in the reference
         y = y * scale
     return y[:m]

@@ -22,7 +22,7 @@ from shrinkjax.kernels import tpu_matmul as T
 TOL = 1e-2
 
 
-def _problem(rng, bits, k, n, group, zeros):
+def _int_problem(rng, bits, k, n, group, zeros):
     codes = rng.integers(0, 2**bits, (k, n))
     g = -(-k // group)
     s = rng.uniform(0.01, 0.05, (g, n)).astype(np.float32)
@@ -61,70 +61,48 @@ def _sparse_problem(rng, fmt, k, n):
     return p, np.where(keep, w, 0.0)
 
 
+def problem(rng, fmt, k, n, group=128):
+    """(packed weight, float64 W [K, N]) for a format name; int formats: ``int4``/``int8``
+    with zero points, ``int4_sym``/``int8_sym`` without."""
+    if fmt.startswith("int"):
+        return _int_problem(rng, int(fmt[3]), k, n, group, not fmt.endswith("_sym"))
+    if fmt.startswith("2:4"):
+        return _sparse_problem(rng, fmt, k, n)
+    return _fp4_problem(rng, fmt, k, n)
+
+
 def _rel(a, b):
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize(
-    "bits,k,n,group,zeros,m,tiles",
+    "fmt,k,n,group,m,tiles",
     [
-        (4, 256, 256, 128, False, 1, {}),
-        (4, 300, 200, 128, True, 3, dict(block_k=128)),  # ragged K/N, 3 K steps
-        (4, 384, 256, 192, False, 2, dict(block_k=128, block_n=128)),  # groups across steps
-        (8, 384, 256, 128, True, 17, dict(block_k=128, block_n=128, block_m=16)),  # 2 M tiles
-        (8, 200, 130, 64, False, 5, {}),
+        ("int4_sym", 256, 256, 128, 1, {}),
+        ("int4", 300, 200, 128, 3, dict(block_k=128)),  # ragged K/N, 3 K steps
+        ("int4_sym", 384, 256, 192, 2, dict(block_k=128, block_n=128)),  # groups across steps
+        ("int8", 384, 256, 128, 17, dict(block_k=128, block_n=128, block_m=16)),  # 2 M tiles
+        ("int8_sym", 200, 130, 64, 5, {}),
+        ("mxfp4", 256, 256, 32, 1, {}),
+        ("mxfp4", 320, 200, 32, 3, dict(block_k=128)),  # ragged N, K padded to the chunk
+        ("nvfp4", 256, 384, 16, 5, dict(block_k=64, block_n=128)),
+        ("2:4_bf16", 256, 256, 0, 1, {}),
+        ("2:4_bf16", 250, 200, 0, 3, dict(block_k=256)),  # K not a multiple of 4, ragged N
+        ("2:4_bf16", 512, 128, 0, 18, dict(block_k=256, block_m=16)),  # 2 K steps, 2 M tiles
+        ("2:4_int4", 512, 256, 128, 2, dict(block_k=256)),
+        ("2:4_int4", 384, 128, 128, 5, {}),
     ],
 )
-def test_tpu_matmul_int_equals_float64_and_reference(bits, k, n, group, zeros, m, tiles):
-    rng = np.random.default_rng([bits, k, n, m])
-    p, w64 = _problem(rng, bits, k, n, group, zeros)
+def test_tpu_matmul_equals_float64_and_reference(fmt, k, n, group, m, tiles):
+    rng = np.random.default_rng([k, n, m, len(fmt)])
+    p, w64 = problem(rng, fmt, k, n, group)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = T.tpu_matmul(x, p, **tiles)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     assert _rel(y, np.asarray(x.astype(jnp.float32), np.float64) @ w64) < TOL
-    ref = np.asarray(R.int_matmul_ref(x, p).astype(jnp.float32), np.float64)
-    assert _rel(y, ref) < 1e-3  # same bf16 W, f32 accumulation in another order
-
-
-@pytest.mark.parametrize(
-    "fmt,k,n,m,tiles",
-    [
-        ("mxfp4", 256, 256, 1, {}),
-        ("mxfp4", 320, 200, 3, dict(block_k=128)),  # ragged N, K padded to the chunk
-        ("nvfp4", 256, 384, 5, dict(block_k=64, block_n=128)),
-    ],
-)
-def test_tpu_matmul_fp4_equals_float64_and_reference(fmt, k, n, m, tiles):
-    rng = np.random.default_rng([k, n, m])
-    p, w64 = _fp4_problem(rng, fmt, k, n)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    y = T.tpu_matmul(x, p, **tiles)
-    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-    assert _rel(y, np.asarray(x.astype(jnp.float32), np.float64) @ w64) < TOL
-    ref = {"mxfp4": R.mxfp4_matmul_ref, "nvfp4": R.nvfp4_matmul_ref}[fmt](x, p)
-    assert _rel(y, np.asarray(ref.astype(jnp.float32), np.float64)) < 1e-3
-
-
-@pytest.mark.parametrize(
-    "fmt,k,n,m,tiles",
-    [
-        ("2:4_bf16", 256, 256, 1, {}),
-        ("2:4_bf16", 250, 200, 3, dict(block_k=256)),  # ragged K (not a multiple of 4) and N
-        ("2:4_bf16", 512, 128, 18, dict(block_k=256, block_m=16)),  # 2 K steps, 2 M tiles
-        ("2:4_int4", 512, 256, 2, dict(block_k=256)),
-        ("2:4_int4", 384, 128, 5, {}),
-    ],
-)
-def test_tpu_matmul_24_equals_float64_and_reference(fmt, k, n, m, tiles):
-    rng = np.random.default_rng([k, n, m])
-    p, w64 = _sparse_problem(rng, fmt, k, n)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    y = T.tpu_matmul(x, p, **tiles)
-    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-    assert _rel(y, np.asarray(x.astype(jnp.float32), np.float64) @ w64) < TOL
-    ref = R.sparse24_matmul_ref(x, p)
-    assert _rel(y, np.asarray(ref.astype(jnp.float32), np.float64)) < 1e-3
+    ref = np.asarray(R.matmul_ref(x, p).astype(jnp.float32), np.float64)
+    assert _rel(y, ref) < 1e-3  # the same bf16 W, f32 accumulation in another order
 
 
 def test_e2m1_f32_is_the_e2m1_table():
@@ -138,13 +116,7 @@ def test_e2m1_f32_is_the_e2m1_table():
     "fmt", ["int4", "int4_sym", "int8", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
 )
 def test_tpu_matmul_lowers_to_mosaic(fmt):
-    rng = np.random.default_rng(0)
-    if fmt.startswith("int"):
-        p, _ = _problem(rng, int(fmt[3]), 1024, 512, 128, not fmt.endswith("sym"))
-    elif fmt.startswith("2:4"):
-        p, _ = _sparse_problem(rng, fmt, 1024, 512)
-    else:
-        p, _ = _fp4_problem(rng, fmt, 1024, 512)
+    p, _ = problem(np.random.default_rng(0), fmt, 1024, 512)
     x = jnp.ones((4, 1024), jnp.bfloat16)
     low = jax.jit(lambda x, p: T.tpu_matmul(x, p, interpret=False)).trace(x, p)
     text = low.lower(lowering_platforms=("tpu",)).as_text()
@@ -154,15 +126,8 @@ def test_tpu_matmul_lowers_to_mosaic(fmt):
 @pytest.mark.parametrize("fmt", ["int4", "mxfp4", "nvfp4", "2:4_int4"])
 def test_dispatch_routes_packed_weights_to_the_tpu_kernel_on_tpu(monkeypatch, fmt):
     rng = np.random.default_rng(3)
-    if fmt == "int4":
-        p, _ = _problem(rng, 4, 256, 128, 128, True)
-        ref_fn, kind = R.int_matmul_ref, "int4"
-    elif fmt == "2:4_int4":
-        p, _ = _sparse_problem(rng, fmt, 256, 128)
-        ref_fn, kind = R.sparse24_matmul_ref, "2:4"
-    else:
-        p, _ = _fp4_problem(rng, fmt, 256, 128)
-        ref_fn, kind = {"mxfp4": R.mxfp4_matmul_ref, "nvfp4": R.nvfp4_matmul_ref}[fmt], "fp4"
+    p, _ = problem(rng, fmt, 256, 128)
+    kind = {"int4": "int4", "mxfp4": "fp4", "nvfp4": "fp4", "2:4_int4": "2:4"}[fmt]
     x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.bfloat16)
     calls = []
 
@@ -178,13 +143,13 @@ def test_dispatch_routes_packed_weights_to_the_tpu_kernel_on_tpu(monkeypatch, fm
     spy(T._matmul24_2d, "_matmul24_2d")
     y = dispatch.linear(x, p)
     assert calls == [kind] and y.shape == (2, 3, 128)
-    ref = ref_fn(x.reshape(6, 256), p).reshape(2, 3, 128)
+    ref = R.matmul_ref(x.reshape(6, 256), p).reshape(2, 3, 128)
     assert _rel(y, np.asarray(ref.astype(jnp.float32), np.float64)) < 1e-3
 
 
 def test_tpu_matmul_errors():
     rng = np.random.default_rng(1)
-    p, _ = _problem(rng, 4, 256, 256, 128, False)
+    p, _ = problem(rng, "int4_sym", 256, 256)
     x = jnp.ones((1, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="block_n 192"):
         T.tpu_matmul(x, p, block_n=192)
