@@ -39,7 +39,7 @@ def main(argv=None):
         help="also time the kernel's loads alone (one FMA per word, no decode; wrong result) "
         "with each config, to tell a decode bound from a memory bound",
     )
-    ap.add_argument("--small-grid", action="store_true", help="16 configs")
+    ap.add_argument("--small-grid", action="store_true", help="48 configs at the auto split")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
