@@ -74,14 +74,6 @@ def decoder_for(p) -> Decoder:
     raise TypeError(f"no dequantize kernel for {type(p).__name__}")
 
 
-def _rows(block_k: int, chunk: int, kp: int) -> int:
-    """Rows per program: a multiple of the chunk, at most ``block_k``, dividing Kp."""
-    bk = max(chunk, (min(block_k, kp) // chunk) * chunk)
-    while kp % bk:
-        bk -= chunk
-    return bk
-
-
 @functools.partial(
     jax.jit, static_argnames=("interpret", "block_k", "block_n", "num_warps", "tensor_scale")
 )
@@ -99,7 +91,7 @@ def dequantize_padded(
     chunk, kp, np_ = p.chunk, p.kp, p.np_
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    bk = _rows(block_k, chunk, kp)
+    bk = D.rows_per_step(block_k, chunk, kp)
     bn = block_n if np_ % block_n == 0 else N_ALIGN
     unit = bk // 4 if dec.sparse24 else bk  # output rows (groups for 2:4) per program
     arrays = list(dec.arrays)

@@ -237,23 +237,29 @@ TUNING_KEYS = (
 )
 
 
-def tpu_matmul(x, w):
-    """The Pallas TPU kernel (:mod:`shrinkjax.kernels.tpu_matmul`; imported on first use)."""
-    from shrinkjax.kernels.tpu_matmul import tpu_matmul as kernel
-
-    return kernel(x, w)
-
-
-def packed_linear(matmul, ref, x, w, path="auto", tpu_matmul=None):
+def packed_linear(matmul, ref, x, w, path="auto"):
     """The dispatch implementation of a packed layout: ``matmul`` (the public kernel entry
-    point) where the Triton kernels compile natively (GPU), ``tpu_matmul(x, w)`` on a TPU when
-    the layout has a TPU kernel, else the pure-jnp ``ref(x2, w)``."""
+    point) where the Triton kernels compile natively (GPU), the Pallas TPU kernel
+    (:mod:`shrinkjax.kernels.tpu_matmul`) on a TPU for the layouts it covers, else the pure-jnp
+    ``ref(x2, w)``."""
     if use_kernel_backend():
         return matmul(x, w, path=path)
-    if tpu_matmul is not None and on_tpu():
-        return tpu_matmul(x, w)
+    if on_tpu():
+        from shrinkjax.kernels import tpu_matmul  # imports this module
+
+        if isinstance(w, tpu_matmul.FORMATS):
+            return tpu_matmul.tpu_matmul(x, w)
     x2, lead = flatten_x(x, w.k)
     return ref(x2, w).reshape(*lead, w.n)
+
+
+def rows_per_step(block_k: int, chunk: int, kp: int) -> int:
+    """K rows per program / grid step: a multiple of the layout chunk, at most ``block_k``
+    (at least one chunk), dividing Kp."""
+    bk = max(chunk, (min(block_k, kp) // chunk) * chunk)
+    while kp % bk:
+        bk -= chunk
+    return bk
 
 
 def run_packed(kernel_2d, x, packed, interpret=None, *, path="auto", **tuning):

@@ -137,12 +137,8 @@ def nvfp4_matmul(x, packed: PackedNVFP4, **kw):
 
 
 dispatch.register(PackedMXFP4)(
-    lambda x, w, **kw: D.packed_linear(
-        fp4_matmul, mxfp4_matmul_ref, x, w, tpu_matmul=D.tpu_matmul, **kw
-    )
+    lambda x, w, **kw: D.packed_linear(fp4_matmul, mxfp4_matmul_ref, x, w, **kw)
 )
 dispatch.register(PackedNVFP4)(
-    lambda x, w, **kw: D.packed_linear(
-        fp4_matmul, nvfp4_matmul_ref, x, w, tpu_matmul=D.tpu_matmul, **kw
-    )
+    lambda x, w, **kw: D.packed_linear(fp4_matmul, nvfp4_matmul_ref, x, w, **kw)
 )

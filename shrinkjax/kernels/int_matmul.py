@@ -136,7 +136,5 @@ def int_matmul(
 
 
 dispatch.register(PackedInt)(
-    lambda x, w, **kw: D.packed_linear(
-        int_matmul, int_matmul_ref, x, w, tpu_matmul=D.tpu_matmul, **kw
-    )
+    lambda x, w, **kw: D.packed_linear(int_matmul, int_matmul_ref, x, w, **kw)
 )

@@ -138,7 +138,5 @@ def sparse24_matmul(
 
 
 dispatch.register(Packed24)(
-    lambda x, w, **kw: D.packed_linear(
-        sparse24_matmul, sparse24_matmul_ref, x, w, tpu_matmul=D.tpu_matmul, **kw
-    )
+    lambda x, w, **kw: D.packed_linear(sparse24_matmul, sparse24_matmul_ref, x, w, **kw)
 )

@@ -99,13 +99,6 @@ def e2m1_f32(q):
     return jnp.where((q & 8) != 0, -mag, mag)
 
 
-def _block_k(p, block_k: int) -> int:
-    bk = max(p.chunk, (min(block_k, p.kp) // p.chunk) * p.chunk)
-    while p.kp % bk:
-        bk -= p.chunk
-    return bk
-
-
 def _kernel(x_ref, q_ref, s_ref, *rest, kind, pair, group, bk):
     z_ref = rest[0] if len(rest) == 3 else None
     o_ref, acc_ref = rest[-2], rest[-1]
@@ -276,7 +269,7 @@ def tpu_matmul(x, p, *, operands=None, interpret=None, block_k=BLOCK_K, block_n=
     bm = block_m or min(MAX_BLOCK_M, round_up(max(m, 1), 16))
     if bm % 8:
         raise ValueError(f"block_m {bm} must be a multiple of 8")
-    bk = _block_k(p, block_k)
+    bk = D.rows_per_step(block_k, p.chunk, p.kp)
     q, s, z = tpu_operands(p) if operands is None else operands
     if isinstance(p, Packed24):
         values, meta = q
