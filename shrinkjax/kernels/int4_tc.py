@@ -1,0 +1,426 @@
+"""Pallas kernel (Triton lowering): int4 group-quantized ``y = x @ W`` for decode (M <= 16),
+with the weight as the tensor-core *left* operand and the decode in packed bf16x2 registers.
+
+Why another int4 kernel. At M = 1 the fused kernel (:mod:`shrinkjax.kernels.int_matmul`) and the
+f32 GEMV (:mod:`shrinkjax.kernels.int4_gemv`) both spend ~5 instructions per weight after the
+load (``benchmarks/RESULTS.md``: the loads alone stream at 0.75 of the copy bandwidth, the
+kernels at 0.43). Two changes cut that to about one:
+
+* **Swapped operands** ("swap AB", as Machete/Marlin-style decode kernels do): the program
+  computes ``acc[n, m] = sum_k W[k, n] x[m, k]``, i.e. ``Wt[bn, 16] @ xt[16, 16]``, so the
+  decoded weight is the M side of the MMA (64+ rows) and the few tokens are its 16-wide N side.
+* **Two weights per instruction**: one ``lop3.b32`` turns two 4-bit codes into a bf16x2 register
+  ``(128 + q0, 128 + q1)`` by OR-ing them into the mantissa of ``128.0`` (``0x4300``), exactly;
+  one ``shr`` serves four codes. No int->float conversion, no subtraction per weight: the dot
+  takes ``128 + q`` and the zero point and scale are applied once per group to the f32
+  ``[bn, 16]`` result: ``s * (sum_k x (128 + q)) + offset * sum_k x`` with
+  ``offset = -(128 + z) s`` and ``sum_k x`` per group computed outside (tiny).
+
+Layout (:class:`TcInt4`, built once per weight by :func:`pack_tc`, jit-able; the program tile
+``block_n`` is fixed at packing). ``words`` is uint32 ``[Np/bn, Kw/128, bn, 16]`` (``Kw`` = K padded
+to 128): tile ``i`` of ``bn`` weight rows (output columns), K chunk ``t`` of 128 rows is one
+contiguous ``bn * 64``-byte block, so each loop step of a program reads one contiguous stream.
+Within a chunk, K offset ``16 j + 2 u + b`` (slab ``j`` of 8, pair ``u`` of 8, ``b`` in {0, 1}) of
+weight row ``n`` is word ``2 u + e`` of row ``n`` with ``e = j // 4``, nibble ``(j % 4) + 4 b``
+(bits ``4 (j % 4) + 16 b``). So for the word pair ``(2u, 2u+1)`` one decode instance holds,
+``(w >> 4 (j % 4)) & 0x000F000F`` of word ``2u + j // 4`` is the bf16x2 pair of K offsets
+``(16 j + 2 u, 16 j + 2 u + 1)``: slab ``j``'s ``[bn, 16]`` operand comes out in order.
+``scales`` (bf16) and ``zeros`` (uint8; None: symmetric, 8) are ``[Np/bn, Gw, bn, 1]``, as
+:class:`~shrinkjax.kernels.layouts.PackedInt` stores them (scale 0 beyond K / N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from shrinkjax.kernels import driver as D
+from shrinkjax.kernels.layouts import PackedInt, round_up
+from shrinkjax.kernels.reference import _unpack_split_half
+from shrinkjax.kernels.triton_ext import dot_acc
+
+try:
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - very old jax
+    plgpu = None
+
+CHUNK = 128  # K rows per loop step (16 words of 8 nibbles per weight row)
+SLAB = 16  # K rows per MMA (bf16 k-step)
+DEFAULT_BLOCK_N = 128  # H100 sweep (scripts/probe_int4_tc.py): 128 or 256 within 3%
+DEFAULT_XSUM = "xla"  # int4_tc_matmul's default xsum mode (benchmarks/decode.py --int4-xsum)
+MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
+_BF16_128 = 0x43004300  # two bf16 128.0
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["words", "scales", "zeros"],
+    meta_fields=["k", "n", "group", "block_n"],
+)
+@dataclasses.dataclass(frozen=True)
+class TcInt4:
+    """int4 weight in :mod:`int4_tc`'s layout (module docstring)."""
+
+    words: jax.Array  # uint32 [Np/bn, Kw/128, bn, 16]
+    scales: jax.Array  # bf16 [Np/bn, Gw, bn, 1]
+    zeros: jax.Array | None  # uint8 [Np/bn, Gw, bn, 1]; None = symmetric (8)
+    k: int
+    n: int
+    group: int
+    block_n: int  # weight rows (output columns) per program
+
+    @property
+    def kw(self) -> int:
+        return self.words.shape[1] * CHUNK
+
+    @property
+    def np_(self) -> int:
+        return self.words.shape[0] * self.block_n
+
+    kp = kw  # (the padded-K name the other layouts use)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n)
+
+
+def supports(p: PackedInt) -> bool:
+    """True when :func:`pack_tc` takes ``p`` (4-bit; group divides 128 or is a multiple of it)."""
+    if not isinstance(p, PackedInt):
+        return False
+    g = p.group
+    return p.bits == 4 and g % SLAB == 0 and (CHUNK % g == 0 or g % CHUNK == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_n",))
+def pack_tc(p: PackedInt, block_n: int = DEFAULT_BLOCK_N) -> TcInt4:
+    """One-time conversion of an int4 :class:`PackedInt` to :class:`TcInt4` (pure XLA)."""
+    if not isinstance(p, PackedInt):
+        raise TypeError(f"pack_tc converts a PackedInt, got {type(p).__name__}")
+    if p.np_ % block_n or block_n % 64:
+        raise ValueError(f"block_n {block_n} must be a multiple of 64 dividing Np={p.np_}")
+    if not supports(p):
+        raise ValueError(
+            f"int4_tc needs bits=4 and a group size that divides {CHUNK} or is a multiple of "
+            f"it (and of {SLAB}); got bits={p.bits}, group={p.group}"
+        )
+    codes = _unpack_split_half(p.qweight, p.pair).astype(jnp.uint32)  # [Kp, Np]
+    kp, np_ = codes.shape
+    kw = round_up(kp, CHUNK)
+    gw = kw // p.group  # kp is a multiple of a group > CHUNK already
+    pad_g = ((0, gw - p.scales.shape[0]), (0, 0))  # padded K rows: scale 0 -> no effect
+    s = jnp.pad(p.scales, pad_g)
+    z = None if p.zeros is None else jnp.pad(p.zeros, pad_g)
+    q = jnp.pad(codes, ((0, kw - kp), (0, 0))).T  # [Np, Kw]
+    q = q.reshape(np_, kw // CHUNK, 2, 4, 8, 2)  # [n, t, e, j%4, u, b]
+    shift = (4 * (jnp.arange(4)[:, None] + 4 * jnp.arange(2)[None, :])).astype(jnp.uint32)
+    w = jnp.sum(q << shift[None, None, None, :, None, :], axis=(3, 5), dtype=jnp.uint32)
+    w = jnp.transpose(w, (0, 1, 3, 2)).reshape(np_ // block_n, block_n, kw // CHUNK, 16)
+    w = jnp.transpose(w, (0, 2, 1, 3))  # [tile, chunk, row, word 2u + e]
+
+    def tiles(a):  # [Gw, Np] -> [Np/bn, Gw, bn, 1]
+        return jnp.transpose(a.reshape(gw, np_ // block_n, block_n), (1, 0, 2))[..., None]
+
+    z = None if z is None else tiles(z)
+    return TcInt4(w, tiles(s), z, k=p.k, n=p.n, group=p.group, block_n=block_n)
+
+
+def _decode_asm(w):
+    """uint32 [bn, 16] -> 8 bf16 [bn, 16] tiles ``128 + q`` (inline PTX, 2 words per instance).
+
+    One asm op per tile: jax's Pallas lowering returns a single result per inline-asm op.
+    """
+    out = []
+    for j in range(8):
+        src = "$1" if j < 4 else "$2"
+        sh = 4 * (j % 4)
+        shift = f"shr.u32 t, {src}, {sh}; " if sh else f"mov.b32 t, {src}; "
+        asm = "{ .reg .b32 t; " + shift + f"lop3.b32 $0, t, 0x000F000F, {_BF16_128:#x}, 0xEA; }}"
+        (tile,) = plgpu.elementwise_inline_asm(
+            asm,
+            args=[w],
+            constraints="=r,r,r",
+            pack=2,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)],
+        )
+        out.append(tile)
+    return out
+
+
+def _decode_jnp(w):
+    """Same as :func:`_decode_asm` in jnp (interpret mode / CPU)."""
+    out = []
+    for j in range(8):
+        src = w[:, j // 4 :: 2]  # [bn, 8]: word 2u + j // 4
+        sh = 4 * (j % 4)
+        pair = jnp.stack([(src >> sh) & 0xF, (src >> (sh + 16)) & 0xF], axis=-1)
+        out.append((pair.reshape(w.shape) + 128).astype(jnp.float32).astype(jnp.bfloat16))
+    return out
+
+
+def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum, interpret):
+    sid = pl.program_id(1)
+    spg = min(group, CHUNK) // SLAB  # slabs per scale group
+    decode = _decode_jnp if interpret else _decode_asm
+    bn, mp = w_ref.shape[1], o_ref.shape[0]
+    ones = jnp.ones((bn, SLAB), jnp.bfloat16)
+
+    def x_slab(k0):  # x[0:16, k0:k0+16]^T as the MMA's right operand; rows >= M read as 0
+        view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
+        rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
+        return plgpu.load(view, mask=rows < m, other=0.0).T if m < mp else view[...].T
+
+    def scales(t):  # per group of chunk t: scale, offset [bn, 1] (and sum x [1, 16])
+        out = []
+        for j0 in range(0, 8, spg):
+            k0 = t * CHUNK + SLAB * j0
+            g = D.idiv(k0, group)
+            xs = None
+            if xsum == "xla":  # XLA's [M, units] sums: column u as a [1, mp] row
+                view = xs_ref.at[:, pl.ds(D.idiv(k0, SLAB * spg), 1)]
+                rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
+                xs = plgpu.load(view, mask=rows < m, other=0.0).T if m < mp else view[...].T
+            elif xsum == "sum":  # reduce this unit's x [mp, unit] here
+                view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB * spg)]
+                rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
+                xu = plgpu.load(view, mask=rows < m, other=0.0) if m < mp else view[...]
+                xs = jnp.sum(xu.astype(jnp.float32), axis=1, keepdims=True).T
+            out.append((s_ref[g], None if z_ref is None else z_ref[g], xs))
+        return out
+
+    last = sid * steps + steps - 1
+
+    def body(i, carry):
+        acc, cur = carry
+        t = sid * steps + i
+        # Scales are not tensor-core operands, so Triton does not pipeline their loads: issue
+        # the next chunk's here and use them one iteration later (their latency hides).
+        nxt = scales(jnp.minimum(t + 1, last))
+        tiles = decode(w_ref[t])  # uint32 [bn, 16] (contiguous) -> 8 x bf16 [bn, 16]
+        for c, j0 in enumerate(range(0, 8, spg)):
+            sc, z, xsum = cur[c]
+            sc = sc.astype(jnp.float32)
+            off = (-136.0 if z is None else -(z.astype(jnp.float32) + 128.0)) * sc
+            part = jnp.zeros(acc.shape, jnp.float32)
+            mma_sum = xsum is None
+            xsum = jnp.zeros(acc.shape, jnp.float32) if mma_sum else xsum
+            for j in range(j0, j0 + spg):  # chained on the tensor core
+                xj = x_slab(t * CHUNK + SLAB * j)
+                part = dot_acc(tiles[j], xj, part)  # sum_k (128 + q) x
+                if mma_sum:
+                    xsum = dot_acc(ones, xj, xsum)  # sum_k x, broadcast over the bn rows
+            acc = acc + part * sc + off * xsum
+        return acc, nxt
+
+    acc0 = jnp.zeros((bn, mp), jnp.float32)
+    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps)))
+    rows = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, 0)  # token index
+    plgpu.store(o_ref, acc.T.astype(o_ref.dtype), mask=rows < m)  # only the M real tokens
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret"),
+)
+def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="mma", out_dtype=None):
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass)."""
+    m = x2.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"int4_tc takes M <= {MAX_M} rows, got {m}")
+    np_, kw, block_n = t.np_, t.kw, t.block_n
+    gw = t.scales.shape[1]
+    chunks = kw // CHUNK
+    if chunks % split_k:
+        raise ValueError(f"split_k {split_k} must divide the {chunks} K chunks of {CHUNK} rows")
+    xb = x2.astype(jnp.bfloat16)
+    if kw != t.k:  # (K a multiple of 128 needs no copy of x)
+        xb = jnp.pad(xb, ((0, 0), (0, kw - t.k)))
+    squeezed = getattr(pl, "squeezed", None)
+    unit = min(t.group, CHUNK)  # K rows per scale correction
+    mp = max(SLAB, 1 << (m - 1).bit_length())  # the MMA's token side: 16, 32, 64 or 128
+    in_specs = [pl.BlockSpec((mp, kw), lambda j, s: (0, 0))]  # rows >= M: masked
+    args = [xb]
+    if xsum == "xla":  # sum_k x per correction unit by XLA (one reduce), read by the kernel
+        args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
+        in_specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
+    elif xsum not in ("mma", "sum"):
+        raise ValueError(f"xsum must be 'xla', 'sum' or 'mma', got {xsum!r}")
+    out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
+    static = dict(m=m, steps=chunks // split_k, group=t.group, xsum=xsum, interpret=interpret)
+
+    w_args = [t.words, t.scales] + ([] if t.zeros is None else [t.zeros])
+    w_specs = [pl.BlockSpec((squeezed, chunks, block_n, 16), lambda j, s: (j, 0, 0, 0))] + [
+        pl.BlockSpec((squeezed, gw, block_n, 1), lambda j, s: (j, 0, 0, 0))
+    ] * (len(w_args) - 1)
+
+    def kern(x_ref, *refs):
+        xs_ref = refs[0] if xsum == "xla" else None
+        w_refs, o_ref = refs[len(refs) - 1 - len(w_args) : -1], refs[-1]
+        z_ref = w_refs[2] if len(w_refs) == 3 else None
+        _kernel(x_ref, xs_ref, w_refs[0], w_refs[1], z_ref, o_ref, **static)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = pl.pallas_call(
+            kern,
+            out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
+            grid=(np_ // block_n, split_k),
+            in_specs=in_specs + w_specs,
+            out_specs=pl.BlockSpec((squeezed, mp, block_n), lambda j, s: (s, 0, j)),
+            interpret=interpret,
+            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
+            name=f"int4_tc_{xsum}_s{split_k}",
+        )(*args, *w_args)
+    y = out[0] if split_k == 1 else out.sum(axis=0)
+    return y if np_ == t.n else y[:, : t.n]
+
+
+def default_split(t: TcInt4) -> int:
+    """K splits for about two programs per SM (a power of two dividing the chunk count)."""
+    progs, split, chunks = t.words.shape[0], 1, t.kw // CHUNK
+    # (and at least 4 chunks per program: H100 sweeps lost at 2 chunks per program)
+    while progs * split < 2 * D._num_sms() and chunks % (2 * split) == 0 and chunks >= 8 * split:
+        split *= 2
+    return split
+
+
+def int4_tc_matmul(
+    x, t: TcInt4, *, split_k=None, num_warps=4, num_stages=3, xsum=None, interpret=None
+):
+    """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
+
+    ``xsum``: where ``sum_k x`` per scale group (the zero-point term) comes from: ``"xla"`` a
+    small XLA reduction before the kernel (one more launch, ~1.4 µs), ``"sum"`` a reduction of
+    the x tile inside the kernel (issued one chunk ahead, like the scales), or ``"mma"`` an extra
+    tensor-core dot with a ones operand inside the kernel (H100: 4-5 µs slower at 8192²).
+    """
+    x2, lead = D.flatten_x(x, t.k)
+    split_k = default_split(t) if split_k is None else split_k
+    xsum = DEFAULT_XSUM if xsum is None else xsum
+    y = _tc_2d(
+        x2.astype(jnp.bfloat16),
+        t,
+        split_k=split_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        xsum=xsum,
+        out_dtype=jnp.dtype(x.dtype),
+        interpret=D.resolve_interpret(interpret),
+    )
+    return y.astype(x.dtype).reshape(*lead, t.n)
+
+
+# ------------------------------------------------------------------------------------------
+# dequantize (reference and prefill path) and dispatch
+# ------------------------------------------------------------------------------------------
+
+
+def _codes_nk(t: TcInt4):
+    """uint32 codes [Np, Kw] (the inverse of :func:`pack_tc`'s word packing)."""
+    nt, chunks, bn, _ = t.words.shape
+    w = t.words.reshape(nt, chunks, bn, 8, 2)  # [tile, t, row, u, e]
+    shift = 4 * (jnp.arange(4)[:, None] + 4 * jnp.arange(2)[None, :])  # [j % 4, b]
+    q = (w[..., None, None] >> shift.astype(jnp.uint32)) & 0xF  # [tile, t, row, u, e, j%4, b]
+    q = jnp.transpose(q, (0, 2, 1, 4, 5, 3, 6))  # [tile, row, t, e, j%4, u, b]
+    return q.reshape(nt * bn, chunks * CHUNK)
+
+
+def _rows_of(a, t: TcInt4):  # [Np/bn, Gw, bn, 1] -> f32 [Np, Kw] (per K row)
+    g = jnp.transpose(a[..., 0], (0, 2, 1)).reshape(t.np_, -1).astype(jnp.float32)
+    return jnp.repeat(g, t.group, axis=1)[:, : t.kw]
+
+
+def dequantize_tc_ref(t: TcInt4):
+    """bf16 ``W [K, N]`` (pure jnp; bit-identical to the PackedInt reference)."""
+    z = 8.0 if t.zeros is None else _rows_of(t.zeros, t)
+    w = (_codes_nk(t).astype(jnp.float32) - z) * _rows_of(t.scales, t)
+    return w.astype(jnp.bfloat16)[: t.n, : t.k].T
+
+
+def tc_matmul_ref(x2, t: TcInt4):
+    y = jnp.matmul(
+        x2.astype(jnp.bfloat16), dequantize_tc_ref(t), preferred_element_type=jnp.float32
+    )
+    return y.astype(x2.dtype)
+
+
+def _dequant_kernel(w_ref, s_ref, z_ref, o_ref, *, group, interpret):
+    t = pl.program_id(0)
+    tiles = (_decode_jnp if interpret else _decode_asm)(w_ref[...])
+    for j in range(8):
+        g = D.idiv(t * CHUNK + SLAB * j, group)
+        s = s_ref[g].astype(jnp.float32)  # [bn, 1]
+        z = 136.0 if z_ref is None else z_ref[g].astype(jnp.float32) + 128.0
+        w = ((tiles[j].astype(jnp.float32) - z) * s).astype(o_ref.dtype)  # [bn, 16]
+        o_ref[pl.ds(SLAB * j, SLAB), :] = w.T  # 16 whole K rows of the [128, bn] block
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def dequantize_tc(t: TcInt4, interpret=False):
+    """bf16 ``W [Kw, Np]`` (K-major, like a dense weight) by a Pallas kernel: one program per
+    128-row chunk and tile, writing 16 whole rows of ``bn`` columns per slab."""
+    nt, chunks, bn, _ = t.words.shape
+    gw = t.scales.shape[1]
+    squeezed = getattr(pl, "squeezed", None)
+    w_args = [t.words, t.scales] + ([] if t.zeros is None else [t.zeros])
+    specs = [pl.BlockSpec((squeezed, squeezed, bn, 16), lambda c, i: (i, c, 0, 0))] + [
+        pl.BlockSpec((squeezed, gw, bn, 1), lambda c, i: (i, 0, 0, 0))
+    ] * (len(w_args) - 1)
+
+    def kern(*refs):
+        z_ref = refs[2] if len(refs) == 4 else None
+        _dequant_kernel(refs[0], refs[1], z_ref, refs[-1], group=t.group, interpret=interpret)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pl.pallas_call(
+            kern,
+            out_shape=jax.ShapeDtypeStruct((t.kw, t.np_), jnp.bfloat16),
+            grid=(chunks, nt),
+            in_specs=specs,
+            out_specs=pl.BlockSpec((CHUNK, bn), lambda c, i: (c, i)),
+            interpret=interpret,
+            compiler_params=D.compiler_params(4, 1, interpret),
+            name="int4_tc_dequant",
+        )(*w_args)
+
+
+def tc_linear(x, t: TcInt4, *, path="auto", interpret=None, **tuning):
+    """``x[..., K] @ W`` for a :class:`TcInt4`; the dispatch entry point (``x.dtype`` out).
+
+    ``path``: ``"fused"`` (:func:`int4_tc_matmul`, M <= 128), ``"dequant_dot"``
+    (:func:`dequantize_tc` then cuBLAS) or ``"auto"`` (fused below
+    ``dispatch.PREFILL_MIN_M`` rows and at most 128). ``tuning``: :func:`int4_tc_matmul`'s."""
+    from shrinkjax.kernels import dispatch
+
+    x2, lead = D.flatten_x(x, t.k)
+    m = x2.shape[0]
+    path = dispatch.choose_path(path, m)
+    if path == "fused" and m > MAX_M:
+        path = "dequant_dot"
+    interpret = D.resolve_interpret(interpret)
+    if path == "fused":
+        y = int4_tc_matmul(x2, t, interpret=interpret, **tuning)
+    else:
+        w = dequantize_tc(t, interpret=interpret)  # [Kw, Np]
+        xb = x2.astype(jnp.bfloat16)
+        if t.kw != t.k:
+            xb = jnp.pad(xb, ((0, 0), (0, t.kw - t.k)))
+        y = jnp.matmul(xb, w, preferred_element_type=jnp.float32)[:, : t.n].astype(x.dtype)
+    return y.reshape(*lead, t.n)
+
+
+def _register():
+    from shrinkjax.kernels import dispatch
+
+    dispatch.register(TcInt4)(
+        lambda x, w, **kw: D.packed_linear(tc_linear, tc_matmul_ref, x, w, **kw)
+    )
+
+
+_register()

@@ -1,0 +1,168 @@
+"""The tensor-core int4 decode kernel (``kernels/int4_tc.py``): the exact bit layout, bit-exact
+dequantization, the kernel (interpret mode; natively on a GPU) against float64 on ragged shapes,
+both ``sum x`` modes, the dispatch entry point, the chained-dot primitive and its errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shrinkjax.kernels import dispatch
+from shrinkjax.kernels import int4_tc as T
+from shrinkjax.kernels import layouts as L
+from shrinkjax.kernels import reference as R
+from shrinkjax.kernels.triton_ext import dot_acc
+
+TOL = 1e-2
+
+
+def _problem(rng, k, n, group, zeros, block_n=64):
+    codes = rng.integers(0, 16, (k, n))
+    g = -(-k // group)
+    s = rng.uniform(0.01, 0.05, (g, n)).astype(np.float32)
+    z = rng.integers(0, 16, (g, n)) if zeros else None
+    p = L.pack_int(codes, s, z, bits=4, group=group)
+    sb = np.asarray(jnp.asarray(p.scales[:g, :n], jnp.float32), np.float64)  # stored bf16
+    zz = np.full((g, n), 8) if z is None else z
+    w64 = (codes - np.repeat(zz, group, 0)[:k]) * np.repeat(sb, group, 0)[:k]
+    return p, T.pack_tc(p, block_n), codes, w64
+
+
+def _rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_word_layout_puts_each_code_at_its_documented_nibble():
+    """K offset 16 j + 2 u + b of chunk t, row n -> tile n // bn, word 2 u + j // 4 of the
+    chunk, bits 4 (j % 4) + 16 b (module docstring)."""
+    k, n, bn = 256, 128, 64
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (k, n))
+    t = T.pack_tc(L.pack_int(codes, np.ones((2, n), np.float32), bits=4, group=128), bn)
+    words = np.asarray(t.words)
+    assert words.shape == (n // bn, k // 128, bn, 16) and words.dtype == np.uint32
+    for kk, nn in [(0, 0), (1, 0), (17, 5), (127, 63), (128 + 64 + 3, 64 + 7), (255, 127)]:
+        c, off = divmod(kk, 128)
+        j, rest = divmod(off, 16)
+        u, b = divmod(rest, 2)
+        word = words[nn // bn, c, nn % bn, 2 * u + j // 4]
+        assert (int(word) >> (4 * (j % 4) + 16 * b)) & 0xF == codes[kk, nn]
+
+
+def test_decode_gives_128_plus_code_per_slab():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 16, (128, 64))
+    t = T.pack_tc(L.pack_int(codes, np.ones((1, 64), np.float32), bits=4, group=128), 64)
+    tiles = T._decode_jnp(t.words[0, 0])
+    for j, tile in enumerate(tiles):  # slab j holds K rows 16 j .. 16 j + 15, rows = N
+        np.testing.assert_array_equal(
+            np.asarray(tile, np.float32), 128 + codes[16 * j : 16 * j + 16].T
+        )
+
+
+@pytest.mark.parametrize(
+    "k,n,group,zeros",
+    [(256, 128, 128, True), (300, 200, 32, False), (520, 130, 64, True), (1000, 256, 256, True)],
+)
+def test_dequantize_is_bit_exact(k, n, group, zeros):
+    rng = np.random.default_rng([k, n])
+    p, t, _, _ = _problem(rng, k, n, group, zeros)
+    want = np.asarray(R.dequantize(p)).view(np.uint16)
+    np.testing.assert_array_equal(np.asarray(R.dequantize(t)).view(np.uint16), want)
+    w = np.asarray(T.dequantize_tc(t, interpret=True))  # the prefill path's Pallas kernel
+    np.testing.assert_array_equal(w[:k, :n].view(np.uint16), want)
+    assert not w[k:].astype(np.float32).any()  # padded K rows are exactly zero
+
+
+@pytest.mark.parametrize("xsum", ["xla", "sum", "mma"])
+@pytest.mark.parametrize(
+    "k,n,group,zeros,m,split",
+    [
+        (256, 128, 128, False, 1, 1),
+        (300, 200, 128, True, 3, 1),  # ragged K, N
+        (256, 384, 32, False, 16, 2),  # 4 groups per chunk, split K
+        (520, 130, 64, True, 17, 1),  # 32-wide token side
+        (1024, 256, 256, True, 40, 4),  # a group spans 2 chunks
+    ],
+)
+def test_kernel_equals_float64_and_reference(xsum, k, n, group, zeros, m, split):
+    rng = np.random.default_rng([k, n, m])
+    p, t, _, w64 = _problem(rng, k, n, group, zeros)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = T.int4_tc_matmul(x, t, split_k=split, xsum=xsum, interpret=True)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    r64 = np.asarray(x.astype(jnp.float32), np.float64) @ w64
+    assert _rel(y, r64) < TOL
+    y32 = T._tc_2d(x, t, split_k=split, num_warps=4, num_stages=1, xsum=xsum, interpret=True)
+    assert _rel(y32, r64) < 1e-5  # f32 result: exact codes, scales applied in f32
+    assert _rel(y, np.asarray(R.matmul_ref(x, p).astype(jnp.float32), np.float64)) < TOL
+
+
+@pytest.mark.parametrize("m", [3, 300])
+def test_dispatch_routes_tc_weights(m):
+    rng = np.random.default_rng(m)
+    p, t, _, w64 = _problem(rng, 384, 128, 128, True)
+    x = jnp.asarray(rng.standard_normal((2, m, 384)), jnp.bfloat16)  # leading axes kept
+    y = dispatch.linear(x, t)  # CPU: the reference path
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(R.matmul_ref(x, p)))
+    for path in ("fused", "dequant_dot") if m <= T.MAX_M else ("auto",):
+        yk = T.tc_linear(x, t, path=path, interpret=True)
+        assert yk.shape == (2, m, 128)
+        assert _rel(yk.reshape(-1, 128), np.asarray(x, np.float64).reshape(-1, 384) @ w64) < TOL
+
+
+def test_dot_acc_accumulates():
+    rng = np.random.default_rng(5)
+    a = jnp.asarray(rng.standard_normal((64, 16)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((16, 16)), jnp.bfloat16)
+    acc = jnp.asarray(rng.standard_normal((64, 16)), jnp.float32)
+    want = np.asarray(acc, np.float64) + np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    for f in (dot_acc, jax.jit(dot_acc)):
+        np.testing.assert_allclose(np.asarray(f(a, b, acc)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dot_acc shapes"):
+        dot_acc(a, b, acc[:, :8])
+
+
+def test_clear_errors():
+    rng = np.random.default_rng(6)
+    p8 = L.pack_int(rng.integers(0, 256, (128, 128)), np.ones((1, 128)), bits=8, group=128)
+    with pytest.raises(ValueError, match="bits=4 and a group size"):
+        T.pack_tc(p8)
+    p96 = L.pack_int(rng.integers(0, 16, (192, 128)), np.ones((2, 128)), bits=4, group=96)
+    assert not T.supports(p96)
+    with pytest.raises(ValueError, match="group=96"):
+        T.pack_tc(p96)
+    p, t, _, _ = _problem(rng, 256, 128, 128, False)
+    with pytest.raises(ValueError, match="block_n 96"):
+        T.pack_tc(p, 96)
+    x = jnp.ones((129, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="M <= 128"):
+        T.int4_tc_matmul(x, t, interpret=True)
+    with pytest.raises(ValueError, match="split_k 3"):
+        T.int4_tc_matmul(x[:1], t, split_k=3, interpret=True)
+    with pytest.raises(ValueError, match="x has K=100"):
+        T.int4_tc_matmul(jnp.ones((1, 100), jnp.bfloat16), t, interpret=True)
+    with pytest.raises(ValueError, match="xsum"):
+        T.int4_tc_matmul(x[:1], t, xsum="host", interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("xsum", ["xla", "sum", "mma"])
+@pytest.mark.parametrize("m", [1, 16, 64, 600])
+@pytest.mark.parametrize("k,n,group", [(1024, 768, 128), (1088, 760, 64)], ids=["even", "ragged"])
+def test_gpu_native_matches_float64(xsum, m, k, n, group):
+    """Real Triton lowering (inline-PTX decode, chained wgmma) on the GPU; M = 600 runs the
+    Pallas dequantize + cuBLAS path, bit-exact against the reference weights."""
+    rng = np.random.default_rng([m, k])
+    p, t, _, w64 = _problem(rng, k, n, group, True, block_n=128 if n % 128 == 0 else 64)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = T.tc_linear(x, t, xsum=xsum) if m <= T.MAX_M else T.tc_linear(x, t)
+    assert _rel(y, np.asarray(x, np.float64) @ w64) < TOL
+    if m > T.MAX_M:
+        w = np.asarray(T.dequantize_tc(t))[:k, :n]
+        np.testing.assert_array_equal(
+            w.view(np.uint16), np.asarray(R.dequantize(p)).view(np.uint16)
+        )
