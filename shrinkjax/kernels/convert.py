@@ -17,8 +17,14 @@ import numpy as np
 from shrinkjax.kernels import layouts
 
 
-def to_kernel_layout(w):
-    """The kernel-packed equivalent of ``w``, or None when no kernel handles its format."""
+def to_kernel_layout(w, int4_layout: str = "tc"):
+    """The kernel-packed equivalent of ``w``, or None when no kernel handles its format.
+
+    ``int4_layout``: ``"tc"`` (:class:`~shrinkjax.kernels.int4_tc.TcInt4`, the tensor-core
+    decode kernel: faster at M <= 64 on an H100; group sizes dividing 128 or multiples of it) or
+    ``"split_half"`` (:class:`~shrinkjax.kernels.layouts.PackedInt`, every group size)."""
+    if int4_layout not in ("tc", "split_half"):
+        raise ValueError(f"int4_layout must be 'tc' or 'split_half', got {int4_layout!r}")
     from shrinkjax.quant.array import QuantizedArray, unpack
 
     if not isinstance(w, QuantizedArray):
@@ -36,19 +42,27 @@ def to_kernel_layout(w):
         scales = np.asarray(w.scales, np.float32)
         zeros = None if spec.symmetric else np.asarray(w.zeros, np.uint8)
         # the kernel's symmetric zero is 2**(bits-1), the same offset binary as QuantizedArray
-        return layouts.pack_int(codes, scales, zeros, bits=bits, group=group)
+        p = layouts.pack_int(codes, scales, zeros, bits=bits, group=group)
+        if bits == 4 and int4_layout == "tc":
+            from shrinkjax.kernels import int4_tc
+
+            if int4_tc.supports(p):
+                return int4_tc.pack_tc(p)
+        return p
     if fmt == "mxfp4":
         return layouts.pack_mxfp4(codes, np.asarray(w.scales, np.uint8))
     tensor_scale = float(np.asarray(w.scales2, np.float32).reshape(-1)[0])
     return layouts.pack_nvfp4(codes, np.asarray(w.scales, np.uint8), tensor_scale)
 
 
-def pack_model_for_kernels(model) -> dict:
+def pack_model_for_kernels(model, int4_layout: str = "tc") -> dict:
     """Replace every convertible compressed kernel of ``model`` in place; returns
-    {'converted': [paths], 'kept': {path: format}} for the rest that stay on the reference."""
+    {'converted': [paths], 'kept': {path: format}} for the rest that stay on the reference.
+    ``int4_layout``: see :func:`to_kernel_layout`."""
     from flax import nnx
 
     import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register the kernels with dispatch)
+    import shrinkjax.kernels.int4_tc  # noqa: F401
     import shrinkjax.kernels.int_matmul  # noqa: F401
     import shrinkjax.kernels.sparse_matmul  # noqa: F401
     from shrinkjax.models.params import flat_params
@@ -62,7 +76,7 @@ def pack_model_for_kernels(model) -> dict:
             or hasattr(w, "addressable_data")
         ):
             continue
-        packed = to_kernel_layout(w)
+        packed = to_kernel_layout(w, int4_layout)
         if packed is None:
             report["kept"][path] = getattr(getattr(w, "spec", None), "format", type(w).__name__)
             continue

@@ -105,6 +105,10 @@ def dequantize(p):
         return dequantize_nvfp4(p)
     if isinstance(p, Packed24):
         return dequantize_24(p)
+    from shrinkjax.kernels import int4_tc  # imports this module
+
+    if isinstance(p, int4_tc.TcInt4):
+        return int4_tc.dequantize_tc_ref(p)
     raise TypeError(f"not a packed layout: {type(p).__name__}")
 
 
