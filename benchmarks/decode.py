@@ -36,7 +36,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shrinkjax.kernels import dispatch, driver, layouts  # noqa: E402
+from shrinkjax.kernels import dispatch, driver, int4_tc, layouts  # noqa: E402
 from shrinkjax.models.kv_cache import init_cache  # noqa: E402
 from shrinkjax.models.llama import LlamaConfig  # noqa: E402
 from shrinkjax.models.params import model_from_params  # noqa: E402
@@ -93,7 +93,7 @@ def make_weight(fmt, k, n, rng):
     if fmt == "int4_g128":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         scales = (rng.random((k // 128, n), np.float32) + 0.5) * 0.003
-        return layouts.pack_int(codes, scales, None, bits=4, group=128)
+        return int4_tc.pack_tc(layouts.pack_int(codes, scales, None, bits=4, group=128))
     if fmt == "mxfp4":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         e8m0 = rng.integers(118, 124, (k // 32, n), dtype=np.uint8)
@@ -281,6 +281,12 @@ def main(argv=None):
         action="store_true",
         help="route packed weights through the Pallas kernels off-GPU (interpret mode)",
     )
+    ap.add_argument(
+        "--int4-xsum",
+        default=None,
+        choices=("xla", "sum", "mma"),
+        help="int4_tc's sum-of-x mode (default: int4_tc.DEFAULT_XSUM)",
+    )
     ap.add_argument("--out", default="")
     ap.add_argument(
         "--kernels-json",
@@ -291,7 +297,9 @@ def main(argv=None):
     cfg = QUICK if args.quick else LLAMA3_8B
     if args.quick:
         args.steps, args.reps, args.prompt = min(args.steps, 4), 1, min(args.prompt, 8)
-    saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend
+    saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM
+    if args.int4_xsum:
+        int4_tc.DEFAULT_XSUM = args.int4_xsum
     if args.prefill_min_m is not None:
         dispatch.PREFILL_MIN_M = args.prefill_min_m
     if args.interpret_kernels:
@@ -300,10 +308,11 @@ def main(argv=None):
         rows = run(cfg, args)
         prefill_min_m = dispatch.PREFILL_MIN_M
     finally:
-        dispatch.PREFILL_MIN_M, driver.use_kernel_backend = saved
+        dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM = saved
     print_table(rows)
     result = {
         "device": jax.devices()[0].device_kind,
+        "int4_xsum": args.int4_xsum or int4_tc.DEFAULT_XSUM,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,
         "decode_steps": args.steps,

@@ -68,6 +68,7 @@ import numpy as np  # noqa: E402
 
 from shrinkjax.kernels import autotune, dispatch, driver, tuned  # noqa: E402
 from shrinkjax.kernels import dequant as DQ  # noqa: E402
+from shrinkjax.kernels import int4_tc as TC  # noqa: E402
 from shrinkjax.kernels import layouts as L  # noqa: E402
 from shrinkjax.kernels import reference as R  # noqa: E402
 from shrinkjax.kernels.fp4_matmul import fp4_matmul  # noqa: E402
@@ -84,7 +85,7 @@ except Exception:  # pragma: no cover
     do_bench = None
 
 KERNELS = ["int4_g128", "int8_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
-SWEEP_KERNELS = ["int4_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
+SWEEP_KERNELS = ["mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]  # (int4: scripts/probe_int4_tc.py)
 SHAPES = [(8192, 8192), (4096, 14336), (4096, 4096)]  # (K, N), in priority order
 MS = [1, 16, 4096, 256, 1024, 64, 4]  # priority order (rows are sorted for output)
 QUICK_SHAPES = [(8192, 8192)]
@@ -115,6 +116,8 @@ def make_problem(kind, k, n, rng):
         p = L.pack_int(codes, scales, zeros, bits=bits, group=GROUP)
         scales_bf16 = np.asarray(p.scales[: k // GROUP, :n].astype(jnp.float32))
         plain = dict(codes=codes, scales=scales_bf16, zeros=zeros)
+        if bits == 4:  # int4 runs in the tensor-core decode layout (kernels/int4_tc.py)
+            p = TC.pack_tc(p, TC.DEFAULT_BLOCK_N)
     elif kind == "mxfp4":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         p = L.pack_mxfp4(codes, rng.integers(118, 124, (k // 32, n), dtype=np.uint8))
@@ -138,6 +141,8 @@ def make_problem(kind, k, n, rng):
 
 
 def kernel_fn(kind):
+    if kind == "int4_g128":
+        return TC.tc_linear
     if kind.startswith("int"):
         return int_matmul
     if kind.endswith("fp4"):
@@ -371,6 +376,8 @@ def path_fn(fn, path):
 
 def dequant_only(x, p):
     del x  # the Pallas dequantize pass alone (timed like the matmuls, one call per copy)
+    if isinstance(p, TC.TcInt4):
+        return TC.dequantize_tc(p, interpret=driver.resolve_interpret(None))
     return DQ.dequantize_padded(p, interpret=driver.resolve_interpret(None))
 
 
@@ -393,6 +400,8 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         xs = sh.x(m, n_calls(m, len(pr["ws"])))
         fn = kernel_fn(kind)
         for path in paths:
+            if path == "fused" and kind == "int4_g128" and m > TC.MAX_M:
+                continue  # the tensor-core decode kernel takes M <= 128
             f = path_fn(fn, path)
             jobs[(kind, path)] = lambda f=f, xs=xs, pr=pr: build_multi(f, xs, pr["ws"])
         jobs[(kind, "ref")] = lambda xs=xs, pr=pr: build_multi(R.matmul_ref, xs, pr["ws"])
@@ -428,7 +437,9 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             continue
         p = pr["p"]
         row["bytes"] = int(pr["nbytes"] + m * k * 2 + m * n * 2)
-        if auto == "fused":
+        if auto == "fused" and isinstance(p, TC.TcInt4):
+            row["cfg"] = ["int4_tc", p.block_n, TC.default_split(p), 4, 3]
+        elif auto == "fused":
             c = driver.config_for(p, m)
             row["cfg"] = [c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages]
             row["cfg"] += [c.fma, c.late_scale]
@@ -442,6 +453,8 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
                 row["ref_error"] = repr(ref)[:400]
                 y_ref = [R.matmul_ref(xs[0], pr["ws"][0])]
             for path in paths:
+                if (kind, path) not in jobs:
+                    continue
                 exe = exes.get((kind, path))
                 if exe is None or isinstance(exe, Exception):
                     row[f"{path}_error"] = repr(exe)[:600]
@@ -733,6 +746,11 @@ def main(argv=None):
     try:
         if args.sweep or args.sweep_only:
             kinds = [k for k in args.sweep_kernels.split(",") if k]
+            if "int4_g128" in kinds:
+                raise SystemExit(
+                    "int4_g128 runs the tensor-core decode kernel; sweep its tiles with "
+                    "scripts/probe_int4_tc.py (--sweep tunes the split-half kernels)"
+                )
             run_sweep(kinds, args, bw.get("copy_tbps") or 3.0, cache, result, save)
             result["tuned_applied"] = {f"{k}|{m}": v for (k, m), v in tuned.TUNED.items()}
             save()

@@ -17,7 +17,7 @@ def test_kernels_benchmark_grid_and_sweep(tmp_path, monkeypatch):
     kb = _load("kernels")
     monkeypatch.setattr(tuned, "TUNED", {})  # the sweep writes its winner here
     out = tmp_path / "k.json"
-    args = ["--sweep", "--sweep-shape", "128x128", "--sweep-kernels", "int4_g128"]
+    args = ["--sweep", "--sweep-shape", "128x128", "--sweep-kernels", "mxfp4"]
     args += ["--sweep-budget-s", "4", "--shapes", "128x256", "--ms", "1,600"]
     args += ["--kernels", "int4_g128", "--max-calls", "2", "--jobs", "2", "--out", str(out)]
     kb.main(args)
@@ -31,10 +31,12 @@ def test_kernels_benchmark_grid_and_sweep(tmp_path, monkeypatch):
         assert "torch_us" in r
     assert rows[1]["path"] == "fused" and rows[1]["dequant_dot_us"] is None
     assert rows[600]["path"] == "dequant_dot" and rows[600]["us"] == rows[600]["dequant_dot_us"]
-    assert rows[600]["fused_us"] > 0 and rows[600]["dequant_us"] > 0
+    # int4 runs the tensor-core decode layout: its fused kernel stops at M = 128
+    assert rows[600]["fused_us"] is None and rows[600]["dequant_us"] > 0
+    assert rows[1]["cfg"][0] == "int4_tc"
     best = [d for d in res["decode_tuning"] if d["M"] == 1]
     assert best and best[0]["us"] <= best[0]["default_us"] and best[0]["bw_frac"] > 0
-    assert "TUNED = {" in res["tuned_snippet"] and ("int4_g128", 1) in tuned.TUNED
+    assert "TUNED = {" in res["tuned_snippet"] and ("mxfp4", 1) in tuned.TUNED
     assert (tmp_path / "k.tuned.py").exists()
 
 
