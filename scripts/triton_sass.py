@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGS_PER_SM = 65536
 
 
-def lower(kind: str, late: bool, out: str, warps: int, stages: int) -> str:
+def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int = 64) -> str:
     """Lower one kernel for CUDA on this (CPU) machine; returns the TTIR path."""
     sys.path.insert(0, ROOT)
     import jax
@@ -70,6 +70,23 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int) -> str:
             )  # fmt: skip
 
         args = (x, *ops)
+    elif kind == "int4_tc":
+        from shrinkjax.kernels import int4_tc as T
+
+        tc = T.pack_tc(p, block_n)
+
+        def f(x, t):
+            return T._tc_2d(
+                x,
+                t,
+                split_k=int(os.environ.get("SPLIT", 4)),
+                num_warps=warps,
+                num_stages=stages,
+                interpret=False,
+                xsum=os.environ.get("XSUM", "mma"),
+            )
+
+        args = (x, tc)
     elif kind == "int4_fused":
         from shrinkjax.kernels.int_matmul import int_matmul
 
@@ -78,7 +95,7 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int) -> str:
 
         args = (x, p)
     else:
-        raise SystemExit(f"unknown kernel {kind!r}: int4_gemv | int4_fused")
+        raise SystemExit(f"unknown kernel {kind!r}: int4_gemv | int4_fused | int4_tc")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
@@ -88,7 +105,7 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int) -> str:
     mod = text[text.index("\n", text.index("The Triton module")) + 1 :]
     lines = []
     for line in mod.splitlines():  # drop locations: jax's printer writes its own syntax
-        if line.startswith("#loc"):
+        if line.startswith("#loc") or re.match(r"\s*at #loc", line):
             continue
         line = re.sub(r' (\[unknown\]|"[^"]*"\(#loc\d*\)|loc\([^)]*\))', "", line)
         lines.append(line)
@@ -160,17 +177,20 @@ def compile_and_report(ttir: str, warps: int, stages: int) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", nargs="?", default="int4_gemv", help="int4_gemv | int4_fused")
+    ap.add_argument(
+        "kernel", nargs="?", default="int4_gemv", help="int4_gemv | int4_fused | int4_tc"
+    )
     ap.add_argument("--late", action="store_true", help="int4_gemv: late scaling")
     ap.add_argument("--out", default="/tmp/shrinkjax_sass")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=1)
+    ap.add_argument("--block-n", type=int, default=64, help="int4_tc: weight rows per program")
     ap.add_argument("--compile", default="", help="a .ttir from step 1: compile and report")
     a = ap.parse_args(argv)
     if a.compile:
         compile_and_report(a.compile, a.warps, a.stages)
     else:
-        lower(a.kernel, a.late, a.out, a.warps, a.stages)
+        lower(a.kernel, a.late, a.out, a.warps, a.stages, a.block_n)
 
 
 if __name__ == "__main__":
