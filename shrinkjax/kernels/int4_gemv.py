@@ -1,5 +1,7 @@
 """Experimental Pallas kernel: ``y = x @ W`` for int4 group-quantized W at M <= 4, decoding
 32-bit words instead of bytes. Not dispatched: measured no faster than the fused kernel.
+Superseded by :mod:`shrinkjax.kernels.int4_tc`, which found the limit this probe missed: the
+scale loads inside the loop (not pipelined by Triton) and the strided weight blocks.
 
 The question it answers. At M = 1 the fused int4 kernel (:mod:`shrinkjax.kernels.int_matmul`)
 streams an 8192 x 8192 g128 weight at 0.43 of the copy bandwidth (27 µs on an H100; the issue

@@ -1,20 +1,27 @@
-"""Pallas kernel (Triton lowering): int4 group-quantized ``y = x @ W`` for decode (M <= 16),
+"""Pallas kernel (Triton lowering): int4 group-quantized ``y = x @ W`` for decode (M <= 128),
 with the weight as the tensor-core *left* operand and the decode in packed bf16x2 registers.
+The default int4 kernel (:func:`shrinkjax.kernels.convert.to_kernel_layout`); larger M runs
+:func:`dequantize_tc` (Pallas, bit-exact) + cuBLAS.
 
-Why another int4 kernel. At M = 1 the fused kernel (:mod:`shrinkjax.kernels.int_matmul`) and the
-f32 GEMV (:mod:`shrinkjax.kernels.int4_gemv`) both spend ~5 instructions per weight after the
-load (``benchmarks/RESULTS.md``: the loads alone stream at 0.75 of the copy bandwidth, the
-kernels at 0.43). Two changes cut that to about one:
-
-* **Swapped operands** ("swap AB", as Machete/Marlin-style decode kernels do): the program
-  computes ``acc[n, m] = sum_k W[k, n] x[m, k]``, i.e. ``Wt[bn, 16] @ xt[16, 16]``, so the
-  decoded weight is the M side of the MMA (64+ rows) and the few tokens are its 16-wide N side.
+* **Swapped operands** (as Marlin/Machete-style decode kernels do): a program computes
+  ``acc[n, m] = sum_k W[k, n] x[m, k]`` as chained ``[bn, 16] @ [16, mp]`` MMAs, so the decoded
+  weight is the MMA's left operand, fed from registers (no shared-memory round trip), and the
+  few tokens are its 16-128 wide right side. x is read in place (rows >= M masked).
 * **Two weights per instruction**: one ``lop3.b32`` turns two 4-bit codes into a bf16x2 register
   ``(128 + q0, 128 + q1)`` by OR-ing them into the mantissa of ``128.0`` (``0x4300``), exactly;
   one ``shr`` serves four codes. No int->float conversion, no subtraction per weight: the dot
   takes ``128 + q`` and the zero point and scale are applied once per group to the f32
-  ``[bn, 16]`` result: ``s * (sum_k x (128 + q)) + offset * sum_k x`` with
-  ``offset = -(128 + z) s`` and ``sum_k x`` per group computed outside (tiny).
+  ``[bn, mp]`` result, ``s * sum_k x (128 + q) - (128 + z) s * sum_k x``, with ``sum_k x`` per
+  group from a small XLA reduction (``xsum="xla"``; in-kernel variants measured slower).
+* **Scales prefetched**: Triton pipelines only tensor-core operands (``cp.async``); the scale and
+  zero loads are issued one chunk ahead by hand. **Chained dots** through
+  :func:`shrinkjax.kernels.triton_ext.dot_acc` (``tt.dot(a, b, acc)``: no FADD per dot).
+
+Measured (one H100, 8192 x 8192, g128, ``benchmarks/RESULTS.md``): M = 1 in 19.5-20.8 µs
+(0.56-0.60 of the copy bandwidth; the kernel alone 16.9 µs = 0.69), against 26.5 µs for
+``torch._weight_int4pack_mm`` and 27 µs for the split-half fused kernel; Llama-3-8B-shaped W4
+decode 2.35x bf16 at batch 1 (split-half: 1.81x). Its weak spot is small weights: at 4096 x 4096
+each program has 4 chunks and the per-step latency sets the time (22.5 µs vs torch's 10.6).
 
 Layout (:class:`TcInt4`, built once per weight by :func:`pack_tc`, jit-able; the program tile
 ``block_n`` is fixed at packing). ``words`` is uint32 ``[Np/bn, Kw/128, bn, 16]`` (``Kw`` = K padded
