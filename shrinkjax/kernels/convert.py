@@ -17,14 +17,20 @@ import numpy as np
 from shrinkjax.kernels import layouts
 
 
-def to_kernel_layout(w, int4_layout: str = "tc"):
+def to_kernel_layout(w, int4_layout: str = "auto"):
     """The kernel-packed equivalent of ``w``, or None when no kernel handles its format.
 
     ``int4_layout``: ``"tc"`` (:class:`~shrinkjax.kernels.int4_tc.TcInt4`, the tensor-core
-    decode kernel: faster at M <= 64 on an H100; group sizes dividing 128 or multiples of it) or
-    ``"split_half"`` (:class:`~shrinkjax.kernels.layouts.PackedInt`, every group size)."""
-    if int4_layout not in ("tc", "split_half"):
-        raise ValueError(f"int4_layout must be 'tc' or 'split_half', got {int4_layout!r}")
+    decode kernel: faster at M <= 64 on an H100 for large weights; group sizes dividing 128 or
+    multiples of it), ``"split_half"`` (:class:`~shrinkjax.kernels.layouts.PackedInt`, every
+    group size; the layout the TPU kernels read) or ``"auto"`` ("tc" on a GPU backend, else
+    "split_half")."""
+    import jax
+
+    if int4_layout not in ("auto", "tc", "split_half"):
+        raise ValueError(f"int4_layout must be 'auto', 'tc' or 'split_half', got {int4_layout!r}")
+    if int4_layout == "auto":
+        int4_layout = "tc" if jax.default_backend() == "gpu" else "split_half"
     from shrinkjax.quant.array import QuantizedArray, unpack
 
     if not isinstance(w, QuantizedArray):
@@ -55,7 +61,7 @@ def to_kernel_layout(w, int4_layout: str = "tc"):
     return layouts.pack_nvfp4(codes, np.asarray(w.scales, np.uint8), tensor_scale)
 
 
-def pack_model_for_kernels(model, int4_layout: str = "tc") -> dict:
+def pack_model_for_kernels(model, int4_layout: str = "auto") -> dict:
     """Replace every convertible compressed kernel of ``model`` in place; returns
     {'converted': [paths], 'kept': {path: format}} for the rest that stay on the reference.
     ``int4_layout``: see :func:`to_kernel_layout`."""

@@ -1,6 +1,6 @@
 """Pallas kernel (Triton lowering): int4 group-quantized ``y = x @ W`` for decode (M <= 128),
 with the weight as the tensor-core *left* operand and the decode in packed bf16x2 registers.
-The default int4 kernel (:func:`shrinkjax.kernels.convert.to_kernel_layout`); larger M runs
+The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layout`); larger M runs
 :func:`dequantize_tc` (Pallas, bit-exact) + cuBLAS.
 
 * **Swapped operands** (as Marlin/Machete-style decode kernels do): a program computes

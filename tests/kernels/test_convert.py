@@ -38,11 +38,25 @@ def test_quantized_model_runs_through_kernel_dispatch(tiny_llama):
     q, _ = rtn.quantize_params(flat_params(tiny_llama.model), rules.default_rules(spec))
     model = model_from_params(tiny_llama.model.cfg, q)
     ref = np.asarray(model(toks)[0])
-    report = pack_model_for_kernels(model)
+    report = pack_model_for_kernels(model, int4_layout="tc")  # (CPU default: split_half)
     assert len(report["converted"]) == 14 and not report["kept"]
     out = np.asarray(model(toks)[0])
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert 0 < rel < 2e-2  # bf16 activations/scales on the kernel path
+
+
+def test_int4_layout_choice():
+    from shrinkjax.kernels import int4_tc, layouts
+
+    w = jnp.asarray(np.random.default_rng(4).standard_normal((256, 128)).astype(np.float32))
+    q = formats.make(QuantSpec("int4", group_size=128)).quantize(w)
+    assert isinstance(to_kernel_layout(q, "tc"), int4_tc.TcInt4)
+    assert isinstance(to_kernel_layout(q, "split_half"), layouts.PackedInt)
+    assert isinstance(to_kernel_layout(q), layouts.PackedInt)  # "auto" off-GPU
+    q96 = formats.make(QuantSpec("int4", group_size=96)).quantize(w[:192])
+    assert isinstance(to_kernel_layout(q96, "tc"), layouts.PackedInt)  # tc can't take g96
+    with pytest.raises(ValueError, match="int4_layout"):
+        to_kernel_layout(q, "marlin")
 
 
 def test_unsupported_formats_are_kept():
