@@ -19,10 +19,14 @@ where one exists (``torch._weight_int4pack_mm`` for int4, ``to_sparse_semi_struc
 2:4 bf16; null otherwise or on failure); the relative error against the reference on fresh
 random inputs (checked before timing) and ``bw_frac``, the fraction of the copy bandwidth
 measured in the same run achieved on the bytes the kernel must move (packed weight + x + y).
-Cells run in priority order (8192x8192 first; M = 1, 16, 4096 first) and are skipped, not
-started, once the next one would pass ``--budget-s``; the table and JSON are always written.
+int4_g128 runs the tensor-core decode layout (``shrinkjax.kernels.int4_tc``: its kernel for
+M <= 128, its Pallas dequantize + cuBLAS above; no ``fused_us`` there); the other formats run
+the split-half kernels. Cells run in priority order (8192x8192 first; M = 1, 16, 4096 first) and
+are skipped, not started, once the next one would pass ``--budget-s``; the table and JSON are
+always written.
 
-Sweep (``--sweep``). For M in (1, 16) at K = N = 8192 and the kernels of ``--sweep-kernels``,
+Sweep (``--sweep``; not int4: ``scripts/probe_int4_tc.py`` sweeps that kernel). For M in (1, 16)
+at K = N = 8192 and the kernels of ``--sweep-kernels``,
 ``shrinkjax.kernels.autotune.search`` measures decode tile configurations (block_n, block_k,
 split_k, num_warps, num_stages, late_scale, fma) most promising axes first within
 ``--sweep-budget-s`` (configs that fail to compile are recorded and skipped). The best per
