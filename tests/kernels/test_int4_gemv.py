@@ -11,24 +11,9 @@ from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels.int4_gemv import gemv_operands, int4_gemv
 
+from .test_kernels import make_int, rel_err
+
 TOL = 1e-2
-
-
-def _problem(rng, k, n, group, zeros):
-    codes = rng.integers(0, 16, (k, n))
-    g = -(-k // group)
-    s = rng.uniform(0.01, 0.05, (g, n)).astype(np.float32)
-    z = rng.integers(0, 16, (g, n)) if zeros else None
-    p = L.pack_int(codes, s, z, bits=4, group=group)
-    sb = np.asarray(jnp.asarray(p.scales[:g, :n], jnp.float32), np.float64)  # stored bf16
-    zz = np.full((g, n), 8) if z is None else z
-    w64 = (codes - np.repeat(zz, group, 0)[:k]) * np.repeat(sb, group, 0)[:k]
-    return p, w64
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("late", [False, True])
@@ -43,14 +28,14 @@ def _rel(a, b):
 )
 def test_int4_gemv_equals_float64_and_reference(late, k, n, group, zeros, m, tiles):
     rng = np.random.default_rng([k, n, m])
-    p, w64 = _problem(rng, k, n, group, zeros)
+    p, w64 = make_int(rng, k, n, 4, group, zeros)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = int4_gemv(x, p, interpret=True, late=late, **tiles)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     r64 = np.asarray(x.astype(jnp.float32), np.float64) @ w64
-    assert _rel(y, r64) < TOL
+    assert rel_err(y, r64) < TOL
     ref = np.asarray(R.int_matmul_ref(x, p).astype(jnp.float32), np.float64)
-    assert _rel(y, ref) < TOL
+    assert rel_err(y, ref) < TOL
     # cached operands give the same result; leading axes are kept
     y2 = int4_gemv(x[None], p, operands=gemv_operands(p), interpret=True, late=late, **tiles)
     np.testing.assert_array_equal(np.asarray(y2[0], np.float32), np.asarray(y, np.float32))
@@ -58,7 +43,7 @@ def test_int4_gemv_equals_float64_and_reference(late, k, n, group, zeros, m, til
 
 def test_int4_gemv_word_view_puts_byte_c_at_column_4i_plus_c():
     rng = np.random.default_rng(0)
-    p, _ = _problem(rng, 128, 128, 128, True)
+    p, _ = make_int(rng, 128, 128, 4, 128, True)
     words, s, off = gemv_operands(p)
     q = np.asarray(p.qweight)
     w = np.asarray(words)
@@ -72,7 +57,7 @@ def test_int4_gemv_word_view_puts_byte_c_at_column_4i_plus_c():
 
 def test_int4_gemv_errors():
     rng = np.random.default_rng(1)
-    p, _ = _problem(rng, 128, 128, 128, False)
+    p, _ = make_int(rng, 128, 128, 4, 128, False)
     x = jnp.ones((5, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="M <= 4"):
         int4_gemv(x, p, interpret=True)

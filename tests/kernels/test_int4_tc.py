@@ -15,24 +15,14 @@ from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels.triton_ext import dot_acc
 
+from .test_kernels import make_int, rel_err
+
 TOL = 1e-2
 
 
 def _problem(rng, k, n, group, zeros, block_n=64):
-    codes = rng.integers(0, 16, (k, n))
-    g = -(-k // group)
-    s = rng.uniform(0.01, 0.05, (g, n)).astype(np.float32)
-    z = rng.integers(0, 16, (g, n)) if zeros else None
-    p = L.pack_int(codes, s, z, bits=4, group=group)
-    sb = np.asarray(jnp.asarray(p.scales[:g, :n], jnp.float32), np.float64)  # stored bf16
-    zz = np.full((g, n), 8) if z is None else z
-    w64 = (codes - np.repeat(zz, group, 0)[:k]) * np.repeat(sb, group, 0)[:k]
-    return p, T.pack_tc(p, block_n), codes, w64
-
-
-def _rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    p, w64 = make_int(rng, k, n, 4, group, zeros)
+    return p, T.pack_tc(p, block_n), w64
 
 
 def test_word_layout_puts_each_code_at_its_documented_nibble():
@@ -69,7 +59,7 @@ def test_decode_gives_128_plus_code_per_slab():
 )
 def test_dequantize_is_bit_exact(k, n, group, zeros):
     rng = np.random.default_rng([k, n])
-    p, t, _, _ = _problem(rng, k, n, group, zeros)
+    p, t, _ = _problem(rng, k, n, group, zeros)
     want = np.asarray(R.dequantize(p)).view(np.uint16)
     np.testing.assert_array_equal(np.asarray(R.dequantize(t)).view(np.uint16), want)
     w = np.asarray(T.dequantize_tc(t, interpret=True))  # the prefill path's Pallas kernel
@@ -90,28 +80,28 @@ def test_dequantize_is_bit_exact(k, n, group, zeros):
 )
 def test_kernel_equals_float64_and_reference(xsum, k, n, group, zeros, m, split):
     rng = np.random.default_rng([k, n, m])
-    p, t, _, w64 = _problem(rng, k, n, group, zeros)
+    p, t, w64 = _problem(rng, k, n, group, zeros)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = T.int4_tc_matmul(x, t, split_k=split, xsum=xsum, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     r64 = np.asarray(x.astype(jnp.float32), np.float64) @ w64
-    assert _rel(y, r64) < TOL
+    assert rel_err(y, r64) < TOL
     y32 = T._tc_2d(x, t, split_k=split, num_warps=4, num_stages=1, xsum=xsum, interpret=True)
-    assert _rel(y32, r64) < 1e-5  # f32 result: exact codes, scales applied in f32
-    assert _rel(y, np.asarray(R.matmul_ref(x, p).astype(jnp.float32), np.float64)) < TOL
+    assert rel_err(y32, r64) < 1e-5  # f32 result: exact codes, scales applied in f32
+    assert rel_err(y, np.asarray(R.matmul_ref(x, p).astype(jnp.float32), np.float64)) < TOL
 
 
 @pytest.mark.parametrize("m", [3, 300])
 def test_dispatch_routes_tc_weights(m):
     rng = np.random.default_rng(m)
-    p, t, _, w64 = _problem(rng, 384, 128, 128, True)
+    p, t, w64 = _problem(rng, 384, 128, 128, True)
     x = jnp.asarray(rng.standard_normal((2, m, 384)), jnp.bfloat16)  # leading axes kept
     y = dispatch.linear(x, t)  # CPU: the reference path
     np.testing.assert_array_equal(np.asarray(y), np.asarray(R.matmul_ref(x, p)))
     for path in ("fused", "dequant_dot") if m <= T.MAX_M else ("auto",):
         yk = T.tc_linear(x, t, path=path, interpret=True)
         assert yk.shape == (2, m, 128)
-        assert _rel(yk.reshape(-1, 128), np.asarray(x, np.float64).reshape(-1, 384) @ w64) < TOL
+        assert rel_err(yk.reshape(-1, 128), np.asarray(x, np.float64).reshape(-1, 384) @ w64) < TOL
 
 
 def test_dot_acc_accumulates():
@@ -135,7 +125,7 @@ def test_clear_errors():
     assert not T.supports(p96)
     with pytest.raises(ValueError, match="group=96"):
         T.pack_tc(p96)
-    p, t, _, _ = _problem(rng, 256, 128, 128, False)
+    p, t, _ = _problem(rng, 256, 128, 128, False)
     with pytest.raises(ValueError, match="block_n 96"):
         T.pack_tc(p, 96)
     x = jnp.ones((129, 256), jnp.bfloat16)
@@ -157,10 +147,10 @@ def test_gpu_native_matches_float64(xsum, m, k, n, group):
     """Real Triton lowering (inline-PTX decode, chained wgmma) on the GPU; M = 600 runs the
     Pallas dequantize + cuBLAS path, bit-exact against the reference weights."""
     rng = np.random.default_rng([m, k])
-    p, t, _, w64 = _problem(rng, k, n, group, True, block_n=128 if n % 128 == 0 else 64)
+    p, t, w64 = _problem(rng, k, n, group, True, block_n=128 if n % 128 == 0 else 64)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = T.tc_linear(x, t, xsum=xsum) if m <= T.MAX_M else T.tc_linear(x, t)
-    assert _rel(y, np.asarray(x, np.float64) @ w64) < TOL
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) < TOL
     if m > T.MAX_M:
         w = np.asarray(T.dequantize_tc(t))[:k, :n]
         np.testing.assert_array_equal(

@@ -64,12 +64,14 @@ def check(y, x, w64, ref, *, tol=TOL):
 
 
 def make_int(rng, k, n, bits, group, asym):
+    """Random int weight; K need not be a multiple of the group (the last group is short)."""
+    g = -(-k // group)
     codes = rng.integers(0, 2**bits, (k, n))
-    scales = bf16_exact(rng.uniform(0.2, 1.0, (k // group, n)) / 2 ** (bits - 1))
-    zeros = rng.integers(0, 2**bits, (k // group, n)) if asym else None
+    scales = bf16_exact(rng.uniform(0.2, 1.0, (g, n)) / 2 ** (bits - 1))
+    zeros = rng.integers(0, 2**bits, (g, n)) if asym else None
     p = L.pack_int(codes, scales, zeros, bits=bits, group=group)
-    z = zeros if asym else np.full((k // group, n), 2 ** (bits - 1))
-    w64 = (codes - np.repeat(z, group, 0)) * np.repeat(scales, group, 0)
+    z = zeros if asym else np.full((g, n), 2 ** (bits - 1))
+    w64 = (codes - np.repeat(z, group, 0)[:k]) * np.repeat(scales, group, 0)[:k]
     return p, w64
 
 
