@@ -177,10 +177,14 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
     bn, mp = w_ref.shape[1], o_ref.shape[0]
     ones = jnp.ones((bn, SLAB), jnp.bfloat16)
 
-    def x_slab(k0):  # x[0:16, k0:k0+16]^T as the MMA's right operand; rows >= M read as 0
-        view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
+    def token_rows(view):  # a [mp, ...] view of the token axis; rows >= M read as 0
+        if m == mp:
+            return view[...]
         rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-        return plgpu.load(view, mask=rows < m, other=0.0).T if m < mp else view[...].T
+        return plgpu.load(view, mask=rows < m, other=0.0)
+
+    def x_slab(k0):  # x[0:mp, k0:k0+16]^T: the MMA's right operand
+        return token_rows(x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]).T
 
     def scales(t):  # per group of chunk t: scale, offset [bn, 1] (and sum x [1, 16])
         out = []
@@ -189,13 +193,9 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
             g = D.idiv(k0, group)
             xs = None
             if xsum == "xla":  # XLA's [M, units] sums: column u as a [1, mp] row
-                view = xs_ref.at[:, pl.ds(D.idiv(k0, SLAB * spg), 1)]
-                rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-                xs = plgpu.load(view, mask=rows < m, other=0.0).T if m < mp else view[...].T
+                xs = token_rows(xs_ref.at[:, pl.ds(D.idiv(k0, SLAB * spg), 1)]).T
             elif xsum == "sum":  # reduce this unit's x [mp, unit] here
-                view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB * spg)]
-                rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-                xu = plgpu.load(view, mask=rows < m, other=0.0) if m < mp else view[...]
+                xu = token_rows(x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB * spg)])
                 xs = jnp.sum(xu.astype(jnp.float32), axis=1, keepdims=True).T
             out.append((s_ref[g], None if z_ref is None else z_ref[g], xs))
         return out
