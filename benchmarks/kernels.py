@@ -362,6 +362,41 @@ def torch_kernel(kind, plain):
 # ------------------------------------------------------------------------------------------
 
 
+def int4_probe_cell(k, n, m, seed=0):
+    """The int4 probes' shared cell (``scripts/probe_int4_*.py``): the int4 g128 weight as a
+    split-half ``PackedInt`` with rotating copies, x, the f32 reference, and a row holding the
+    same-run baselines (fused split-half kernel, torch int4, torch bf16 at M rows)."""
+    sh = Shape(k, n, ["int4_g128"], seed)
+    pr = sh.probs["int4_g128"]
+    plain = pr["plain"]  # (the benchmark's own int4 weight is in the int4_tc layout)
+    p = L.pack_int(plain["codes"], plain["scales"], plain["zeros"], bits=4, group=GROUP)
+    ws = copies_of(p, len(pr["ws"]))
+    x = sh.x(m, 1)[0]
+    xs = sh.x(m, n_calls(m))
+    row = dict(K=k, N=n, M=m, bytes=L.packed_nbytes(p))
+    row["fused_us"], _ = time_compiled(
+        build_multi(lambda x, w: int_matmul(x, w, path="fused"), xs, ws), xs, ws
+    )
+    tf = torch_kernel("int4_g128", plain)
+    if tf is not None and sh.wt is not None:
+        xt = torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(torch.bfloat16)
+        row["torch_us"] = torch_bench(lambda: tf(xt))
+        row["torch_bf16_us"] = torch_bench(lambda: xt @ sh.wt)
+    ref = np.asarray(R.int_matmul_ref(x, p).astype(jnp.float32))
+    return dict(p=p, ws=ws, x=x, xs=xs, ref=ref, row=row)
+
+
+def winners_first(grid, rows, top_key, keys):
+    """``grid`` (tuples over ``keys``) reordered: configs in earlier rows' ``top_key`` first."""
+    wins = []
+    for r in rows:
+        for t in r.get(top_key, []):
+            key = tuple(t["cfg"][k] for k in keys)
+            if key not in wins:
+                wins.append(key)
+    return wins + [g for g in grid if g not in wins]
+
+
 def empty_row(kind, m, k, n):
     row = dict(kernel=kind, M=m, K=k, N=n, us=None, bytes=None, xla_bf16_us=None)
     row.update(torch_bf16_us=None, torch_us=None, bw_frac=None, path=None)

@@ -22,6 +22,7 @@ import os
 import sys
 import time
 
+GEMV_KEYS = ("block_n", "rows", "split_k", "num_warps", "num_stages", "late")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -48,8 +49,6 @@ def main(argv=None):
     import numpy as np
 
     from shrinkjax.kernels.int4_gemv import gemv_operands, int4_gemv
-    from shrinkjax.kernels.int_matmul import int_matmul
-    from shrinkjax.kernels.reference import int_matmul_ref
 
     res = {"device": str(jax.devices()[0].device_kind), "rows": []}
     res.update(KB.copy_bandwidth())
@@ -69,30 +68,18 @@ def main(argv=None):
     ms = [int(v) for v in a.ms.split(",")]
     n_cells = len(shapes) * len(ms)
     for ci, ((k, n), m) in enumerate(itertools.product(shapes, ms)):
-        sh = KB.Shape(k, n, ["int4_g128"], 0)
-        pr = sh.probs["int4_g128"]
-        p, ws, nbytes = pr["p"], pr["ws"], pr["nbytes"]
+        cell = KB.int4_probe_cell(k, n, m)
+        p, ws, x, xs, ref, row = (cell[q] for q in ("p", "ws", "x", "xs", "ref", "row"))
+        nbytes = row["bytes"]
+        row["copy_tbps"] = copy
         ops = [gemv_operands(w) for w in ws]
         jax.block_until_ready(ops)
-        x = sh.x(m, 1)[0]
-        ref = np.asarray(int_matmul_ref(x, p).astype(np.float32))
-        calls = KB.n_calls(m)
-        xs = sh.x(m, calls)
-        row = dict(K=k, N=n, M=m, bytes=nbytes, copy_tbps=copy)
-        exe = KB.build_multi(lambda x, w: int_matmul(x, w, path="fused"), xs, ws)
-        row["fused_us"], _ = KB.time_compiled(exe, xs, ws)
-        tf = KB.torch_kernel("int4_g128", pr["plain"])
-        if tf is not None:
-            import torch
-
-            xt = torch.from_numpy(np.asarray(x.astype(np.float32))).cuda().to(torch.bfloat16)
-            row["torch_us"] = KB.torch_bench(lambda: tf(xt))
-            xs_t = xt
-            del xs_t
         left = a.budget_s - 5 - (time.perf_counter() - t0)
         cell_end = time.perf_counter() + (0.35 * left if ci == 0 else left / (n_cells - ci))
         tried = []
-        for bn, rows, split, warps, stages, late in grid if ci == 0 else best_first(grid, res):
+        for bn, rows, split, warps, stages, late in (
+            grid if ci == 0 else KB.winners_first(grid, res["rows"], "gemv_top", GEMV_KEYS)
+        ):
             if time.perf_counter() > cell_end:
                 break
             if (n // 4) % (bn // 4) or n % bn:
@@ -149,25 +136,6 @@ def main(argv=None):
             flush=True,
         )
     print(f"total {time.perf_counter() - t0:.0f}s")
-
-
-def best_first(grid, res):
-    """The configs that won earlier cells first, then the rest."""
-    wins = []
-    for r in res["rows"]:
-        for t in r.get("gemv_top", []):
-            c = t["cfg"]
-            key = (
-                c["block_n"],
-                c["rows"],
-                c["split_k"],
-                c["num_warps"],
-                c["num_stages"],
-                c["late"],
-            )
-            if key not in wins:
-                wins.append(key)
-    return wins + [g for g in grid if g not in wins]
 
 
 if __name__ == "__main__":

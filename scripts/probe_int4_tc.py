@@ -53,9 +53,7 @@ def main(argv=None):
     import numpy as np
 
     from shrinkjax.kernels import int4_tc as T
-    from shrinkjax.kernels import layouts as L
     from shrinkjax.kernels.int_matmul import int_matmul
-    from shrinkjax.kernels.reference import int_matmul_ref
 
     res = {"device": str(jax.devices()[0].device_kind), "rows": []}
     res.update(KB.copy_bandwidth())
@@ -70,26 +68,12 @@ def main(argv=None):
     ms = [int(v) for v in a.ms.split(",")]
     cells = list(itertools.product(shapes, ms))
     for ci, ((k, n), m) in enumerate(cells):
-        sh = KB.Shape(k, n, ["int4_g128"], 0)
-        pr = sh.probs["int4_g128"]
-        plain = pr["plain"]  # (the benchmark's int4 problem is already in the tc layout)
-        p = L.pack_int(plain["codes"], plain["scales"], plain["zeros"], bits=4, group=KB.GROUP)
-        ws, nbytes = KB.copies_of(p, len(pr["ws"])), L.packed_nbytes(p)
+        cell = KB.int4_probe_cell(k, n, m)
+        ws, x, xs, ref, row = (cell[q] for q in ("ws", "x", "xs", "ref", "row"))
+        nbytes = row["bytes"]
+        row["copy_tbps"] = copy
         tcs = {bn: [T.pack_tc(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
         jax.block_until_ready(tcs)
-        x = sh.x(m, 1)[0]
-        ref = np.asarray(int_matmul_ref(x, p).astype(np.float32))
-        xs = sh.x(m, KB.n_calls(m))
-        row = dict(K=k, N=n, M=m, bytes=nbytes, copy_tbps=copy)
-        exe = KB.build_multi(lambda x, w: int_matmul(x, w, path="fused"), xs, ws)
-        row["fused_us"], _ = KB.time_compiled(exe, xs, ws)
-        tf = KB.torch_kernel("int4_g128", pr["plain"])
-        if tf is not None and sh.wt is not None:
-            import torch
-
-            xt = torch.from_numpy(np.asarray(x.astype(np.float32))).cuda().to(torch.bfloat16)
-            row["torch_us"] = KB.torch_bench(lambda: tf(xt))
-            row["torch_bf16_us"] = KB.torch_bench(lambda: xt @ sh.wt)
         if T.DEFAULT_BLOCK_N in tcs:  # the dispatch entry point at default settings
             from shrinkjax.kernels import dispatch
 
@@ -100,7 +84,7 @@ def main(argv=None):
         left = a.budget_s - 5 - (time.perf_counter() - t0)
         cell_end = time.perf_counter() + (0.4 * left if ci == 0 else left / (len(cells) - ci))
         tried = []
-        for cfg in grid if ci == 0 else best_first(grid, res):
+        for cfg in grid if ci == 0 else KB.winners_first(grid, res["rows"], "tc_top", KEYS):
             if time.perf_counter() > cell_end:
                 break
             kw = dict(zip(KEYS, cfg))
@@ -156,17 +140,6 @@ def main(argv=None):
             flush=True,
         )
     print(f"total {time.perf_counter() - t0:.0f}s")
-
-
-def best_first(grid, res):
-    """The configs that won earlier cells first, then the rest."""
-    wins = []
-    for r in res["rows"]:
-        for t in r.get("tc_top", []):
-            key = tuple(t["cfg"][k] for k in KEYS)
-            if key not in wins:
-                wins.append(key)
-    return wins + [g for g in grid if g not in wins]
 
 
 if __name__ == "__main__":
