@@ -175,7 +175,6 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
     spg = min(group, CHUNK) // SLAB  # slabs per scale group
     decode = _decode_jnp if interpret else _decode_asm
     bn, mp = w_ref.shape[1], o_ref.shape[0]
-    ones = jnp.ones((bn, SLAB), jnp.bfloat16)
 
     def token_rows(view):  # a [mp, ...] view of the token axis; rows >= M read as 0
         if m == mp:
@@ -210,18 +209,18 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
         nxt = scales(jnp.minimum(t + 1, last))
         tiles = decode(w_ref[t])  # uint32 [bn, 16] (contiguous) -> 8 x bf16 [bn, 16]
         for c, j0 in enumerate(range(0, 8, spg)):
-            sc, z, xsum = cur[c]
+            sc, z, x_total = cur[c]  # x_total: sum_k x, [1, mp] (None: "mma" mode)
             sc = sc.astype(jnp.float32)
             off = (-136.0 if z is None else -(z.astype(jnp.float32) + 128.0)) * sc
             part = jnp.zeros(acc.shape, jnp.float32)
-            mma_sum = xsum is None
-            xsum = jnp.zeros(acc.shape, jnp.float32) if mma_sum else xsum
+            if xsum == "mma":
+                x_total = jnp.zeros(acc.shape, jnp.float32)
             for j in range(j0, j0 + spg):  # chained on the tensor core
                 xj = x_slab(t * CHUNK + SLAB * j)
                 part = dot_acc(tiles[j], xj, part)  # sum_k (128 + q) x
-                if mma_sum:
-                    xsum = dot_acc(ones, xj, xsum)  # sum_k x, broadcast over the bn rows
-            acc = acc + part * sc + off * xsum
+                if xsum == "mma":  # sum_k x, broadcast over the bn rows
+                    x_total = dot_acc(jnp.ones((bn, SLAB), jnp.bfloat16), xj, x_total)
+            acc = acc + part * sc + off * x_total
         return acc, nxt
 
     acc0 = jnp.zeros((bn, mp), jnp.float32)
@@ -234,7 +233,7 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
     jax.jit,
     static_argnames=("split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret"),
 )
-def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="mma", out_dtype=None):
+def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xla", out_dtype=None):
     """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass)."""
     m = x2.shape[0]
     if m > MAX_M:
