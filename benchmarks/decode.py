@@ -86,14 +86,15 @@ def linear_shapes(cfg):
     }
 
 
-def make_weight(fmt, k, n, rng):
+def make_weight(fmt, k, n, rng, int4_layout="tc"):
     if fmt == "bf16":
         w = jax.random.normal(jax.random.PRNGKey(int(rng.integers(2**31))), (k, n), jnp.float32)
         return (w * 0.02).astype(jnp.bfloat16)
     if fmt == "int4_g128":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         scales = (rng.random((k // 128, n), np.float32) + 0.5) * 0.003
-        return int4_tc.pack_tc(layouts.pack_int(codes, scales, None, bits=4, group=128))
+        packed = layouts.pack_int(codes, scales, None, bits=4, group=128)
+        return int4_tc.pack_tc(packed) if int4_layout == "tc" else packed
     if fmt == "mxfp4":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         e8m0 = rng.integers(118, 124, (k // 32, n), dtype=np.uint8)
@@ -110,14 +111,16 @@ def _copy(tree):
     return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def build_model(cfg, fmt, seed=0):
+def build_model(cfg, fmt, seed=0, int4_layout="tc"):
     """The model with ``fmt`` linears; each layer owns a device copy of one random block."""
     import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register kernels with dispatch)
     import shrinkjax.kernels.int_matmul  # noqa: F401
     import shrinkjax.kernels.sparse_matmul  # noqa: F401
 
     rng = np.random.default_rng(seed)
-    block = {nm: make_weight(fmt, *shape, rng) for nm, shape in linear_shapes(cfg).items()}
+    block = {
+        nm: make_weight(fmt, *shape, rng, int4_layout) for nm, shape in linear_shapes(cfg).items()
+    }
     key = jax.random.PRNGKey(seed)
     emb = jax.random.normal(key, (cfg.vocab_size, cfg.dim), jnp.float32)
     flat = {
@@ -182,6 +185,31 @@ def timed(fn, args, reps):
     return first, float(np.median(ts))
 
 
+def profile_call(fn, fargs, args, tag, steps):
+    """Device time of one more call, per decode step, by kernel (``scripts/trace_summary``)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    import gzip
+
+    import trace_summary
+
+    out = os.path.join(args.profile, f"{args.current_format}_{tag}")
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+        jax.block_until_ready(fn(*fargs))
+    with gzip.open(trace_summary.newest_trace(out), "rt") as f:
+        events = trace_summary.device_events(json.load(f))
+    s = trace_summary.summarise(events, steps, 40, merge_numbered=True)
+    log(
+        f"  profile {tag}: busy {1000 * s['busy_ms_per_step']:.0f} us/step over a "
+        f"{1000 * s['span_ms_per_step']:.0f} us/step span"
+    )
+    for r in s["kernels"][:25]:
+        log(
+            f"    {r['name'][:70]:<70} {1000 * r['ms_per_step']:8.1f} us/step "
+            f"{r['calls_per_step']:5.1f} calls/step"
+        )
+    return s
+
+
 def measure(model, batch, args):
     cfg = model.cfg
     graphdef, state = nnx.split(model)
@@ -189,9 +217,12 @@ def measure(model, batch, args):
     cache = init_cache(cfg, batch, p + steps)
     cache = cache.replace(valid=cache.valid.at[:, :p].set(True), index=jnp.asarray(p, jnp.int32))
     tok = jnp.asarray(np.random.default_rng(batch).integers(0, cfg.vocab_size, batch), jnp.int32)
-    first, t = timed(make_decode(graphdef, steps), (state, cache, tok), args.reps)
+    decode = make_decode(graphdef, steps)
+    first, t = timed(decode, (state, cache, tok), args.reps)
     row = dict(batch=batch, tokens_per_s=batch * steps / t, ms_per_step=1000 * t / steps)
     row.update(compile_and_first_s=first, steps=steps, prompt=p)
+    if args.profile:
+        row["profile"] = profile_call(decode, (state, cache, tok), args, f"b{batch}", steps)
     if args.prefill_tokens:
         cache = init_cache(cfg, batch, args.prefill_tokens)
         prompt = jnp.asarray(
@@ -216,8 +247,9 @@ def run(cfg, args):
             rows += [dict(format=fmt, batch=b, error="skipped: time budget") for b in batches]
             continue
         t0 = time.perf_counter()
+        args.current_format = fmt
         try:
-            model, nbytes = build_model(cfg, fmt)
+            model, nbytes = build_model(cfg, fmt, int4_layout=args.int4_layout)
         except Exception as e:
             log(f"[{fmt}] build failed: {e!r}")
             rows += [dict(format=fmt, batch=b, error=repr(e)[:500]) for b in batches]
@@ -284,8 +316,19 @@ def main(argv=None):
     ap.add_argument(
         "--int4-xsum",
         default=None,
-        choices=("xla", "sum", "mma"),
+        choices=("none", "xla", "sum", "mma"),
         help="int4_tc's sum-of-x mode (default: int4_tc.DEFAULT_XSUM)",
+    )
+    ap.add_argument(
+        "--int4-layout",
+        default="tc",
+        choices=("tc", "split_half"),
+        help="int4_g128 weights as int4_tc.TcInt4 (tensor-core kernel) or PackedInt (fused)",
+    )
+    ap.add_argument(
+        "--profile",
+        default="",
+        help="trace one more call per cell into this directory; print device time by kernel",
     )
     ap.add_argument("--out", default="")
     ap.add_argument(
@@ -313,6 +356,7 @@ def main(argv=None):
     result = {
         "device": jax.devices()[0].device_kind,
         "int4_xsum": args.int4_xsum or int4_tc.DEFAULT_XSUM,
+        "int4_layout": args.int4_layout,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,
         "decode_steps": args.steps,

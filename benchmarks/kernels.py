@@ -244,6 +244,64 @@ def time_compiled(exe, xs, ws, budget_s=0.2):
     return statistics.median(ts) / len(xs) * 1e6, out
 
 
+def split_executions(events, gap_us):
+    """[(start, end, busy)] µs per execution: device kernel events (memcpys dropped) split where
+    the device idles longer than ``gap_us``."""
+    events = sorted((e for e in events if "memcpy" not in e["name"].lower()), key=lambda e: e["ts"])
+    segs, end = [], None
+    for e in events:
+        if end is None or e["ts"] - end > gap_us:
+            segs.append([float(e["ts"]), 0.0, 0.0])
+        end = max(end or 0.0, float(e["ts"]) + float(e["dur"]))
+        segs[-1][1], segs[-1][2] = end, segs[-1][2] + float(e["dur"])
+    return [tuple(sg) for sg in segs]
+
+
+def trace_device_times(runs, reps=3, pause_s=0.005, gap_us=2000.0):
+    """Device time per call of each executable in ``runs`` ({key: (exe, xs, ws)}), from one
+    ``jax.profiler`` trace: ``{key: (span_us, busy_us)}`` (span: first kernel start to last
+    kernel end of an execution; busy: the kernels' summed durations; both per call), or ``{}``
+    when the trace cannot be split into the executions (e.g. no device timeline on CPU).
+
+    Why: ``time_compiled``'s wall clock includes the host's work per execution (argument
+    handling, one launch per kernel), which exceeds the device time of small kernels (H100,
+    int4 4096², ``scripts/probe_timing.py``: 25 µs wall per call, 9 µs on the device). A model
+    step launched as one graph sees the device time."""
+    import gzip
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    import trace_summary as TS
+
+    keys = list(runs)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for key in keys:
+                    exe, xs, ws = runs[key]
+                    for _ in range(reps):
+                        jax.block_until_ready(exe(xs, ws))
+                        time.sleep(pause_s)  # a gap that marks the execution's end
+            with gzip.open(TS.newest_trace(d), "rt") as f:
+                events = TS.device_events(json.load(f))
+    except Exception as ex:  # noqa: BLE001  (no profiler: the caller keeps the wall clock)
+        log(f"  device trace failed: {ex!r}"[:300])
+        return {}
+    segs = split_executions(events, gap_us)
+    if len(segs) != reps * len(keys):
+        log(f"  device trace: {len(segs)} executions for {reps * len(keys)} runs; wall clock kept")
+        return {}
+    out = {}
+    for i, key in enumerate(keys):
+        calls = len(runs[key][1])
+        mine = segs[i * reps : (i + 1) * reps]
+        out[key] = (
+            statistics.median((b - a) / calls for a, b, _ in mine),
+            statistics.median(busy / calls for _, _, busy in mine),
+        )
+    return out
+
+
 def torch_bench(fn):
     if do_bench is None:
         return None
@@ -454,12 +512,18 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         log(f"    compile failure {key}: {v!r}"[:600])
 
     xla_bf16_us = torch_bf16_us = x_t = None
+    tracked = {}  # key -> [exe, xs, ws, [(row, field), ...]]: re-timed on the device below
+
+    def track(key, exe, xs, ws, row, field):
+        tracked.setdefault(key, [exe, xs, ws, []])[3].append((row, field))
+
     e = exes.get("xla_bf16")
     if e is not None and not isinstance(e, Exception):
         try:
             xla_bf16_us, _ = time_compiled(e, xw, sh.wbs)
         except Exception as ex:
             log(f"  xla_bf16 M={m}: {ex!r}")
+    cell_rows = []
     if sh.wt is not None:
         try:
             x_t = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
@@ -470,6 +534,9 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         row = empty_row(kind, m, k, n)
         row.update(xla_bf16_us=xla_bf16_us, torch_bf16_us=torch_bf16_us, path=auto)
         rows.append(row)
+        cell_rows.append(row)
+        if xla_bf16_us is not None:
+            track("xla_bf16", exes["xla_bf16"], xw, sh.wbs, row, "xla_bf16_us")
         pr = sh.probs[kind]
         if "error" in pr:
             row["error"] = pr["error"]
@@ -488,6 +555,7 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             y_ref = None
             if ref is not None and not isinstance(ref, Exception):
                 row["xla_dequant_us"], y_ref = time_compiled(ref, xs, pr["ws"])
+                track((kind, "ref"), ref, xs, pr["ws"], row, "xla_dequant_us")
             else:
                 row["ref_error"] = repr(ref)[:400]
                 y_ref = [R.matmul_ref(xs[0], pr["ws"][0])]
@@ -501,6 +569,7 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
                 y = exe(xs, pr["ws"])  # correctness first, fresh random inputs
                 row[f"{path}_rel_err"] = rel_err(y[0], y_ref[0])
                 row[f"{path}_us"], _ = time_compiled(exe, xs, pr["ws"])
+                track((kind, path), exe, xs, pr["ws"], row, f"{path}_us")
             row["us"] = row[f"{auto}_us"]
             row["rel_err"] = row.get(f"{auto}_rel_err")
             if row["us"] is None:
@@ -509,7 +578,9 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
                 row["bw_frac"] = row["bytes"] / (row["us"] * 1e-6) / (copy_tbps * 1e12)
             exe = exes.get((kind, "dequant"))
             if exe is not None and not isinstance(exe, Exception):
-                pr["dequant_us"], _ = time_compiled(exe, dummy_x(len(pr["ws"])), pr["ws"])
+                xd = dummy_x(len(pr["ws"]))
+                pr["dequant_us"], _ = time_compiled(exe, xd, pr["ws"])
+                track((kind, "dequant"), exe, xd, pr["ws"], row, "dequant_us")
             elif exe is not None:
                 row["dequant_error"] = repr(exe)[:400]
             row["dequant_us"] = pr.get("dequant_us")
@@ -528,6 +599,32 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
                 row["torch_us"] = torch_bench(lambda tk=tk: tk(x_t))
         except Exception as ex:
             row["torch_error"] = repr(ex)[:400]
+    if args.timing == "device" and tracked:
+        dev = trace_device_times({key: v[:3] for key, v in tracked.items()})
+        for key, (_, _, _, targets) in tracked.items():
+            if key not in dev:
+                continue
+            if key[-1] == "dequant":  # (measured once per shape, reused by later cells)
+                sh.probs[key[0]]["dequant_us"] = dev[key][0]
+            for row, field in targets:
+                base = field[: -len("_us")]
+                row[f"{base}_wall_us"], row[f"{base}_busy_us"] = row[field], dev[key][1]
+                row[field] = dev[key][0]
+        for row in cell_rows:
+            row["timing"] = "device" if dev else "wall"
+            if row.get("us") is not None:
+                row["us"] = row[f"{auto}_us"]
+                if copy_tbps:
+                    row["bw_frac"] = row["bytes"] / (row["us"] * 1e-6) / (copy_tbps * 1e12)
+            p = sh.probs[row["kernel"]].get("p")
+            if row.get("dequant_us") and copy_tbps and p is not None:
+                moved = sh.probs[row["kernel"]]["nbytes"] + 2 * p.kp * p.np_
+                row["dequant_bw_frac"] = moved / (row["dequant_us"] * 1e-6) / (copy_tbps * 1e12)
+    else:
+        for row in cell_rows:
+            row["timing"] = "wall"
+    for row in cell_rows:
+        kind, xla_bf16_us = row["kernel"], row["xla_bf16_us"]
         log(
             f"  {kind:9s} M={m:5d}: us={_f(row['us'])} ({auto}) fused={_f(row['fused_us'])} "
             f"deq_dot={_f(row['dequant_dot_us'])} deq={_f(row['dequant_us'])} "
@@ -750,6 +847,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=None, help="default: fresh random each run")
     ap.add_argument("--verbose", action="store_true", help="log every sweep measurement")
     ap.add_argument("--max-calls", type=int, default=48, help="calls per timed executable")
+    ap.add_argument(
+        "--timing",
+        default="device",
+        choices=("device", "wall"),
+        help="JAX rows: device time per call from a profiler trace (default; the wall clock "
+        "is kept as *_wall_us) or the wall clock of back-to-back executions",
+    )
     args = ap.parse_args(argv)
     MAX_CALLS = args.max_calls
     if args.seed is None:

@@ -37,8 +37,9 @@ def main(argv=None):
     ap.add_argument(
         "--defaults-only",
         action="store_true",
-        help="only the default tiles, once per xsum mode (xla, sum, mma)",
+        help="only the default tiles and split-K, once per --modes",
     )
+    ap.add_argument("--modes", default="none,xla", help="xsum modes for --defaults-only")
     ap.add_argument(
         "--profile",
         default="",
@@ -63,7 +64,7 @@ def main(argv=None):
     grid += [(128, 4, 3, 8, "mma"), (128, 8, 3, 8, "xla"), (256, 8, 3, 8, "xla")]
     np.random.default_rng(0).shuffle(grid)
     if a.defaults_only:
-        grid = [(T.DEFAULT_BLOCK_N, 4, 3, 8, mode) for mode in ("xla", "sum", "mma")]
+        grid = [(T.DEFAULT_BLOCK_N, 4, 3, 0, mode) for mode in a.modes.split(",")]  # 0: default
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     ms = [int(v) for v in a.ms.split(",")]
     cells = list(itertools.product(shapes, ms))
@@ -88,6 +89,8 @@ def main(argv=None):
             if time.perf_counter() > cell_end:
                 break
             kw = dict(zip(KEYS, cfg))
+            if kw["split_k"] == 0 and kw["block_n"] in tcs:
+                kw["split_k"] = T.default_split(tcs[kw["block_n"]][0])
             if n % kw["block_n"] or (T.round_up(k, T.CHUNK) // T.CHUNK) % kw["split_k"]:
                 continue
             run = {q: v for q, v in kw.items() if q != "block_n"}

@@ -62,12 +62,14 @@ def device_events(trace: dict) -> list[dict]:
     return out
 
 
-def summarise(events: list[dict], steps: int, top: int) -> dict:
+def summarise(events: list[dict], steps: int, top: int, merge_numbered: bool = False) -> dict:
+    """``merge_numbered``: count ``dot.12`` and ``dot.13`` (XLA's numbered instances) as ``dot``."""
     by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
         d = float(e["dur"])
-        for table, key in ((by_name, e["name"]), (by_kind, kind_of(e["name"]))):
+        name = re.sub(r"[._]\d+$", "", e["name"]) if merge_numbered else e["name"]
+        for table, key in ((by_name, name), (by_kind, kind_of(e["name"]))):
             table[key][0] += d
             table[key][1] += 1
     busy = sum(v[0] for v in by_kind.values())
@@ -100,11 +102,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="steps traced (per-step numbers)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", default="", help="also write the summary here")
+    p.add_argument("--merge", action="store_true", help="merge XLA's numbered instances (dot.3)")
     a = p.parse_args(argv)
     path = newest_trace(a.path)
     with gzip.open(path, "rt") as f:
         trace = json.load(f)
-    s = summarise(device_events(trace), a.steps, a.top)
+    s = summarise(device_events(trace), a.steps, a.top, a.merge)
     s["trace"] = path
     print(
         f"{path}\n{s['events']} device events; busy {s['busy_ms_per_step']:.2f} ms/step over "

@@ -475,7 +475,7 @@ def run_tiled_matmul(
             out_specs=out_spec,
             interpret=interpret,
             compiler_params=compiler_params(cfg.num_warps, cfg.num_stages, interpret),
-            name=name,
+            name=f"{name}_k{kp}n{np_}m{mrows}",  # shape: per-shape traces
         )(x_arr, *w_arrs)
     return out[..., :m, :] if mrows != m else out
 

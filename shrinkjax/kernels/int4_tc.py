@@ -62,6 +62,9 @@ DEFAULT_BLOCK_N = 128  # H100 sweep (scripts/probe_int4_tc.py): 128 or 256 withi
 DEFAULT_XSUM = "xla"  # int4_tc_matmul's default xsum mode (benchmarks/decode.py --int4-xsum)
 MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
 _BF16_128 = 0x43004300  # two bf16 128.0
+_BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
+_BF16_ONE = 0x3F803F80  # two bf16 1.0
+XSUM_MODES = ("none", "xla", "sum", "mma")
 
 
 @functools.partial(
@@ -137,21 +140,33 @@ def pack_tc(p: PackedInt, block_n: int = DEFAULT_BLOCK_N) -> TcInt4:
     return TcInt4(w, tiles(s), z, k=p.k, n=p.n, group=p.group, block_n=block_n)
 
 
-def _decode_asm(w):
-    """uint32 [bn, 16] -> 8 bf16 [bn, 16] tiles ``128 + q`` (inline PTX, 2 words per instance).
+def _decode_asm(w, js=range(8), zero=None):
+    """uint32 [bn, 16] -> bf16 [bn, 16] tiles of slabs ``js``: ``128 + q`` (inline PTX, two
+    words per instance), or with ``zero`` the signed code ``q - z``, exactly (one more
+    ``fma.rn.bf16x2`` per two weights: ``(128 + q) * 1 - (128 + z)``). ``zero``: None (no
+    subtraction), ``"sym"`` (z = 8) or a bf16 [bn, 1] column ``-(128 + z)`` per weight row.
 
     One asm op per tile: jax's Pallas lowering returns a single result per inline-asm op.
     """
     out = []
-    for j in range(8):
+    for j in js:
         src = "$1" if j < 4 else "$2"
         sh = 4 * (j % 4)
         shift = f"shr.u32 t, {src}, {sh}; " if sh else f"mov.b32 t, {src}; "
-        asm = "{ .reg .b32 t; " + shift + f"lop3.b32 $0, t, 0x000F000F, {_BF16_128:#x}, 0xEA; }}"
+        lop = f"lop3.b32 {{dst}}, t, 0x000F000F, {_BF16_128:#x}, 0xEA; "
+        args, cons = [w], "=r,r,r"
+        if zero is None:
+            body = lop.format(dst="$0")
+        else:
+            neg = f"{_BF16_NEG136:#x}" if zero == "sym" else "$3"
+            body = lop.format(dst="t") + f"mov.b32 c, {neg}; mov.b32 o, {_BF16_ONE:#x}; "
+            body += "fma.rn.bf16x2 $0, t, o, c; "
+            if zero != "sym":
+                args, cons = [w, jnp.broadcast_to(zero, w.shape)], "=r,r,r,r"
         (tile,) = plgpu.elementwise_inline_asm(
-            asm,
-            args=[w],
-            constraints="=r,r,r",
+            "{ .reg .b32 t, c, o; " + shift + body + "}",
+            args=args,
+            constraints=cons,
             pack=2,
             result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)],
         )
@@ -159,14 +174,17 @@ def _decode_asm(w):
     return out
 
 
-def _decode_jnp(w):
+def _decode_jnp(w, js=range(8), zero=None):
     """Same as :func:`_decode_asm` in jnp (interpret mode / CPU)."""
     out = []
-    for j in range(8):
+    for j in js:
         src = w[:, j // 4 :: 2]  # [bn, 8]: word 2u + j // 4
         sh = 4 * (j % 4)
         pair = jnp.stack([(src >> sh) & 0xF, (src >> (sh + 16)) & 0xF], axis=-1)
-        out.append((pair.reshape(w.shape) + 128).astype(jnp.float32).astype(jnp.bfloat16))
+        v = pair.reshape(w.shape).astype(jnp.float32) + 128.0
+        if zero is not None:
+            v = v + (-136.0 if zero == "sym" else zero.astype(jnp.float32))
+        out.append(v.astype(jnp.bfloat16))
     return out
 
 
@@ -207,10 +225,21 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
         # Scales are not tensor-core operands, so Triton does not pipeline their loads: issue
         # the next chunk's here and use them one iteration later (their latency hides).
         nxt = scales(jnp.minimum(t + 1, last))
-        tiles = decode(w_ref[t])  # uint32 [bn, 16] (contiguous) -> 8 x bf16 [bn, 16]
+        words = w_ref[t]  # uint32 [bn, 16]: one contiguous block
+        if xsum != "none":  # -> 8 x bf16 [bn, 16] of 128 + q
+            tiles = decode(words)
         for c, j0 in enumerate(range(0, 8, spg)):
-            sc, z, x_total = cur[c]  # x_total: sum_k x, [1, mp] (None: "mma" mode)
+            sc, z, x_total = cur[c]  # x_total: sum_k x, [1, mp] (None: "mma" / "none")
             sc = sc.astype(jnp.float32)
+            if xsum == "none":  # slabs of this group decoded to q - z: no sum_k x term
+                zero = "sym" if z is None else -(z.astype(jnp.float32) + 128.0)
+                zero = zero if z is None else zero.astype(jnp.bfloat16)
+                tiles = dict(zip(range(j0, j0 + spg), decode(words, range(j0, j0 + spg), zero)))
+                part = jnp.zeros(acc.shape, jnp.float32)
+                for j in range(j0, j0 + spg):
+                    part = dot_acc(tiles[j], x_slab(t * CHUNK + SLAB * j), part)
+                acc = acc + part * sc
+                continue
             off = (-136.0 if z is None else -(z.astype(jnp.float32) + 128.0)) * sc
             part = jnp.zeros(acc.shape, jnp.float32)
             if xsum == "mma":
@@ -254,8 +283,8 @@ def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xl
     if xsum == "xla":  # sum_k x per correction unit by XLA (one reduce), read by the kernel
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
         in_specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
-    elif xsum not in ("mma", "sum"):
-        raise ValueError(f"xsum must be 'xla', 'sum' or 'mma', got {xsum!r}")
+    elif xsum not in XSUM_MODES:
+        raise ValueError(f"xsum must be one of {XSUM_MODES}, got {xsum!r}")
     out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
     static = dict(m=m, steps=chunks // split_k, group=t.group, xsum=xsum, interpret=interpret)
 
@@ -280,7 +309,7 @@ def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xl
             out_specs=pl.BlockSpec((squeezed, mp, block_n), lambda j, s: (s, 0, j)),
             interpret=interpret,
             compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name=f"int4_tc_{xsum}_s{split_k}",
+            name=f"int4_tc_{xsum}_s{split_k}_k{kw}n{np_}m{mp}",  # shape: per-shape traces
         )(*args, *w_args)
     y = out[0] if split_k == 1 else out.sum(axis=0)
     return y if np_ == t.n else y[:, : t.n]

@@ -75,3 +75,12 @@ def test_decode_benchmark_quick(tmp_path, kernels):
         assert all(r["prefill_path"] == "dequant_dot" and r["prefill_ms"] > 0 for r in rows)
     # main() leaves the dispatch/kernels globals as it found them
     assert dispatch.PREFILL_MIN_M == 256 and not driver.use_kernel_backend()
+
+
+def test_split_executions_by_device_gaps():
+    kb = _load("kernels")
+    ev = lambda ts, dur, name="k": dict(ts=ts, dur=dur, name=name)  # noqa: E731
+    events = [ev(0, 5), ev(6, 3), ev(4, 1), ev(3000, 2), ev(3004, 4, "memcpyD2H"), ev(3003, 1)]
+    # two executions: [0, 9) busy 9, then [3000, 3004) busy 3 (the memcpy is not a kernel)
+    assert kb.split_executions(events, gap_us=2000.0) == [(0.0, 9.0, 9.0), (3000.0, 3004.0, 3.0)]
+    assert len(kb.split_executions(events, gap_us=0.5)) == 4  # also at 5 -> 6 and 3002 -> 3003

@@ -67,7 +67,7 @@ def test_dequantize_is_bit_exact(k, n, group, zeros):
     assert not w[k:].astype(np.float32).any()  # padded K rows are exactly zero
 
 
-@pytest.mark.parametrize("xsum", ["xla", "sum", "mma"])
+@pytest.mark.parametrize("xsum", ["none", "xla", "sum", "mma"])
 @pytest.mark.parametrize(
     "k,n,group,zeros,m,split",
     [
@@ -140,7 +140,7 @@ def test_clear_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("xsum", ["xla", "sum", "mma"])
+@pytest.mark.parametrize("xsum", ["none", "xla", "sum", "mma"])
 @pytest.mark.parametrize("m", [1, 16, 64, 600])
 @pytest.mark.parametrize("k,n,group", [(1024, 768, 128), (1088, 760, 64)], ids=["even", "ragged"])
 def test_gpu_native_matches_float64(xsum, m, k, n, group):
