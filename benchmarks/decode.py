@@ -5,6 +5,10 @@ copy of one randomly generated block (the host builds and packs one block, the d
 32 times: ~16 GB in bf16, ~5 GB in int4), so every token streams the whole model from HBM as a
 real checkpoint would. Embeddings and lm_head stay bf16 (as quantization rules keep them).
 
+Every format runs the same model: by default with q/k/v and gate/up fused into one matmul each
+(``--projections fused``, ``shrinkjax.models.fuse``: 5 matmuls per block, as serving stacks run
+them); ``--projections separate`` keeps the 7.
+
 Measured per (format, batch B): one jitted greedy loop of ``--steps`` decode steps (a
 ``lax.scan``; each step runs the full model on B tokens against the KV cache, starting at slot
 ``--prompt`` of a cache whose first ``--prompt`` slots are marked valid: their content does not
@@ -56,15 +60,6 @@ LLAMA3_8B = LlamaConfig(
 QUICK = LLAMA3_8B.replace(
     vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512
 )
-LINEARS = (
-    "attn.q_proj",
-    "attn.k_proj",
-    "attn.v_proj",
-    "attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
 FORMATS = ("bf16", "int4_g128", "mxfp4", "2:4_bf16")
 T0 = time.perf_counter()
 
@@ -74,7 +69,15 @@ def log(*a):
 
 
 def linear_shapes(cfg):
+    """{linear: (K, N)} of one block (q/k/v and gate/up as one each when fused)."""
     h = cfg.head_width
+    if cfg.fused_projections:
+        return {
+            "attn.qkv_proj": (cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * h),
+            "attn.o_proj": (cfg.n_heads * h, cfg.dim),
+            "mlp.gate_up_proj": (cfg.dim, 2 * cfg.hidden_dim),
+            "mlp.down_proj": (cfg.hidden_dim, cfg.dim),
+        }
     return {
         "attn.q_proj": (cfg.dim, cfg.n_heads * h),
         "attn.k_proj": (cfg.dim, cfg.n_kv_heads * h),
@@ -132,7 +135,7 @@ def build_model(cfg, fmt, seed=0, int4_layout="tc"):
     for i in range(cfg.n_layers):
         flat[f"layers.{i}.attn_norm.scale"] = np.ones(cfg.dim, np.float32)
         flat[f"layers.{i}.mlp_norm.scale"] = np.ones(cfg.dim, np.float32)
-        for nm in LINEARS:
+        for nm in block:
             flat[f"layers.{i}.{nm}.kernel"] = _copy(block[nm])
     nbytes = dict(
         linears=cfg.n_layers * sum(_nbytes(w) for w in block.values()),
@@ -320,6 +323,13 @@ def main(argv=None):
         help="int4_tc's sum-of-x mode (default: int4_tc.DEFAULT_XSUM)",
     )
     ap.add_argument(
+        "--projections",
+        default="fused",
+        choices=("fused", "separate"),
+        help="q/k/v and gate/up as one matmul each (shrinkjax.models.fuse; every format alike) "
+        "or as 7 linears per block",
+    )
+    ap.add_argument(
         "--int4-layout",
         default="tc",
         choices=("tc", "split_half"),
@@ -338,6 +348,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else LLAMA3_8B
+    cfg = cfg.replace(fused_projections=args.projections == "fused")
     if args.quick:
         args.steps, args.reps, args.prompt = min(args.steps, 4), 1, min(args.prompt, 8)
     saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM
@@ -357,6 +368,7 @@ def main(argv=None):
         "device": jax.devices()[0].device_kind,
         "int4_xsum": args.int4_xsum or int4_tc.DEFAULT_XSUM,
         "int4_layout": args.int4_layout,
+        "projections": args.projections,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,
         "decode_steps": args.steps,

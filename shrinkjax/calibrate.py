@@ -77,6 +77,12 @@ def calibrate(
     """Run ``method`` over every block of ``model`` in place; returns {path: report}."""
     from tqdm.auto import tqdm
 
+    if model.cfg.fused_projections:
+        raise ValueError(
+            "calibrate the unfused model (its q/k/v and gate/up linears), then fuse it "
+            "(shrinkjax.models.fuse.fuse_projections)"
+        )
+
     n, seqlen = tokens_NxL.shape
     h = embed_windows(model, tokens_NxL, batch_size)
     mask, rope = model.masks_and_rope(batch_size, seqlen)

@@ -15,6 +15,9 @@ Parameter paths (what quantization/pruning rules match against), with kernels st
     norm.scale                                       [D]
     lm_head.kernel                                   [D, V]   (absent when embeddings are tied)
 
+With ``fused_projections`` (inference, ``shrinkjax.models.fuse``) q/k/v are one
+``attn.qkv_proj.kernel [D, (N+2K)*H]`` and gate/up one ``mlp.gate_up_proj.kernel [D, 2F]``.
+
 A linear kernel may be a dense array or any compressed weight type known to
 ``shrinkjax.kernels.dispatch``: the model never knows how its weights are stored.
 RoPE uses the Hugging Face "rotate half" layout (GGUF's interleaved q/k rows are permuted
@@ -52,6 +55,9 @@ class LlamaConfig:
     attention_bias: bool = False  # Qwen2 has q/k/v biases
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     attention_impl: str = "einsum"  # einsum (exact, any mask) | cudnn (flash, no cache, bf16)
+    # q/k/v as one qkv_proj [D, (N+2K)H], gate/up as one gate_up_proj [D, 2F] (inference;
+    # shrinkjax.models.fuse.fuse_projections builds it from an unfused model)
+    fused_projections: bool = False
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -196,17 +202,27 @@ class Attention(nnx.Module):
         h = cfg.head_width
         self.cfg = cfg
         bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * h, rngs=rngs, use_bias=bias)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * h, rngs=rngs, use_bias=bias)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * h, rngs=rngs, use_bias=bias)
-        self.o_proj = Linear(cfg.n_heads * h, cfg.dim, rngs=rngs)
+        nq, nkv = cfg.n_heads * h, cfg.n_kv_heads * h
+        if cfg.fused_projections:
+            self.qkv_proj = Linear(cfg.dim, nq + 2 * nkv, rngs=rngs, use_bias=bias)
+        else:
+            self.q_proj = Linear(cfg.dim, nq, rngs=rngs, use_bias=bias)
+            self.k_proj = Linear(cfg.dim, nkv, rngs=rngs, use_bias=bias)
+            self.v_proj = Linear(cfg.dim, nkv, rngs=rngs, use_bias=bias)
+        self.o_proj = Linear(nq, cfg.dim, rngs=rngs)
 
     def __call__(self, x_BxLxD, rope, mask_BxLxS, layer_cache=None, taps=None):
         cfg, (b, l, _) = self.cfg, x_BxLxD.shape
         h = cfg.head_width
-        q = self.q_proj(x_BxLxD).reshape(b, l, cfg.n_heads, h)
-        k = self.k_proj(x_BxLxD).reshape(b, l, cfg.n_kv_heads, h)
-        v = self.v_proj(x_BxLxD).reshape(b, l, cfg.n_kv_heads, h)
+        if cfg.fused_projections:  # one matmul; its output columns are [q | k | v]
+            nq, nkv = cfg.n_heads * h, cfg.n_kv_heads * h
+            qkv = self.qkv_proj(x_BxLxD)
+            q, k, v = qkv[..., :nq], qkv[..., nq : nq + nkv], qkv[..., nq + nkv :]
+        else:
+            q, k, v = self.q_proj(x_BxLxD), self.k_proj(x_BxLxD), self.v_proj(x_BxLxD)
+        q = q.reshape(b, l, cfg.n_heads, h)
+        k = k.reshape(b, l, cfg.n_kv_heads, h)
+        v = v.reshape(b, l, cfg.n_kv_heads, h)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layer_cache is not None:
             k_all, v_all, index = layer_cache
@@ -221,12 +237,20 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, rngs=rngs)
-        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, rngs=rngs)
+        self.fused = cfg.fused_projections
+        if self.fused:
+            self.gate_up_proj = Linear(cfg.dim, 2 * cfg.hidden_dim, rngs=rngs)
+        else:
+            self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, rngs=rngs)
+            self.up_proj = Linear(cfg.dim, cfg.hidden_dim, rngs=rngs)
         self.down_proj = Linear(cfg.hidden_dim, cfg.dim, rngs=rngs)
 
     def __call__(self, x_BxLxD, taps=None):
-        a_BxLxF = jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD)
+        if self.fused:  # one matmul; its output columns are [gate | up]
+            gate, up = jnp.split(self.gate_up_proj(x_BxLxD), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x_BxLxD), self.up_proj(x_BxLxD)
+        a_BxLxF = jax.nn.silu(gate) * up
         if taps is not None:
             taps["down_in"] = a_BxLxF
         return self.down_proj(a_BxLxF)
