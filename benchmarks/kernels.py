@@ -746,6 +746,11 @@ def sweep_pair(kind, m, pr, sh, args, copy_tbps, deadline):
                 out.append(us if err < 1e-2 else ValueError(f"wrong result: rel_err {err:.3g}"))
             except Exception as ex:
                 out.append(ex)
+        ok = {i: exes[i] for i, v in enumerate(out) if not isinstance(v, Exception)}
+        if args.timing == "device" and ok:  # (correct results only; see trace_device_times)
+            dev = trace_device_times({i: (e, xs, ws) for i, e in ok.items()})
+            for i, (span, _) in dev.items():
+                out[i] = span
         return out
 
     default = default_cfg(p, m)
