@@ -21,9 +21,10 @@ def to_kernel_layout(w, int4_layout: str = "auto"):
     """The kernel-packed equivalent of ``w``, or None when no kernel handles its format.
 
     ``int4_layout``: ``"tc"`` (:class:`~shrinkjax.kernels.int4_tc.TcInt4`, the tensor-core
-    decode kernel: faster at M <= 64 on an H100 for large weights; group sizes dividing 128 or
-    multiples of it), ``"split_half"`` (:class:`~shrinkjax.kernels.layouts.PackedInt`, every
-    group size; the layout the TPU kernels read) or ``"auto"`` ("tc" on a GPU backend, else
+    decode kernel: faster than the split-half one at the 8B shapes on an H100; group sizes
+    dividing 128 or multiples of it), ``"split_half"``
+    (:class:`~shrinkjax.kernels.layouts.PackedInt`, every group size; the layout the TPU
+    kernels read) or ``"auto"`` ("tc" on a GPU backend, else
     "split_half")."""
     import jax
 

@@ -12,16 +12,17 @@ The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layou
   one ``shr`` serves four codes. No int->float conversion, no subtraction per weight: the dot
   takes ``128 + q`` and the zero point and scale are applied once per group to the f32
   ``[bn, mp]`` result, ``s * sum_k x (128 + q) - (128 + z) s * sum_k x``, with ``sum_k x`` per
-  group from a small XLA reduction (``xsum="xla"``; in-kernel variants measured slower).
+  group from a small XLA reduction (``xsum="xla"``; in-kernel variants, and ``"none"``, which
+  subtracts the zero point in the decode instead, measured slower).
 * **Scales prefetched**: Triton pipelines only tensor-core operands (``cp.async``); the scale and
   zero loads are issued one chunk ahead by hand. **Chained dots** through
   :func:`shrinkjax.kernels.triton_ext.dot_acc` (``tt.dot(a, b, acc)``: no FADD per dot).
 
-Measured (one H100, 8192 x 8192, g128, ``benchmarks/RESULTS.md``): M = 1 in 19.5-20.8 µs
-(0.56-0.60 of the copy bandwidth; the kernel alone 16.9 µs = 0.69), against 26.5 µs for
-``torch._weight_int4pack_mm`` and 27 µs for the split-half fused kernel; Llama-3-8B-shaped W4
-decode 2.35x bf16 at batch 1 (split-half: 1.81x). Its weak spot is small weights: at 4096 x 4096
-each program has 4 chunks and the per-step latency sets the time (22.5 µs vs torch's 10.6).
+Measured (one H100, device time, ``benchmarks/RESULTS.md``): 8192 x 8192 g128 at M = 1 in
+19.0 µs (0.62 of the copy bandwidth; the kernel alone ~16.6 µs), 4096 x 4096 in 9.3 µs, against
+27.3 / 10.7 µs for ``torch._weight_int4pack_mm`` (faster at every M measured); Llama-3-8B-shaped
+W4 decode 2.08x bf16 at batch 1 with fused projections (2.36x with 7 linears per block). The
+small weights (4096 x 4096: 4 chunks per program) run at ~0.4 of the bandwidth in a model.
 
 Layout (:class:`TcInt4`, built once per weight by :func:`pack_tc`, jit-able; the program tile
 ``block_n`` is fixed at packing). ``words`` is uint32 ``[Np/bn, Kw/128, bn, 16]`` (``Kw`` = K padded
@@ -332,7 +333,9 @@ def int4_tc_matmul(
     ``xsum``: where ``sum_k x`` per scale group (the zero-point term) comes from: ``"xla"`` a
     small XLA reduction before the kernel (one more launch, ~1.4 µs), ``"sum"`` a reduction of
     the x tile inside the kernel (issued one chunk ahead, like the scales), or ``"mma"`` an extra
-    tensor-core dot with a ones operand inside the kernel (H100: 4-5 µs slower at 8192²).
+    tensor-core dot with a ones operand inside the kernel (H100: 4-5 µs slower at 8192²); or
+    ``"none"``: no ``sum_k x`` at all, the decode makes ``q - z`` exactly with one more
+    ``fma.rn.bf16x2`` per two weights (H100: ~1 µs slower per call in the 8B decode).
     """
     x2, lead = D.flatten_x(x, t.k)
     split_k = default_split(t) if split_k is None else split_k
