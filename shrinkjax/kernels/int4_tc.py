@@ -449,7 +449,10 @@ def tc_linear(x, t: TcInt4, *, path="auto", interpret=None, **tuning):
         xb = x2.astype(jnp.bfloat16)
         if t.kw != t.k:
             xb = jnp.pad(xb, ((0, 0), (0, t.kw - t.k)))
-        y = jnp.matmul(xb, w, preferred_element_type=jnp.float32)[:, : t.n].astype(x.dtype)
+        # bf16 x: a bf16-output GEMM (f32 accumulation, one rounding in cuBLAS's epilogue; an
+        # f32 output costs an extra write + read + convert pass over M x N, as in dequant.py)
+        out_t = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float32
+        y = jnp.matmul(xb, w, preferred_element_type=out_t)[:, : t.n].astype(x.dtype)
     return y.reshape(*lead, t.n)
 
 
