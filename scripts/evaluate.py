@@ -34,6 +34,17 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_list("prompts", ["The capital of France is"], "Prompts for the samples metric.")
 flags.DEFINE_integer("max_new_tokens", 32, "Tokens generated per prompt (samples).")
+flags.DEFINE_bool(
+    "fuse_projections",
+    False,
+    "Run q/k/v and gate/up as one matmul each (shrinkjax.models.fuse; same outputs).",
+)
+flags.DEFINE_bool(
+    "kernels",
+    False,
+    "Pack compressed linears into the Pallas kernels' layouts (shrinkjax.kernels.convert): "
+    "on a GPU they run through the kernels, elsewhere through the same reference math.",
+)
 flags.DEFINE_string("out", "", "Write results JSON here.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -58,6 +69,17 @@ def main(argv):
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise app.UsageError(f"{loaded.source}: no tokenizer.json beside the model")
+    if FLAGS.fuse_projections:
+        from shrinkjax.models.fuse import fuse_projections
+
+        model = fuse_projections(model)
+    packed = None
+    if FLAGS.kernels:
+        from shrinkjax.kernels.convert import pack_model_for_kernels
+
+        packed = pack_model_for_kernels(model)
+        kept = sorted(set(packed["kept"].values()))
+        print(f"kernels: {len(packed['converted'])} linears packed; kept as they are: {kept}")
     if FLAGS.seqlen > model.cfg.max_seq_len:
         raise app.UsageError(
             f"--seqlen={FLAGS.seqlen} exceeds the model's context length {model.cfg.max_seq_len}"
@@ -77,6 +99,8 @@ def main(argv):
             "seqlen": FLAGS.seqlen,
             "dtype": FLAGS.dtype,
             "device": jax.devices()[0].device_kind,
+            "fused_projections": FLAGS.fuse_projections,
+            "kernels": None if packed is None else len(packed["converted"]),
         }
         try:
             toks, scored = windows(ids, FLAGS.seqlen, max_windows=FLAGS.max_windows)

@@ -43,3 +43,22 @@ def test_evaluate_script_bad_input(tmp_path):
     assert r.returncode != 0 and "--seqlen=1000 exceeds the model's context length 256" in r.stderr
     r = _evaluate(f"--model={GOLDEN}/tiny_llama", "--metrics=bleu", "--noprogress")
     assert r.returncode != 0 and "bleu" in r.stderr
+
+
+def test_evaluate_script_fused_projections_same_perplexity(tmp_path):
+    res = []
+    for extra in ([], ["--fuse_projections", "--kernels"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        r = _evaluate(
+            f"--model={GOLDEN}/tiny_llama",
+            "--corpus=pydoc",
+            "--seqlen=32",
+            "--max_windows=2",
+            f"--out={out}",
+            "--noprogress",
+            *extra,
+        )
+        assert r.returncode == 0, r.stderr
+        res.append(json.loads(out.read_text()))
+    assert res[1]["fused_projections"] and res[1]["kernels"] == 0  # a float model: none packed
+    assert abs(res[0]["ppl"] - res[1]["ppl"]) < 1e-4 * res[0]["ppl"]

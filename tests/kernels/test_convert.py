@@ -6,6 +6,7 @@ import pytest
 
 from shrinkjax.kernels import reference
 from shrinkjax.kernels.convert import pack_model_for_kernels, to_kernel_layout
+from shrinkjax.models.fuse import fuse_projections
 from shrinkjax.models.params import flat_params, model_from_params
 from shrinkjax.quant import formats, rtn, rules
 from shrinkjax.quant.array import QuantSpec
@@ -32,14 +33,17 @@ def test_packed_weight_dequantizes_to_the_same_values(spec):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-def test_quantized_model_runs_through_kernel_dispatch(tiny_llama):
+@pytest.mark.parametrize("fused", [False, True])
+def test_quantized_model_runs_through_kernel_dispatch(tiny_llama, fused):
     toks = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 16)))
     spec = QuantSpec("int4", group_size=32)
     q, _ = rtn.quantize_params(flat_params(tiny_llama.model), rules.default_rules(spec))
     model = model_from_params(tiny_llama.model.cfg, q)
     ref = np.asarray(model(toks)[0])
+    if fused:  # fuse the quantized q/k/v and gate/up, then pack: 4 linears per block
+        model = fuse_projections(model)
     report = pack_model_for_kernels(model, int4_layout="tc")  # (CPU default: split_half)
-    assert len(report["converted"]) == 14 and not report["kept"]
+    assert len(report["converted"]) == (8 if fused else 14) and not report["kept"]
     out = np.asarray(model(toks)[0])
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert 0 < rel < 2e-2  # bf16 activations/scales on the kernel path
