@@ -330,11 +330,6 @@ def main(argv=None):
         "or as 7 linears per block",
     )
     ap.add_argument(
-        "--int4-wide",
-        action="store_true",
-        help="int4_tc: one K=128 tensor-core dot per chunk (int4_tc.DEFAULT_WIDE)",
-    )
-    ap.add_argument(
         "--int4-layout",
         default="tc",
         choices=("tc", "split_half"),
@@ -357,8 +352,6 @@ def main(argv=None):
     if args.quick:
         args.steps, args.reps, args.prompt = min(args.steps, 4), 1, min(args.prompt, 8)
     saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM
-    saved_wide = int4_tc.DEFAULT_WIDE
-    int4_tc.DEFAULT_WIDE = args.int4_wide or saved_wide
     if args.int4_xsum:
         int4_tc.DEFAULT_XSUM = args.int4_xsum
     if args.prefill_min_m is not None:
@@ -370,13 +363,11 @@ def main(argv=None):
         prefill_min_m = dispatch.PREFILL_MIN_M
     finally:
         dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM = saved
-        int4_tc.DEFAULT_WIDE, wide = saved_wide, int4_tc.DEFAULT_WIDE
     print_table(rows)
     result = {
         "device": jax.devices()[0].device_kind,
         "int4_xsum": args.int4_xsum or int4_tc.DEFAULT_XSUM,
         "int4_layout": args.int4_layout,
-        "int4_wide": wide,
         "projections": args.projections,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,

@@ -60,9 +60,6 @@ def main(argv=None):
     ap.add_argument("--shapes", default="4096x4096,8192x8192")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--out", default="probe_timing.json")
-    ap.add_argument(
-        "--variants", default="int4_tc,xla_bf16", help="of int4_tc, int4_tc_wide, xla_bf16"
-    )
     a = ap.parse_args(argv)
 
     import jax
@@ -87,12 +84,10 @@ def main(argv=None):
                 jax.random.normal(jax.random.PRNGKey(k), (k, n), jnp.bfloat16),
                 KB.n_copies(k * n * 2),
             )
-            cands = [
+            for name, fn, w in (
                 ("int4_tc", lambda x, t: dispatch.linear(x, t), ws),
-                ("int4_tc_wide", lambda x, t: T.int4_tc_matmul(x, t, wide=True), ws),
                 ("xla_bf16", KB.bf16_dot, wb),
-            ]
-            for name, fn, w in [c for c in cands if c[0] in a.variants.split(",")]:
+            ):
                 exe = KB.build_multi(fn, xs, w)
                 wall, _ = KB.time_compiled(exe, xs, w)
                 busy, span, per_name = device_times(exe, xs, w)

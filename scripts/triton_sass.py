@@ -84,7 +84,6 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
                 num_stages=stages,
                 interpret=False,
                 xsum=os.environ.get("XSUM", "mma"),
-                wide=bool(os.environ.get("WIDE")),
             )
 
         args = (x, tc)

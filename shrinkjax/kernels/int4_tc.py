@@ -61,12 +61,11 @@ CHUNK = 128  # K rows per loop step (16 words of 8 nibbles per weight row)
 SLAB = 16  # K rows per MMA (bf16 k-step)
 DEFAULT_BLOCK_N = 128  # H100 sweep (scripts/probe_int4_tc.py): 128 or 256 within 3%
 DEFAULT_XSUM = "xla"  # int4_tc_matmul's default xsum mode (benchmarks/decode.py --int4-xsum)
-DEFAULT_WIDE = False  # one K=128 dot per chunk (groups >= 128) instead of 8 chained K=16 dots
 MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
 _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
 _BF16_ONE = 0x3F803F80  # two bf16 1.0
-XSUM_MODES = ("none", "prescale", "xla", "sum", "mma")
+XSUM_MODES = ("none", "xla", "sum", "mma")
 
 
 @functools.partial(
@@ -142,13 +141,11 @@ def pack_tc(p: PackedInt, block_n: int = DEFAULT_BLOCK_N) -> TcInt4:
     return TcInt4(w, tiles(s), z, k=p.k, n=p.n, group=p.group, block_n=block_n)
 
 
-def _decode_asm(w, js=range(8), zero=None, scale=None):
+def _decode_asm(w, js=range(8), zero=None):
     """uint32 [bn, 16] -> bf16 [bn, 16] tiles of slabs ``js``: ``128 + q`` (inline PTX, two
     words per instance), or with ``zero`` the signed code ``q - z``, exactly (one more
     ``fma.rn.bf16x2`` per two weights: ``(128 + q) * 1 - (128 + z)``). ``zero``: None (no
     subtraction), ``"sym"`` (z = 8) or a bf16 [bn, 1] column ``-(128 + z)`` per weight row.
-    ``scale`` (with ``zero``): a bf16 [bn, 1] column ``s``; one ``mul.rn.bf16x2`` more gives
-    ``(q - z) * s`` rounded once to bf16, bit-identical to :func:`dequantize_tc_ref`.
 
     One asm op per tile: jax's Pallas lowering returns a single result per inline-asm op.
     """
@@ -162,15 +159,11 @@ def _decode_asm(w, js=range(8), zero=None, scale=None):
         if zero is None:
             body = lop.format(dst="$0")
         else:
-            neg = f"{_BF16_NEG136:#x}" if zero == "sym" else f"${len(args) + 2}"
-            if zero != "sym":
-                args, cons = args + [jnp.broadcast_to(zero, w.shape)], cons + ",r"
+            neg = f"{_BF16_NEG136:#x}" if zero == "sym" else "$3"
             body = lop.format(dst="t") + f"mov.b32 c, {neg}; mov.b32 o, {_BF16_ONE:#x}; "
-            if scale is None:
-                body += "fma.rn.bf16x2 $0, t, o, c; "
-            else:
-                body += f"fma.rn.bf16x2 t, t, o, c; mul.rn.bf16x2 $0, t, ${len(args) + 2}; "
-                args, cons = args + [jnp.broadcast_to(scale, w.shape)], cons + ",r"
+            body += "fma.rn.bf16x2 $0, t, o, c; "
+            if zero != "sym":
+                args, cons = [w, jnp.broadcast_to(zero, w.shape)], "=r,r,r,r"
         (tile,) = plgpu.elementwise_inline_asm(
             "{ .reg .b32 t, c, o; " + shift + body + "}",
             args=args,
@@ -182,7 +175,7 @@ def _decode_asm(w, js=range(8), zero=None, scale=None):
     return out
 
 
-def _decode_jnp(w, js=range(8), zero=None, scale=None):
+def _decode_jnp(w, js=range(8), zero=None):
     """Same as :func:`_decode_asm` in jnp (interpret mode / CPU)."""
     out = []
     for j in js:
@@ -192,38 +185,11 @@ def _decode_jnp(w, js=range(8), zero=None, scale=None):
         v = pair.reshape(w.shape).astype(jnp.float32) + 128.0
         if zero is not None:
             v = v + (-136.0 if zero == "sym" else zero.astype(jnp.float32))
-        if scale is not None:  # (q - z) * s: exact in f32, then one rounding, as in mul.rn
-            v = v * scale.astype(jnp.float32)
         out.append(v.astype(jnp.bfloat16))
     return out
 
 
-def _wide_tile(tiles, bn):
-    """8 slab tiles bf16 [bn, 16] -> one [bn, 128] tensor-core operand by a tree of pairwise
-    joins (``jnp.stack(..., -1)``: no data movement across threads). Column ``8 i + rev3(j)``
-    holds slab ``j``'s column ``i`` (``rev3``: 3-bit reversal), which :func:`wide_order`
-    gives x."""
-    level = list(tiles)
-    while len(level) > 1:
-        level = [
-            jnp.stack([a, b], axis=-1).reshape(bn, -1) for a, b in zip(level[::2], level[1::2])
-        ]
-    return level[0]
-
-
-_REV3 = (0, 4, 2, 6, 1, 5, 3, 7)
-
-
-def wide_order(x2):
-    """x [M, Kw] with each 128-row chunk reordered for :func:`_wide_tile`'s columns."""
-    m, kw = x2.shape
-    x4 = x2.reshape(m, kw // CHUNK, 8, SLAB)[:, :, list(_REV3), :]  # [.., rev3(r), i]
-    return jnp.swapaxes(x4, 2, 3).reshape(m, kw)  # column 8 i + r
-
-
-def _kernel(
-    x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum, interpret, wide=False
-):
+def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum, interpret):
     sid = pl.program_id(1)
     spg = min(group, CHUNK) // SLAB  # slabs per scale group
     decode = _decode_jnp if interpret else _decode_asm
@@ -266,29 +232,20 @@ def _kernel(
         for c, j0 in enumerate(range(0, 8, spg)):
             sc, z, x_total = cur[c]  # x_total: sum_k x, [1, mp] (None: "mma" / "none")
             sc = sc.astype(jnp.float32)
-            if xsum in ("none", "prescale"):  # slabs decoded to q - z: no sum_k x term
+            if xsum == "none":  # slabs of this group decoded to q - z: no sum_k x term
                 zero = "sym" if z is None else -(z.astype(jnp.float32) + 128.0)
                 zero = zero if z is None else zero.astype(jnp.bfloat16)
-                js = range(j0, j0 + spg)
-                if xsum == "prescale":  # W = (q - z) s in bf16: the dots chain on acc itself
-                    tiles = decode(words, js, zero, cur[c][0])
-                    for j, tile in zip(js, tiles):
-                        acc = dot_acc(tile, x_slab(t * CHUNK + SLAB * j), acc)
-                    continue
-                tiles = decode(words, js, zero)
+                tiles = dict(zip(range(j0, j0 + spg), decode(words, range(j0, j0 + spg), zero)))
                 part = jnp.zeros(acc.shape, jnp.float32)
-                for j, tile in zip(js, tiles):
-                    part = dot_acc(tile, x_slab(t * CHUNK + SLAB * j), part)
+                for j in range(j0, j0 + spg):
+                    part = dot_acc(tiles[j], x_slab(t * CHUNK + SLAB * j), part)
                 acc = acc + part * sc
                 continue
             off = (-136.0 if z is None else -(z.astype(jnp.float32) + 128.0)) * sc
             part = jnp.zeros(acc.shape, jnp.float32)
             if xsum == "mma":
                 x_total = jnp.zeros(acc.shape, jnp.float32)
-            if wide:  # one K = 128 dot: one tensor-core wait per chunk instead of 8
-                xw = token_rows(x_ref.at[:, pl.ds(pl.multiple_of(t * CHUNK, CHUNK), CHUNK)]).T
-                part = dot_acc(_wide_tile(tiles, bn), xw, part)  # x in wide_order
-            for j in range(j0, j0 + spg) if not wide else ():  # chained on the tensor core
+            for j in range(j0, j0 + spg):  # chained on the tensor core
                 xj = x_slab(t * CHUNK + SLAB * j)
                 part = dot_acc(tiles[j], xj, part)  # sum_k (128 + q) x
                 if xsum == "mma":  # sum_k x, broadcast over the bn rows
@@ -304,28 +261,9 @@ def _kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "split_k",
-        "num_warps",
-        "num_stages",
-        "xsum",
-        "out_dtype",
-        "interpret",
-        "wide",
-    ),
+    static_argnames=("split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret"),
 )
-def _tc_2d(
-    x2,
-    t: TcInt4,
-    *,
-    split_k,
-    num_warps,
-    num_stages,
-    interpret,
-    xsum="xla",
-    out_dtype=None,
-    wide=False,
-):
+def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xla", out_dtype=None):
     """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass)."""
     m = x2.shape[0]
     if m > MAX_M:
@@ -348,17 +286,8 @@ def _tc_2d(
         in_specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
     elif xsum not in XSUM_MODES:
         raise ValueError(f"xsum must be one of {XSUM_MODES}, got {xsum!r}")
-    if wide:
-        if xsum != "xla" or t.group < CHUNK:
-            raise ValueError(
-                f"wide dots need a group of >= {CHUNK} rows and xsum 'xla' "
-                f"(got group {t.group}, xsum {xsum!r})"
-            )
-        args[0] = wide_order(xb)  # (sum_k x per group: the same, a chunk stays in its group)
     out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
-    static = dict(
-        m=m, steps=chunks // split_k, group=t.group, xsum=xsum, interpret=interpret, wide=wide
-    )
+    static = dict(m=m, steps=chunks // split_k, group=t.group, xsum=xsum, interpret=interpret)
 
     w_args = [t.words, t.scales] + ([] if t.zeros is None else [t.zeros])
     w_specs = [pl.BlockSpec((squeezed, chunks, block_n, 16), lambda j, s: (j, 0, 0, 0))] + [
@@ -397,15 +326,7 @@ def default_split(t: TcInt4) -> int:
 
 
 def int4_tc_matmul(
-    x,
-    t: TcInt4,
-    *,
-    split_k=None,
-    num_warps=4,
-    num_stages=3,
-    xsum=None,
-    wide=None,
-    interpret=None,
+    x, t: TcInt4, *, split_k=None, num_warps=4, num_stages=3, xsum=None, interpret=None
 ):
     """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
 
@@ -419,8 +340,6 @@ def int4_tc_matmul(
     x2, lead = D.flatten_x(x, t.k)
     split_k = default_split(t) if split_k is None else split_k
     xsum = DEFAULT_XSUM if xsum is None else xsum
-    if wide is None:  # where it applies
-        wide = DEFAULT_WIDE and t.group >= CHUNK and xsum == "xla"
     y = _tc_2d(
         x2.astype(jnp.bfloat16),
         t,
@@ -428,7 +347,6 @@ def int4_tc_matmul(
         num_warps=num_warps,
         num_stages=num_stages,
         xsum=xsum,
-        wide=wide,
         out_dtype=jnp.dtype(x.dtype),
         interpret=D.resolve_interpret(interpret),
     )
