@@ -195,7 +195,7 @@ def profile_call(fn, fargs, args, tag, steps):
 
     import trace_summary
 
-    out = os.path.join(args.profile, f"{args.current_format}_{tag}")
+    out = os.path.join(args.profile, tag)
     with jax.profiler.trace(out, create_perfetto_trace=True):
         jax.block_until_ready(fn(*fargs))
     with gzip.open(trace_summary.newest_trace(out), "rt") as f:
@@ -213,7 +213,7 @@ def profile_call(fn, fargs, args, tag, steps):
     return s
 
 
-def measure(model, batch, args):
+def measure(model, batch, args, fmt=""):
     cfg = model.cfg
     graphdef, state = nnx.split(model)
     p, steps = args.prompt, args.steps
@@ -225,7 +225,8 @@ def measure(model, batch, args):
     row = dict(batch=batch, tokens_per_s=batch * steps / t, ms_per_step=1000 * t / steps)
     row.update(compile_and_first_s=first, steps=steps, prompt=p)
     if args.profile:
-        row["profile"] = profile_call(decode, (state, cache, tok), args, f"b{batch}", steps)
+        tag = f"{fmt}_b{batch}".replace(":", "")  # (a directory name)
+        row["profile"] = profile_call(decode, (state, cache, tok), args, tag, steps)
     if args.prefill_tokens:
         cache = init_cache(cfg, batch, args.prefill_tokens)
         prompt = jnp.asarray(
@@ -250,7 +251,6 @@ def run(cfg, args):
             rows += [dict(format=fmt, batch=b, error="skipped: time budget") for b in batches]
             continue
         t0 = time.perf_counter()
-        args.current_format = fmt
         try:
             model, nbytes = build_model(cfg, fmt, int4_layout=args.int4_layout)
         except Exception as e:
@@ -265,7 +265,7 @@ def run(cfg, args):
                 continue
             t0 = time.perf_counter()
             try:
-                row = dict(format=fmt, **measure(model, b, args))
+                row = dict(format=fmt, **measure(model, b, args, fmt))
                 step_bytes = nbytes["linears"] + nbytes["lm_head"]
                 row["weight_gbps"] = step_bytes / (row["ms_per_step"] / 1000) / 1e9
                 log(

@@ -59,6 +59,7 @@ def test_decode_benchmark_quick(tmp_path, kernels):
         args += ["--prefill-tokens", "8", "--prefill-min-m", "16"]
     else:  # the reference path (what CPU dispatch does); rows also go into a kernels.json
         args += ["--formats", "bf16,2:4_bf16", "--kernels-json", str(tmp_path / "k.json")]
+        args += ["--projections", "separate", "--profile", str(tmp_path / "prof")]
         (tmp_path / "k.json").write_text(json.dumps({"device": "x", "rows": []}))
     db.main(args)
     res = json.loads(out.read_text())
@@ -70,6 +71,10 @@ def test_decode_benchmark_quick(tmp_path, kernels):
             ("2:4_bf16", 2),
         ]
     assert len(rows) == (1 if kernels else 2) and all("error" not in r for r in rows)
+    assert res["projections"] == ("fused" if kernels else "separate")
+    if not kernels:  # one trace per cell, summarised per decode step
+        assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["24_bf16_b2", "bf16_b2"]
+        assert all(r["profile"]["busy_ms_per_step"] > 0 for r in rows)
     assert all(r["tokens_per_s"] > 0 for r in rows)
     if kernels:
         assert all(r["prefill_path"] == "dequant_dot" and r["prefill_ms"] > 0 for r in rows)
