@@ -109,3 +109,15 @@ def test_fuse_errors_name_the_weight():
         fuse.fuse_projections(fused)
     with pytest.raises(ValueError, match="calibrate the unfused model"):
         calibrate(fused, jnp.zeros((1, 8), jnp.int32), method=None, progress=False)
+
+
+def test_fused_quantized_checkpoint_round_trip(tmp_path):
+    from shrinkjax.io.checkpoint import load_checkpoint, save_checkpoint
+
+    spec = QuantSpec("int4", group_size=32, symmetric=False)
+    fused = fuse.fuse_projections(_quantize_linears(init_model(CFG, seed=6), spec))
+    save_checkpoint(str(tmp_path / "ck"), fused)
+    restored, _ = load_checkpoint(str(tmp_path / "ck"))
+    assert restored.cfg.fused_projections
+    toks = jnp.asarray(np.random.default_rng(6).integers(0, 64, (1, 7)))
+    np.testing.assert_array_equal(np.asarray(restored(toks)[0]), np.asarray(fused(toks)[0]))
