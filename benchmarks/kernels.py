@@ -36,7 +36,12 @@ applied in-process so the grid that follows uses it.
 
 Timing. JAX: one jitted executable makes R back-to-back calls, each on its own weight copy
 (copies rotate so that more than 160 MB is touched between reuses: the 50 MB L2 never serves
-a weight) and its own x; wall clock of the executable / R, median over trials. PyTorch:
+a weight) and its own x. ``--timing device`` (default): the device span of an execution / R
+(first kernel start to last kernel end, from one ``jax.profiler`` trace per cell; median of 3),
+so the host's per-execution work does not count (H100: it did for kernels under ~25 µs,
+``scripts/probe_timing.py``); the wall clock is kept as ``*_wall_us`` and the kernels' summed
+time as ``*_busy_us``. ``--timing wall`` (and the fallback when no device timeline is traced,
+e.g. on CPU): wall clock of the executable / R, median over trials. PyTorch:
 ``triton.testing.do_bench`` median (it flushes L2 before each run). Copy bandwidth: a 1 GiB
 device-to-device copy, read + write bytes.
 
