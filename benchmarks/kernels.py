@@ -330,6 +330,26 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def parse_shapes(spec: str) -> list[tuple[int, int]]:
+    """``"8192x8192,4096x14336"`` -> [(K, N), ...]; a clear error for anything else."""
+    out = []
+    for item in spec.split(","):
+        try:
+            k, n = (int(v) for v in item.strip().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {item!r}: expected KxN, e.g. 8192x8192") from None
+        out.append((k, n))
+    return out
+
+
+def probe_result() -> dict:
+    """The probes' result header: device, copy bandwidth (printed), empty rows."""
+    res = {"device": str(jax.devices()[0].device_kind), "rows": []}
+    res.update(copy_bandwidth())
+    print(f"device {res['device']}, copy {res['copy_tbps']:.2f} TB/s", flush=True)
+    return res
+
+
 def copy_bandwidth():
     res = {}
     nbytes = 1 << (30 if jax.default_backend() == "gpu" else 24)
@@ -873,7 +893,7 @@ def main(argv=None):
     kernels = args.grid_kernels
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (QUICK_MS if args.quick else MS)
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        shapes = parse_shapes(args.shapes)
     else:
         shapes = QUICK_SHAPES if args.quick else SHAPES
     dev = jax.devices()[0]

@@ -50,10 +50,8 @@ def main(argv=None):
 
     from shrinkjax.kernels.int4_gemv import gemv_operands, int4_gemv
 
-    res = {"device": str(jax.devices()[0].device_kind), "rows": []}
-    res.update(KB.copy_bandwidth())
+    res = KB.probe_result()
     copy = res["copy_tbps"]
-    print(f"device {res['device']}, copy {copy:.2f} TB/s", flush=True)
 
     if a.small_grid:  # (block_n, rows, split_k, warps, stages, late)
         grid = list(itertools.product((128, 256), (16, 32, 64), (None,), (4, 8), (1, 3), (0, 1)))
@@ -64,7 +62,7 @@ def main(argv=None):
             )
         )
         np.random.default_rng(0).shuffle(grid)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    shapes = KB.parse_shapes(a.shapes)
     ms = [int(v) for v in a.ms.split(",")]
     n_cells = len(shapes) * len(ms)
     for ci, ((k, n), m) in enumerate(itertools.product(shapes, ms)):

@@ -56,16 +56,14 @@ def main(argv=None):
     from shrinkjax.kernels import int4_tc as T
     from shrinkjax.kernels.int_matmul import int_matmul
 
-    res = {"device": str(jax.devices()[0].device_kind), "rows": []}
-    res.update(KB.copy_bandwidth())
+    res = KB.probe_result()
     copy = res["copy_tbps"]
-    print(f"device {res['device']}, copy {copy:.2f} TB/s", flush=True)
     grid = list(itertools.product((64, 128, 256), (4,), (2, 3), (8, 16, 32), ("xla",)))
     grid += [(128, 4, 3, 8, "mma"), (128, 8, 3, 8, "xla"), (256, 8, 3, 8, "xla")]
     np.random.default_rng(0).shuffle(grid)
     if a.defaults_only:
         grid = [(T.DEFAULT_BLOCK_N, 4, 3, 0, mode) for mode in a.modes.split(",")]  # 0: default
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    shapes = KB.parse_shapes(a.shapes)
     ms = [int(v) for v in a.ms.split(",")]
     cells = list(itertools.product(shapes, ms))
     for ci, ((k, n), m) in enumerate(cells):

@@ -75,8 +75,7 @@ def main(argv=None):
         "rows": [],
     }
     print(f"device {res['device']}, XLA_FLAGS={res['xla_flags']!r}", flush=True)
-    for s in a.shapes.split(","):
-        k, n = (int(v) for v in s.split("x"))
+    for k, n in KB.parse_shapes(a.shapes):
         for m in (int(v) for v in a.ms.split(",")):
             cell = KB.int4_probe_cell(k, n, m)
             xs, ws = cell["xs"], [T.pack_tc(w) for w in cell["ws"]]

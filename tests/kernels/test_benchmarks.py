@@ -89,3 +89,10 @@ def test_split_executions_by_device_gaps():
     # two executions: [0, 9) busy 9, then [3000, 3004) busy 3 (the memcpy is not a kernel)
     assert kb.split_executions(events, gap_us=2000.0) == [(0.0, 9.0, 9.0), (3000.0, 3004.0, 3.0)]
     assert len(kb.split_executions(events, gap_us=0.5)) == 4  # also at 5 -> 6 and 3002 -> 3003
+
+
+def test_parse_shapes_names_the_bad_item():
+    kb = _load("kernels")
+    assert kb.parse_shapes("8192x8192, 4096x14336") == [(8192, 8192), (4096, 14336)]
+    with pytest.raises(ValueError, match="shape '4096': expected KxN"):
+        kb.parse_shapes("8192x8192,4096")
