@@ -40,7 +40,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shrinkjax.kernels import dispatch, driver, int4_tc, layouts  # noqa: E402
+from shrinkjax.kernels import dispatch, driver, fp4_tc, int4_tc, layouts  # noqa: E402
 from shrinkjax.models.kv_cache import init_cache  # noqa: E402
 from shrinkjax.models.llama import LlamaConfig  # noqa: E402
 from shrinkjax.models.params import model_from_params  # noqa: E402
@@ -89,7 +89,7 @@ def linear_shapes(cfg):
     }
 
 
-def make_weight(fmt, k, n, rng, int4_layout="tc"):
+def make_weight(fmt, k, n, rng, int4_layout="tc", fp4_layout="tc"):
     if fmt == "bf16":
         w = jax.random.normal(jax.random.PRNGKey(int(rng.integers(2**31))), (k, n), jnp.float32)
         return (w * 0.02).astype(jnp.bfloat16)
@@ -101,7 +101,8 @@ def make_weight(fmt, k, n, rng, int4_layout="tc"):
     if fmt == "mxfp4":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         e8m0 = rng.integers(118, 124, (k // 32, n), dtype=np.uint8)
-        return layouts.pack_mxfp4(codes, e8m0)
+        packed = layouts.pack_mxfp4(codes, e8m0)
+        return fp4_tc.pack_fp4_tc(packed) if fp4_layout == "tc" else packed
     if fmt == "2:4_bf16":
         dense = rng.standard_normal((k, n), np.float32) * 0.02
         return layouts.pack_24(
@@ -114,7 +115,7 @@ def _copy(tree):
     return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def build_model(cfg, fmt, seed=0, int4_layout="tc"):
+def build_model(cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc"):
     """The model with ``fmt`` linears; each layer owns a device copy of one random block."""
     import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register kernels with dispatch)
     import shrinkjax.kernels.int_matmul  # noqa: F401
@@ -122,7 +123,8 @@ def build_model(cfg, fmt, seed=0, int4_layout="tc"):
 
     rng = np.random.default_rng(seed)
     block = {
-        nm: make_weight(fmt, *shape, rng, int4_layout) for nm, shape in linear_shapes(cfg).items()
+        nm: make_weight(fmt, *shape, rng, int4_layout, fp4_layout)
+        for nm, shape in linear_shapes(cfg).items()
     }
     key = jax.random.PRNGKey(seed)
     emb = jax.random.normal(key, (cfg.vocab_size, cfg.dim), jnp.float32)
@@ -252,7 +254,9 @@ def run(cfg, args):
             continue
         t0 = time.perf_counter()
         try:
-            model, nbytes = build_model(cfg, fmt, int4_layout=args.int4_layout)
+            model, nbytes = build_model(
+                cfg, fmt, int4_layout=args.int4_layout, fp4_layout=args.fp4_layout
+            )
         except Exception as e:
             log(f"[{fmt}] build failed: {e!r}")
             rows += [dict(format=fmt, batch=b, error=repr(e)[:500]) for b in batches]
@@ -336,6 +340,12 @@ def main(argv=None):
         help="int4_g128 weights as int4_tc.TcInt4 (tensor-core kernel) or PackedInt (fused)",
     )
     ap.add_argument(
+        "--fp4-layout",
+        default="tc",
+        choices=("tc", "split_half"),
+        help="mxfp4 weights as fp4_tc.TcFP4 (tensor-core kernel) or PackedMXFP4 (fused)",
+    )
+    ap.add_argument(
         "--profile",
         default="",
         help="trace one more call per cell into this directory; print device time by kernel",
@@ -368,6 +378,7 @@ def main(argv=None):
         "device": jax.devices()[0].device_kind,
         "int4_xsum": args.int4_xsum or int4_tc.DEFAULT_XSUM,
         "int4_layout": args.int4_layout,
+        "fp4_layout": args.fp4_layout,
         "projections": args.projections,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,

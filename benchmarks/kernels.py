@@ -20,10 +20,11 @@ where one exists (``torch._weight_int4pack_mm`` for int4, ``to_sparse_semi_struc
 random inputs (checked before timing) and ``bw_frac``, the fraction of the copy bandwidth
 measured in the same run achieved on the bytes the kernel must move (packed weight + x + y).
 int4_g128 runs the tensor-core decode layout (``shrinkjax.kernels.int4_tc``: its kernel for
-M <= 128, its Pallas dequantize + cuBLAS above; no ``fused_us`` there); the other formats run
-the split-half kernels. Cells run in priority order (8192x8192 first; M = 1, 16, 4096 first) and
-are skipped, not started, once the next one would pass ``--budget-s``; the table and JSON are
-always written.
+M <= 128, its Pallas dequantize + cuBLAS above; no ``fused_us`` there), and so do mxfp4 and
+nvfp4 (``shrinkjax.kernels.fp4_tc``; ``--fp4-layout split_half`` runs their split-half kernels);
+int8 and 2:4 run the split-half kernels. Cells run in priority order (8192x8192 first; M = 1,
+16, 4096 first) and are skipped, not started, once the next one would pass ``--budget-s``; the
+table and JSON are always written.
 
 Sweep (``--sweep``; not int4: ``scripts/probe_int4_tc.py`` sweeps that kernel). For M in (1, 16)
 at K = N = 8192 and the kernels of ``--sweep-kernels``,
@@ -32,7 +33,8 @@ split_k, num_warps, num_stages, late_scale, fma) most promising axes first withi
 ``--sweep-budget-s`` (configs that fail to compile are recorded and skipped). The best per
 (kernel, M) is printed with its bandwidth fraction, saved in the JSON (``decode``, ``sweep``)
 and as a ``TUNED = {...}`` snippet for ``shrinkjax/kernels/tuned.py`` (``<out>.tuned.py``), and
-applied in-process so the grid that follows uses it.
+applied in-process so the grid that follows uses it. It tunes the split-half FP4 kernels, so a
+run with a sweep times MXFP4/NVFP4 in the split-half layouts throughout.
 
 Timing. JAX: one jitted executable makes R back-to-back calls, each on its own weight copy
 (copies rotate so that more than 160 MB is touched between reuses: the 50 MB L2 never serves
@@ -77,6 +79,7 @@ import numpy as np  # noqa: E402
 
 from shrinkjax.kernels import autotune, dispatch, driver, tuned  # noqa: E402
 from shrinkjax.kernels import dequant as DQ  # noqa: E402
+from shrinkjax.kernels import fp4_tc as FT  # noqa: E402
 from shrinkjax.kernels import int4_tc as TC  # noqa: E402
 from shrinkjax.kernels import layouts as L  # noqa: E402
 from shrinkjax.kernels import reference as R  # noqa: E402
@@ -95,6 +98,7 @@ except Exception:  # pragma: no cover
 
 KERNELS = ["int4_g128", "int8_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
 SWEEP_KERNELS = ["mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]  # (int4: scripts/probe_int4_tc.py)
+FP4_LAYOUT = "tc"  # --fp4-layout: MXFP4/NVFP4 as fp4_tc.TcFP4 ("tc") or split-half layouts
 SHAPES = [(8192, 8192), (4096, 14336), (4096, 4096)]  # (K, N), in priority order
 MS = [1, 16, 4096, 256, 1024, 64, 4]  # priority order (rows are sorted for output)
 QUICK_SHAPES = [(8192, 8192)]
@@ -130,10 +134,12 @@ def make_problem(kind, k, n, rng):
     elif kind == "mxfp4":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         p = L.pack_mxfp4(codes, rng.integers(118, 124, (k // 32, n), dtype=np.uint8))
+        p = FT.pack_fp4_tc(p) if FP4_LAYOUT == "tc" else p
     elif kind == "nvfp4":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         s = rng.uniform(0.1, 2.0, (k // 16, n)).astype(np.float32)
         p = L.pack_nvfp4(codes, s, 0.01)
+        p = FT.pack_fp4_tc(p) if FP4_LAYOUT == "tc" else p
     elif kind == "2:4_bf16":
         keep = L.random_mask_24(rng, k, n)
         dense = np.where(keep, rng.standard_normal((k, n), dtype=np.float32) * 0.02, 0)
@@ -155,7 +161,7 @@ def kernel_fn(kind):
     if kind.startswith("int"):
         return int_matmul
     if kind.endswith("fp4"):
-        return fp4_matmul
+        return FT.fp4_tc_linear if FP4_LAYOUT == "tc" else fp4_matmul
     return sparse24_matmul
 
 
@@ -500,6 +506,8 @@ def dequant_only(x, p):
     del x  # the Pallas dequantize pass alone (timed like the matmuls, one call per copy)
     if isinstance(p, TC.TcInt4):
         return TC.dequantize_tc(p, interpret=driver.resolve_interpret(None))
+    if isinstance(p, FT.TcFP4):
+        return FT.dequantize_fp4_tc(p, interpret=driver.resolve_interpret(None))
     return DQ.dequantize_padded(p, interpret=driver.resolve_interpret(None))
 
 
@@ -522,8 +530,8 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         xs = sh.x(m, n_calls(m, len(pr["ws"])))
         fn = kernel_fn(kind)
         for path in paths:
-            if path == "fused" and kind == "int4_g128" and m > TC.MAX_M:
-                continue  # the tensor-core decode kernel takes M <= 128
+            if path == "fused" and isinstance(pr["p"], TC.TcInt4 | FT.TcFP4) and m > TC.MAX_M:
+                continue  # the tensor-core decode kernels take M <= 128
             f = path_fn(fn, path)
             jobs[(kind, path)] = lambda f=f, xs=xs, pr=pr: build_multi(f, xs, pr["ws"])
         jobs[(kind, "ref")] = lambda xs=xs, pr=pr: build_multi(R.matmul_ref, xs, pr["ws"])
@@ -570,6 +578,10 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         row["bytes"] = int(pr["nbytes"] + m * k * 2 + m * n * 2)
         if auto == "fused" and isinstance(p, TC.TcInt4):
             row["cfg"] = ["int4_tc", p.block_n, TC.default_split(p), 4, 3]
+        elif auto == "fused" and isinstance(p, FT.TcFP4):
+            mode = "columns" if m == 1 else "late"  # (scale_mode="auto")
+            cfg = [FT.default_split(p, m == 1), 4, FT.default_stages(p, m == 1), mode]
+            row["cfg"] = ["fp4_tc", p.block_n, *cfg]
         elif auto == "fused":
             c = driver.config_for(p, m)
             row["cfg"] = [c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages]
@@ -860,7 +872,7 @@ def decode_from_rows(rows):
 
 
 def main(argv=None):
-    global MAX_CALLS
+    global MAX_CALLS, FP4_LAYOUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="kernels_bench.json")
     ap.add_argument("--quick", action="store_true")
@@ -884,8 +896,16 @@ def main(argv=None):
         help="JAX rows: device time per call from a profiler trace (default; the wall clock "
         "is kept as *_wall_us) or the wall clock of back-to-back executions",
     )
+    ap.add_argument(
+        "--fp4-layout",
+        default="tc",
+        choices=("tc", "split_half"),
+        help="MXFP4/NVFP4 weights as fp4_tc.TcFP4 (tensor-core decode kernel, default) or the "
+        "split-half layouts of fp4_matmul (what --sweep tunes; a sweep implies split_half)",
+    )
     args = ap.parse_args(argv)
     MAX_CALLS = args.max_calls
+    FP4_LAYOUT = "split_half" if args.sweep or args.sweep_only else args.fp4_layout
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(3), "little")
     args.sweep_shape = tuple(int(v) for v in args.sweep_shape.split("x"))

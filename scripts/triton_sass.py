@@ -17,8 +17,10 @@ whether loads sit at the top of the loop or are sunk next to their use (one memo
 use), whether barriers or shuffles run every iteration, and whether registers limit occupancy.
 It does not time anything; ``benchmarks/kernels.py`` / ``scripts/probe_int4_gemv.py`` do.
 
-Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``) and ``int4_fused``
-(:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), at K = N = 8192.
+Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_fused``
+(:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
+``SPLIT``) and ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
+``SCALE_MODE``), at K = N = 8192.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGS_PER_SM = 65536
+KINDS = ("int4_gemv", "int4_fused", "int4_tc", "mxfp4_tc", "nvfp4_tc")
 
 
 def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int = 64) -> str:
@@ -87,6 +90,28 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
             )
 
         args = (x, tc)
+    elif kind in ("mxfp4_tc", "nvfp4_tc"):
+        from shrinkjax.kernels import fp4_tc as F
+
+        codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+        if kind == "mxfp4_tc":
+            packed = L.pack_mxfp4(codes, np.full((k // 32, n), 120, np.uint8))
+        else:
+            packed = L.pack_nvfp4(codes, np.full((k // 16, n), 0.5, np.float32), 0.01)
+        tc = F.pack_fp4_tc(packed, block_n)
+
+        def f(x, t):
+            return F._fp4_tc_2d(
+                x,
+                t,
+                split_k=int(os.environ.get("SPLIT", 4)),
+                num_warps=warps,
+                num_stages=stages,
+                interpret=False,
+                scale_mode=os.environ.get("SCALE_MODE", "auto"),
+            )
+
+        args = (x, tc)
     elif kind == "int4_fused":
         from shrinkjax.kernels.int_matmul import int_matmul
 
@@ -95,7 +120,7 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
 
         args = (x, p)
     else:
-        raise SystemExit(f"unknown kernel {kind!r}: int4_gemv | int4_fused | int4_tc")
+        raise SystemExit(f"unknown kernel {kind!r}: {' | '.join(KINDS)}")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
@@ -177,14 +202,12 @@ def compile_and_report(ttir: str, warps: int, stages: int) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "kernel", nargs="?", default="int4_gemv", help="int4_gemv | int4_fused | int4_tc"
-    )
+    ap.add_argument("kernel", nargs="?", default="int4_gemv", help=" | ".join(KINDS))
     ap.add_argument("--late", action="store_true", help="int4_gemv: late scaling")
     ap.add_argument("--out", default="/tmp/shrinkjax_sass")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=1)
-    ap.add_argument("--block-n", type=int, default=64, help="int4_tc: weight rows per program")
+    ap.add_argument("--block-n", type=int, default=64, help="tc kernels: weight rows per program")
     ap.add_argument("--compile", default="", help="a .ttir from step 1: compile and report")
     a = ap.parse_args(argv)
     if a.compile:

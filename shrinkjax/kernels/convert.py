@@ -17,7 +17,17 @@ import numpy as np
 from shrinkjax.kernels import layouts
 
 
-def to_kernel_layout(w, int4_layout: str = "auto"):
+def _resolve_layout(name: str, value: str) -> str:
+    import jax
+
+    if value not in ("auto", "tc", "split_half"):
+        raise ValueError(f"{name} must be 'auto', 'tc' or 'split_half', got {value!r}")
+    if value == "auto":
+        return "tc" if jax.default_backend() == "gpu" else "split_half"
+    return value
+
+
+def to_kernel_layout(w, int4_layout: str = "auto", fp4_layout: str = "auto"):
     """The kernel-packed equivalent of ``w``, or None when no kernel handles its format.
 
     ``int4_layout``: ``"tc"`` (:class:`~shrinkjax.kernels.int4_tc.TcInt4`, the tensor-core
@@ -25,13 +35,11 @@ def to_kernel_layout(w, int4_layout: str = "auto"):
     dividing 128 or multiples of it), ``"split_half"``
     (:class:`~shrinkjax.kernels.layouts.PackedInt`, every group size; the layout the TPU
     kernels read) or ``"auto"`` ("tc" on a GPU backend, else
-    "split_half")."""
-    import jax
-
-    if int4_layout not in ("auto", "tc", "split_half"):
-        raise ValueError(f"int4_layout must be 'auto', 'tc' or 'split_half', got {int4_layout!r}")
-    if int4_layout == "auto":
-        int4_layout = "tc" if jax.default_backend() == "gpu" else "split_half"
+    "split_half"). ``fp4_layout``: the same choice for MXFP4 / NVFP4
+    (:class:`~shrinkjax.kernels.fp4_tc.TcFP4`, any K, or the split-half ``PackedMXFP4`` /
+    ``PackedNVFP4``)."""
+    int4_layout = _resolve_layout("int4_layout", int4_layout)
+    fp4_layout = _resolve_layout("fp4_layout", fp4_layout)
     from shrinkjax.quant.array import QuantizedArray, unpack
 
     if not isinstance(w, QuantizedArray):
@@ -57,18 +65,25 @@ def to_kernel_layout(w, int4_layout: str = "auto"):
                 return int4_tc.pack_tc(p)
         return p
     if fmt == "mxfp4":
-        return layouts.pack_mxfp4(codes, np.asarray(w.scales, np.uint8))
-    tensor_scale = float(np.asarray(w.scales2, np.float32).reshape(-1)[0])
-    return layouts.pack_nvfp4(codes, np.asarray(w.scales, np.uint8), tensor_scale)
+        p = layouts.pack_mxfp4(codes, np.asarray(w.scales, np.uint8))
+    else:
+        tensor_scale = float(np.asarray(w.scales2, np.float32).reshape(-1)[0])
+        p = layouts.pack_nvfp4(codes, np.asarray(w.scales, np.uint8), tensor_scale)
+    if fp4_layout == "tc":
+        from shrinkjax.kernels import fp4_tc
+
+        return fp4_tc.pack_fp4_tc(p)
+    return p
 
 
-def pack_model_for_kernels(model, int4_layout: str = "auto") -> dict:
+def pack_model_for_kernels(model, int4_layout: str = "auto", fp4_layout: str = "auto") -> dict:
     """Replace every convertible compressed kernel of ``model`` in place; returns
     {'converted': [paths], 'kept': {path: format}} for the rest that stay on the reference.
-    ``int4_layout``: see :func:`to_kernel_layout`."""
+    ``int4_layout``, ``fp4_layout``: see :func:`to_kernel_layout`."""
     from flax import nnx
 
     import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register the kernels with dispatch)
+    import shrinkjax.kernels.fp4_tc  # noqa: F401
     import shrinkjax.kernels.int4_tc  # noqa: F401
     import shrinkjax.kernels.int_matmul  # noqa: F401
     import shrinkjax.kernels.sparse_matmul  # noqa: F401
@@ -83,7 +98,7 @@ def pack_model_for_kernels(model, int4_layout: str = "auto") -> dict:
             or hasattr(w, "addressable_data")
         ):
             continue
-        packed = to_kernel_layout(w, int4_layout)
+        packed = to_kernel_layout(w, int4_layout, fp4_layout)
         if packed is None:
             report["kept"][path] = getattr(getattr(w, "spec", None), "format", type(w).__name__)
             continue

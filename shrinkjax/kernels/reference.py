@@ -109,6 +109,10 @@ def dequantize(p):
 
     if isinstance(p, int4_tc.TcInt4):
         return int4_tc.dequantize_tc_ref(p)
+    from shrinkjax.kernels import fp4_tc
+
+    if isinstance(p, fp4_tc.TcFP4):
+        return fp4_tc.dequantize_fp4_tc_ref(p)
     raise TypeError(f"not a packed layout: {type(p).__name__}")
 
 

@@ -63,6 +63,25 @@ def test_int4_layout_choice():
         to_kernel_layout(q, "marlin")
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fp4_layout_choice(fmt):
+    from shrinkjax.kernels import fp4_tc, layouts
+
+    w = jnp.asarray(np.random.default_rng(5).standard_normal((256, 128)).astype(np.float32))
+    q = formats.make(QuantSpec(fmt)).quantize(w)
+    tc = to_kernel_layout(q, fp4_layout="tc")
+    half = to_kernel_layout(q, fp4_layout="split_half")
+    assert isinstance(tc, fp4_tc.TcFP4) and tc.fmt == fmt
+    assert isinstance(half, layouts.PackedMXFP4 | layouts.PackedNVFP4)
+    assert type(to_kernel_layout(q)) is type(half)  # "auto" off-GPU
+    np.testing.assert_array_equal(
+        np.asarray(reference.dequantize(tc)).view(np.uint16),
+        np.asarray(reference.dequantize(half)).view(np.uint16),
+    )
+    with pytest.raises(ValueError, match="fp4_layout"):
+        to_kernel_layout(q, fp4_layout="marlin")
+
+
 def test_unsupported_formats_are_kept():
     w = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32))
     assert to_kernel_layout(formats.make(QuantSpec("nf4")).quantize(w)) is None

@@ -1,0 +1,156 @@
+"""GPU probe: the tensor-core MXFP4/NVFP4 decode kernel (:mod:`shrinkjax.kernels.fp4_tc`) against
+the split-half FP4 kernels (:mod:`shrinkjax.kernels.fp4_matmul`, tuned tiles) and cuBLAS bf16,
+same run, device time (one profiler trace per cell).
+
+    python scripts/probe_fp4_tc.py --out probe_fp4.json
+    python scripts/probe_fp4_tc.py --shapes 8192x8192 --ms 1,16 --kinds nvfp4 --full-grid 2
+
+For each format, K x N and M: the split-half kernel at its tuned tiles, torch's bf16 matmul,
+then fp4_tc configs (block_n, num_stages, split_k, and at M = 1 the scale mode): the whole grid on
+the first ``--full-grid`` cells, the best six of earlier cells plus the default elsewhere.
+Every config is checked against the float reference on fresh random x before it is timed.
+Timing and weight rotation (no L2 reuse) are ``benchmarks/kernels.py``'s. Prints a line per
+cell (bandwidth fractions count the packed weight, x and y bytes against the copy bandwidth
+measured in the same run) and writes every config to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+KEYS = ("block_n", "num_stages", "split", "scale_mode")  # split: x default_split (0.5, 1, 2)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="probe_fp4_tc.json")
+    ap.add_argument("--kinds", default="mxfp4,nvfp4")
+    ap.add_argument("--shapes", default="8192x8192,4096x14336,4096x4096")
+    ap.add_argument("--ms", default="1,16,4")
+    ap.add_argument("--full-grid", type=int, default=2, help="cells that try the whole grid")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting cells after")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+
+    import jax.numpy as jnp
+    import kernels as KB  # benchmarks/kernels.py
+    import numpy as np
+
+    from shrinkjax.kernels import fp4_tc as F
+    from shrinkjax.kernels import reference as R
+    from shrinkjax.kernels.fp4_matmul import fp4_matmul
+
+    KB.FP4_LAYOUT = "split_half"  # the benchmark's problems in the split-half layouts
+    res = KB.probe_result()
+    copy = res["copy_tbps"]
+    grid = list(itertools.product((64, 128, 256), (2, 3, 4), (0.5, 1, 2), ("columns", "late")))
+    kinds = a.kinds.split(",")
+    cells = list(
+        itertools.product(kinds, KB.parse_shapes(a.shapes), [int(v) for v in a.ms.split(",")])
+    )
+    for ci, (kind, (k, n), m) in enumerate(cells):
+        if time.perf_counter() - t0 > a.budget_s:
+            print(f"budget: skipped {len(cells) - ci} cells", flush=True)
+            break
+        sh = KB.Shape(k, n, [kind], seed=ci)
+        pr = sh.probs[kind]
+        ws, xs = pr["ws"], sh.x(m, KB.n_calls(m, len(pr["ws"])))
+        x = xs[0]
+        ref = np.asarray(R.matmul_ref(x, ws[0]).astype(jnp.float32))
+        tcs = {bn: [F.pack_fp4_tc(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
+        nbytes = int(KB.L.packed_nbytes(tcs[128][0]) + m * k * 2 + m * n * 2)
+        row = dict(kind=kind, K=k, N=n, M=m, bytes=nbytes, copy_tbps=copy)
+        default_mode = "columns" if m == 1 else "late"  # what scale_mode="auto" runs
+        dflt = (F.DEFAULT_BLOCK_N, F.default_stages(tcs[128][0], m == 1), 1, default_mode)
+        cands = [g for g in grid if m == 1 or g[3] == "late"]  # "columns": M = 1
+        if ci >= a.full_grid:
+            cands = KB.winners_first(
+                cands, [r for r in res["rows"] if r["kind"] == kind], "top", KEYS
+            )
+            cands = cands[:6] + [dflt]
+        jobs = {
+            "split_half": lambda: KB.build_multi(
+                lambda x, w: fp4_matmul(x, w, path="fused"), xs, ws
+            )
+        }
+        jobs["xla_bf16"] = lambda: KB.build_multi(KB.bf16_dot, sh.x(m, len(xs)), sh.wbs)
+        runs_kw, seen = {}, set()
+        for cfg in dict.fromkeys(cands):
+            bn, stages, mult, mode = cfg
+            if bn not in tcs:
+                continue
+            cols = mode == "columns"
+            split = max(1, int(F.default_split(tcs[bn][0], cols) * mult))
+            steps = tcs[bn][0].kw // (tcs[bn][0].step_rows if cols else F.CHUNK)
+            if steps % split or (bn, stages, split, mode) in seen:
+                continue
+            seen.add((bn, stages, split, mode))
+            kw = dict(split_k=split, num_stages=stages, scale_mode=mode)
+            runs_kw[cfg] = kw
+            jobs[cfg] = lambda kw=kw, bn=bn: KB.build_multi(
+                lambda x, t: F.fp4_tc_matmul(x, t, **kw), xs, tcs[bn]
+            )
+        exes = KB.compile_jobs(jobs, 8, time.perf_counter() + 240)
+        runs, tried = {}, []
+        for key, exe in exes.items():
+            if isinstance(exe, Exception):
+                tried.append(dict(cfg=key, error=f"{type(exe).__name__}: {str(exe)[:300]}"))
+                continue
+            wts = sh.wbs if key == "xla_bf16" else (ws if key == "split_half" else tcs[key[0]])
+            xin = sh.x(m, len(xs)) if key == "xla_bf16" else xs
+            if key != "xla_bf16":
+                err = KB.rel_err(exe(xin, wts)[0], ref)
+                if not err < 1e-2:
+                    tried.append(dict(cfg=key, error=f"rel_err {err:.3g}"))
+                    continue
+            runs[key] = (exe, xin, wts)
+        dev = KB.trace_device_times(runs)
+        times = {key: span for key, (span, _) in dev.items()}
+        for key in runs:
+            if key not in times:  # no device trace: the wall clock
+                times[key], _ = KB.time_compiled(*runs[key])
+        for key, us in times.items():
+            if isinstance(key, tuple):
+                tried.append(dict(cfg=dict(zip(KEYS, key)), kw=runs_kw[key], us=us))
+        ok = sorted((t for t in tried if "us" in t), key=lambda t: t["us"])
+        row["split_half_us"] = times.get("split_half")
+        row["xla_bf16_us"] = times.get("xla_bf16")
+        if sh.wt is not None:
+            import torch
+
+            xt = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            row["torch_bf16_us"] = KB.torch_bench(lambda: xt @ sh.wt)
+        row["top"] = ok[:6]
+        row["errors"] = [t for t in tried if "error" in t][:4]
+        if ok:
+            row["tc_us"] = ok[0]["us"]
+            row["tc_bw_frac"] = nbytes / (ok[0]["us"] * 1e-6) / 1e12 / copy
+        default = times.get(dflt)
+        row["tc_default_us"] = default
+        res["rows"].append(row)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        tb = row.get("torch_bf16_us")
+        print(
+            f"{kind} {k}x{n} M={m}: tc {row.get('tc_us', float('nan')):.1f} us "
+            f"({row.get('tc_bw_frac', float('nan')):.2f} of copy, "
+            f"{(tb or float('nan')) / row.get('tc_us', float('nan')):.2f}x torch bf16) best "
+            f"{ok[0]['cfg'] if ok else row['errors']}; default {default}; split-half "
+            f"{row['split_half_us']}; torch bf16 {tb}; xla bf16 {row['xla_bf16_us']}; "
+            f"tried {len(tried)}",
+            flush=True,
+        )
+    print(f"total {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

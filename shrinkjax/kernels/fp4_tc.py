@@ -1,0 +1,504 @@
+"""Pallas kernel (Triton lowering): MXFP4 / NVFP4 ``y = x @ W`` for decode (M <= 128) with the
+weight as the tensor-core *left* operand, decoded to f16 pairs in registers. The recipe of
+:mod:`shrinkjax.kernels.int4_tc` (swapped operands, one contiguous block per loop step, scales
+prefetched a step ahead, chained dots) carried over to E2M1 codes; larger M runs
+:func:`dequantize_fp4_tc` (Pallas, bit-exact) + cuBLAS.
+
+* **E2M1 -> f16 by bit placement.** With the sign at bit 15 and the three magnitude bits
+  ``e1 e0 m`` at bits 9-11, an f16 holds exactly ``e2m1 * 2**-14`` (codes +-0.5 land on f16
+  subnormals, which the tensor cores keep). The packing puts the bits where a pair needs them:
+  per 16-bit half, the magnitudes of its four codes at bits ``9 - 3 i .. 11 - 3 i`` and their
+  signs at bit ``15 - i`` (``i`` = pair 0..3), so pair 0 is one ``and`` and pairs 1-3 are
+  ``shl, shl, and, lop3``: 13 instructions per 8 weights. (No placement does better: the
+  pattern {9, 10, 11, 15} of a half does not tile 16 bits by shifts, nor by rotations.)
+* **x in f16** (XLA converts it; in the kernel each slab would round-trip through shared
+  memory). bf16 -> f16 is exact for ``2**-14 <= |x| <= 65504``; smaller values keep
+  ``>= 2**-24`` absolute precision, larger ones overflow (linear-layer inputs of the models here
+  stay far below).
+* **Scales, two modes.** ``"late"``: each scale group's chained dots (MXFP4: 2 per 32 rows,
+  NVFP4: 1 per 16) give an f32 partial scaled into the accumulator (one FMA per accumulator
+  element per group, and a dot wait per group). ``"columns"`` (M = 1, the default there): the
+  eight groups of a step go to eight *columns* of the MMA: XLA spreads x into ``xg [Kw, 8]``,
+  column ``c`` holding x on the rows of groups ``g % 8 == c`` (zero elsewhere), so all dots of
+  a step chain into one ``[bn, 8]`` partial whose columns are the eight group sums; one FMA
+  with the step's ``[bn, 8]`` scale tile (loaded as it is stored) and a row sum at the end give
+  y. Eight times fewer FMAs than ``"late"`` and no waits between dots; a step is 128 rows
+  (NVFP4) or 256 (MXFP4, two 128-row blocks). Scaling the decoded f16 weights instead (one
+  ``mul.f16x2`` per pair) was measured slower: Triton then stages the MMA operand through
+  shared memory. MXFP4 scales are ``2**(e - 127 + 14)`` (f32 bits ``(e + 14) << 23``, exact
+  for e <= 240), NVFP4's ``e4m3 * 2**14`` (and ``tensor_scale`` on the f32 result).
+
+Layout (:class:`TcFP4`, built once per weight by :func:`pack_fp4_tc`, jit-able). ``words`` is
+uint32 ``[Np/bn, Kw/128, bn, 16]`` (``Kw`` = K padded to 8 scale groups: 128 rows for NVFP4,
+256 for MXFP4): like :class:`~.int4_tc.TcInt4`, K offset ``16 j + 2 u + b`` of a 128-row block
+(slab ``j``, pair ``u``, ``b`` in {0, 1}) is in word ``2 u + j // 4`` of its weight row, half
+``b`` (bits ``16 b ..``), pair ``i = j % 4`` of that half: magnitude at bits ``16 b + 9 - 3 i``
+(3 bits), sign at bit ``16 b + 15 - i``. ``scales`` (uint8 E8M0 or E4M3 bits, as the format
+stores them) are ``[Np/bn, Kw/(8 group), bn, 8]``: the eight groups of a step, contiguous per
+weight row (padded rows: E8M0 127 / E4M3 0); ``tensor_scale`` f32 scalar (1 for MXFP4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from shrinkjax.kernels import driver as D
+from shrinkjax.kernels.layouts import PackedMXFP4, PackedNVFP4, round_up
+from shrinkjax.kernels.reference import _unpack_split_half
+from shrinkjax.kernels.triton_ext import dot_acc
+
+try:
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - very old jax
+    plgpu = None
+
+CHUNK = 128  # K rows per block of words (16 words of 8 codes per weight row)
+SLAB = 16  # K rows per MMA (f16 k-step)
+GROUPS = 8  # scale groups per step (the scales' innermost axis; "columns" mode's MMA width)
+DEFAULT_BLOCK_N = 128
+MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
+FORMATS = {"mxfp4": 32, "nvfp4": 16}  # format -> K rows per scale
+SCALE_MODES = ("auto", "late", "columns")  # "auto": "columns" at M = 1, else "late"
+_MAG_MASK = 0x0E000E00  # bits 9-11 of both halves
+_SIGN_MASK = 0x80008000
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["words", "scales", "tensor_scale"],
+    meta_fields=["k", "n", "fmt", "block_n"],
+)
+@dataclasses.dataclass(frozen=True)
+class TcFP4:
+    """MXFP4 / NVFP4 weight in :mod:`fp4_tc`'s layout (module docstring)."""
+
+    words: jax.Array  # uint32 [Np/bn, Kw/128, bn, 16]
+    scales: jax.Array  # uint8 [Np/bn, Gw, bn, 1]: E8M0 (mxfp4) or E4M3 bits (nvfp4)
+    tensor_scale: jax.Array  # f32 scalar (1.0 for mxfp4)
+    k: int
+    n: int
+    fmt: str  # "mxfp4" or "nvfp4"
+    block_n: int
+
+    @property
+    def group(self) -> int:
+        return FORMATS[self.fmt]
+
+    @property
+    def step_rows(self) -> int:
+        """K rows per scale step (eight groups): 128 (NVFP4) or 256 (MXFP4)."""
+        return GROUPS * self.group
+
+    @property
+    def kw(self) -> int:
+        return self.words.shape[1] * CHUNK
+
+    @property
+    def np_(self) -> int:
+        return self.words.shape[0] * self.block_n
+
+    kp = kw
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n)
+
+
+def word_bits(i: int, b: int) -> tuple[int, int]:
+    """(magnitude shift, sign bit) of pair ``i`` (0-3), half ``b`` (0-1) in a word."""
+    return 16 * b + 9 - 3 * i, 16 * b + 15 - i
+
+
+@functools.partial(jax.jit, static_argnames=("block_n",))
+def pack_fp4_tc(p: PackedMXFP4 | PackedNVFP4, block_n: int = DEFAULT_BLOCK_N) -> TcFP4:
+    """One-time conversion of a :class:`PackedMXFP4` / :class:`PackedNVFP4` (pure XLA)."""
+    if not isinstance(p, PackedMXFP4 | PackedNVFP4):
+        raise TypeError(f"pack_fp4_tc converts PackedMXFP4 or PackedNVFP4, got {type(p).__name__}")
+    if p.np_ % block_n or block_n % 64:
+        raise ValueError(f"block_n {block_n} must be a multiple of 64 dividing Np={p.np_}")
+    nv = isinstance(p, PackedNVFP4)
+    fmt = "nvfp4" if nv else "mxfp4"
+    codes = _unpack_split_half(p.codes, p.pair).astype(jnp.uint32)  # [Kp, Np]
+    kp, np_ = codes.shape
+    g = FORMATS[fmt]
+    kw = round_up(kp, GROUPS * g)
+    q = jnp.pad(codes, ((0, kw - kp), (0, 0))).T  # [Np, Kw]; padded rows: code 0 = +0
+    q = q.reshape(np_, kw // CHUNK, 2, 4, 8, 2)  # [n, t, e, i = j % 4, u, b]
+    i = jnp.arange(4, dtype=jnp.uint32)[:, None]
+    b = jnp.arange(2, dtype=jnp.uint32)[None, :]
+    mag_sh, sign_sh = 16 * b + 9 - 3 * i, 16 * b + 15 - i  # [4, 2] (word_bits)
+    bits = ((q & 7) << mag_sh[:, None, :]) | ((q >> 3) << sign_sh[:, None, :])
+    w = jnp.sum(bits, axis=(3, 5), dtype=jnp.uint32)  # disjoint bits: sum == or
+    w = jnp.transpose(w, (0, 1, 3, 2)).reshape(np_ // block_n, block_n, kw // CHUNK, 16)
+    w = jnp.transpose(w, (0, 2, 1, 3))  # [tile, chunk, row, word 2u + e]
+    pad = ((0, kw // g - p.scales.shape[0]), (0, 0))
+    s = jnp.pad(p.scales, pad, constant_values=0 if nv else 127)  # padded rows: codes are 0
+    s = s.reshape(kw // g // GROUPS, GROUPS, np_ // block_n, block_n)
+    s = jnp.transpose(s, (2, 0, 3, 1))  # [tile, step, row, group of the step]
+    ts = p.tensor_scale.astype(jnp.float32) if nv else jnp.float32(1.0)
+    return TcFP4(w, s, ts, k=p.k, n=p.n, fmt=fmt, block_n=block_n)
+
+
+def _pair_ptx(i: int, src: str) -> str:
+    """PTX writing pair ``i``'s f16x2 (``e2m1 * 2**-14``) of word ``src`` into ``d``."""
+    if i == 0:
+        return f"and.b32 d, {src}, {(_SIGN_MASK | _MAG_MASK):#x}; "
+    return (
+        f"shl.b32 a, {src}, {3 * i}; shl.b32 s, {src}, {i}; and.b32 a, a, {_MAG_MASK:#x}; "
+        f"lop3.b32 d, a, s, {_SIGN_MASK:#x}, 0xF8; "  # d = a | (s & SIGN)
+    )
+
+
+def _decode_asm(w):
+    """uint32 [bn, 16] -> eight f16 [bn, 16] slabs of ``e2m1 * 2**-14`` (inline PTX, two words
+    per instance; one asm op per slab: jax's Pallas lowering returns one result per op)."""
+    out = []
+    for j in range(8):
+        (tile,) = plgpu.elementwise_inline_asm(
+            "{ .reg .b32 a, s, d; "
+            + _pair_ptx(j % 4, "$1" if j < 4 else "$2")
+            + "mov.b32 $0, d; }",
+            args=[w],
+            constraints="=r,r,r",
+            pack=2,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.float16)],
+        )
+        out.append(tile)
+    return out
+
+
+def _decode_jnp(w):
+    """Same as :func:`_decode_asm` in jnp (interpret mode / CPU, and the tests)."""
+    out = []
+    for j in range(8):
+        src = w[:, j // 4 :: 2]  # [bn, 8]: word 2u + j // 4
+        halves = []
+        for b in range(2):
+            mag_sh, sign_sh = word_bits(j % 4, b)
+            h = (((src >> mag_sh) & 7) << 9) | (((src >> sign_sh) & 1) << 15)
+            halves.append(jax.lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16))
+        out.append(jnp.stack(halves, axis=-1).reshape(w.shape))
+    return out
+
+
+def e8m0_scale(e):
+    """uint8 E8M0 -> f32 ``2**(e - 127 + 14)`` (exact for e <= 240): undoes the decode's 2**-14."""
+    return jax.lax.bitcast_convert_type((e.astype(jnp.uint32) + 14) << 23, jnp.float32)
+
+
+def e4m3_value(b):
+    """uint8 E4M3 bits -> f32 value (f16 bits ``s << 15 | em << 7`` = ``e4m3 * 2**-8``, exact)."""
+    b = b.astype(jnp.uint32)
+    h = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(h, jnp.float16).astype(jnp.float32) * 256.0
+
+
+def scale_f32(s, group: int):
+    """Stored scale bytes -> the f32 factor for the decode's ``e2m1 * 2**-14`` partial sums."""
+    return e4m3_value(s) * 2.0**14 if group == 16 else e8m0_scale(s)
+
+
+def _kernel(x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, interpret):
+    """One program: ``bn`` weight rows, ``steps`` 128-row blocks (``"late"``) or scale steps of
+    eight groups (``"columns"``; x_ref is then ``xg [Kw, 8]``)."""
+    sid = pl.program_id(1)
+    decode = _decode_jnp if interpret else _decode_asm
+    bn, mp = w_ref.shape[1], o_ref.shape[0]
+    last = sid * steps + steps - 1
+
+    if columns:  # M = 1: the eight groups of a step are the MMA's eight columns
+        blocks = GROUPS * group // CHUNK  # 128-row blocks per step: 1 or 2
+
+        def operands(t):  # step t's scale tile f32 [bn, 8] and xg slabs [16, 8] (loaded a
+            xs = []  # step ahead: 2 bytes per thread per slab, too small for cp.async, which
+            for j in range(GROUPS * group // SLAB):  # is how Triton pipelines dot operands)
+                xs.append(
+                    x_ref[pl.ds(pl.multiple_of(t * GROUPS * group + SLAB * j, SLAB), SLAB), :]
+                )
+            return scale_f32(s_ref[t], group), xs
+
+        def body(i, carry):
+            acc, (sc, xs) = carry
+            t = sid * steps + i
+            nxt = operands(jnp.minimum(t + 1, last))
+            part = jnp.zeros((bn, GROUPS), jnp.float32)
+            for b in range(blocks):
+                tiles = decode(w_ref[t * blocks + b])
+                for j in range(8):
+                    part = dot_acc(tiles[j], xs[8 * b + j], part)
+            return acc + part * sc, nxt
+
+        acc0 = jnp.zeros((bn, GROUPS), jnp.float32)
+        acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, operands(sid * steps)))
+        y = jnp.sum(acc, axis=1, keepdims=True).T  # [1, bn]
+        y = jnp.broadcast_to(y, o_ref.shape)
+    else:
+        gpc = CHUNK // group  # scale groups per 128-row block: 4 or 8
+
+        def x_slab(k0):  # x[0:mp, k0:k0+16]^T: the MMA's right operand; rows >= M read 0
+            view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
+            if m == mp:
+                return view[...].T
+            rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
+            return plgpu.load(view, mask=rows < m, other=0.0).T
+
+        def scales(t):  # block t's groups: f32 [bn, 1] each (a column of the stored tile)
+            out = []
+            for c in range(gpc):
+                g = t * gpc + c
+                col = s_ref.at[D.idiv(g, GROUPS), :, pl.ds(g % GROUPS, 1)]
+                out.append(scale_f32(col[...], group))
+            return out
+
+        def body(i, carry):
+            acc, cur = carry
+            t = sid * steps + i
+            nxt = scales(jnp.minimum(t + 1, last))  # issued a block ahead (Triton does not
+            tiles = decode(w_ref[t])  # pipeline them: they are not tensor-core operands)
+            spg = group // SLAB  # slabs per group
+            for c in range(gpc):
+                part = jnp.zeros(acc.shape, jnp.float32)
+                for j in range(c * spg, (c + 1) * spg):
+                    part = dot_acc(tiles[j], x_slab(t * CHUNK + SLAB * j), part)
+                acc = acc + part * cur[c]
+            return acc, nxt
+
+        acc0 = jnp.zeros((bn, mp), jnp.float32)
+        acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps)))
+        y = acc.T
+    if group == 16:  # NVFP4: the f32 tensor scale
+        y = y * ts_ref[...]
+    rows = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, 0)  # token index
+    plgpu.store(o_ref, y.astype(o_ref.dtype), mask=rows < m)  # only the M real tokens
+
+
+def group_columns(x1, group: int):
+    """f16 ``xg [Kw, 8]`` for ``"columns"`` mode from x ``[1, Kw]``: column ``c`` holds x on
+    the rows of scale groups ``g`` with ``g % 8 == c``, zero elsewhere (XLA, one small fusion)."""
+    kw = x1.shape[1]
+    col = (jnp.arange(kw) // group) % GROUPS
+    onehot = col[:, None] == jnp.arange(GROUPS)[None, :]
+    return jnp.where(onehot, x1.reshape(kw, 1), 0).astype(jnp.float16)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("split_k", "num_warps", "num_stages", "scale_mode", "out_dtype", "interpret"),
+)
+def _fp4_tc_2d(
+    x2, t: TcFP4, *, split_k, num_warps, num_stages, interpret, scale_mode="auto", out_dtype=None
+):
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel)."""
+    m = x2.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"fp4_tc takes M <= {MAX_M} rows, got {m}")
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    columns = scale_mode == "columns" or (scale_mode == "auto" and m == 1)
+    if columns and m != 1:
+        raise ValueError(f"scale_mode 'columns' takes one row of x (M = 1), got M = {m}")
+    np_, kw, bn = t.np_, t.kw, t.block_n
+    unit = t.step_rows if columns else CHUNK  # K rows per loop iteration
+    if (kw // unit) % split_k:
+        raise ValueError(f"split_k {split_k} must divide the {kw // unit} K steps of {unit} rows")
+    xh = x2.astype(jnp.float16)  # (see the module docstring: x in f16)
+    if kw != t.k:
+        xh = jnp.pad(xh, ((0, 0), (0, kw - t.k)))
+    squeezed = getattr(pl, "squeezed", None)
+    mp = max(SLAB, 1 << (m - 1).bit_length())
+    out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
+    ts = jnp.reshape(t.tensor_scale.astype(jnp.float32), (1, 1))
+    if columns:
+        xh = group_columns(xh, t.group)
+        x_spec = pl.BlockSpec((kw, GROUPS), lambda j, s: (0, 0))
+    else:
+        x_spec = pl.BlockSpec((mp, kw), lambda j, s: (0, 0))  # rows >= M: masked
+    steps = kw // unit // split_k
+    kern = functools.partial(
+        _kernel, m=m, steps=steps, group=t.group, columns=columns, interpret=interpret
+    )
+    chunks, gs = kw // CHUNK, t.scales.shape[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = pl.pallas_call(
+            kern,
+            out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
+            grid=(np_ // bn, split_k),
+            in_specs=[
+                x_spec,
+                pl.BlockSpec((1, 1), lambda j, s: (0, 0)),
+                pl.BlockSpec((squeezed, chunks, bn, 16), lambda j, s: (j, 0, 0, 0)),
+                pl.BlockSpec((squeezed, gs, bn, GROUPS), lambda j, s: (j, 0, 0, 0)),
+            ],
+            out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
+            interpret=interpret,
+            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
+            name=f"{t.fmt}_tc_{'col' if columns else 'late'}_s{split_k}_k{kw}n{np_}m{mp}",
+        )(xh, ts, t.words, t.scales)
+    y = out[0] if split_k == 1 else out.sum(axis=0)
+    return y if np_ == t.n else y[:, : t.n]
+
+
+def default_split(t: TcFP4, columns: bool = True) -> int:
+    """K splits, in loop steps of the scale mode. ``"late"``: about two programs per SM and at
+    least four 128-row blocks each (as :func:`.int4_tc.default_split`); ``"columns"``: up to
+    four programs per SM and at least two blocks each (H100 probe, ``scripts/probe_fp4_tc.py``:
+    MXFP4 4096 x 4096 at M = 1 in 8.3 µs at 16 splits, 9.3 µs at 8)."""
+    unit = t.step_rows if columns else CHUNK
+    progs, split, steps = t.words.shape[0], 1, t.kw // unit
+    per_sm, min_blocks = (4, 2) if columns else (2, 4)
+    min_steps = max(1, min_blocks * CHUNK // unit)
+
+    def more(split):
+        if columns:
+            return 2 * progs * split <= per_sm * D._num_sms()
+        return progs * split < per_sm * D._num_sms()
+
+    while more(split) and steps % (2 * split) == 0 and steps // (2 * split) >= min_steps:
+        split *= 2
+    return split
+
+
+def default_stages(t: TcFP4, columns: bool) -> int:
+    """Pipeline stages: 2 for MXFP4's 256-row columns steps (H100: 18.7 vs 19.4 µs at 8192²,
+    M = 1), else 3."""
+    return 2 if columns and t.fmt == "mxfp4" else 3
+
+
+def fp4_tc_matmul(
+    x, t: TcFP4, *, split_k=None, num_warps=4, num_stages=None, scale_mode="auto", interpret=None
+):
+    """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
+    ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M = 1; module docstring);
+    ``split_k`` / ``num_stages``: None for :func:`default_split` / :func:`default_stages`."""
+    x2, lead = D.flatten_x(x, t.k)
+    columns = scale_mode == "columns" or (scale_mode == "auto" and x2.shape[0] == 1)
+    y = _fp4_tc_2d(
+        x2.astype(jnp.bfloat16),
+        t,
+        split_k=default_split(t, columns) if split_k is None else split_k,
+        num_warps=num_warps,
+        num_stages=default_stages(t, columns) if num_stages is None else num_stages,
+        scale_mode=scale_mode,
+        out_dtype=jnp.dtype(x.dtype),
+        interpret=D.resolve_interpret(interpret),
+    )
+    return y.astype(x.dtype).reshape(*lead, t.n)
+
+
+# ------------------------------------------------------------------------------------------
+# dequantize (reference and prefill path) and dispatch
+# ------------------------------------------------------------------------------------------
+
+
+def _codes_nk(t: TcFP4):
+    """uint32 E2M1 codes [Np, Kw] (the inverse of :func:`pack_fp4_tc`'s bit placement)."""
+    nt, chunks, bn, _ = t.words.shape
+    w = t.words.reshape(nt, chunks, bn, 8, 2)  # [tile, t, row, u, e]
+    i = jnp.arange(4, dtype=jnp.uint32)[:, None]
+    b = jnp.arange(2, dtype=jnp.uint32)[None, :]
+    mag = (w[..., None, None] >> (16 * b + 9 - 3 * i)) & 7  # [tile, t, row, u, e, i, b]
+    sign = (w[..., None, None] >> (16 * b + 15 - i)) & 1
+    q = jnp.transpose(mag | (sign << 3), (0, 2, 1, 4, 5, 3, 6))  # [tile, row, t, e, i, u, b]
+    return q.reshape(nt * bn, chunks * CHUNK)
+
+
+def dequantize_fp4_tc_ref(t: TcFP4):
+    """bf16 ``W [K, N]`` (pure jnp; bit-identical to the Packed{MX,NV}FP4 reference)."""
+    from shrinkjax.kernels.reference import _e2m1, e4m3_to_f32
+
+    s = jnp.transpose(t.scales, (0, 2, 1, 3)).reshape(t.np_, -1)  # [Np, Gw]
+    s = jnp.repeat(s, t.group, axis=1)[:, : t.kw]
+    if t.fmt == "mxfp4":
+        w = _e2m1(_codes_nk(t)) * jnp.exp2(s.astype(jnp.float32) - 127.0)
+    else:
+        w = _e2m1(_codes_nk(t)) * e4m3_to_f32(s) * t.tensor_scale
+    return w.astype(jnp.bfloat16)[: t.n, : t.k].T
+
+
+def fp4_tc_matmul_ref(x2, t: TcFP4):
+    """The reference ``x @ W`` (NVFP4: tensor scale on the f32 result, as the kernel does)."""
+    from shrinkjax.kernels.reference import _mm
+
+    if t.fmt == "mxfp4":
+        return _mm(x2, dequantize_fp4_tc_ref(t))
+    t1 = dataclasses.replace(t, tensor_scale=jnp.float32(1.0))
+    return _mm(x2, dequantize_fp4_tc_ref(t1), t.tensor_scale)
+
+
+def _dequant_kernel(ts_ref, w_ref, s_ref, o_ref, *, group, interpret):
+    t = pl.program_id(0)
+    tiles = (_decode_jnp if interpret else _decode_asm)(w_ref[...])
+    for j in range(8):
+        g = D.idiv(t * CHUNK + SLAB * j, group)
+        s = scale_f32(s_ref.at[D.idiv(g, GROUPS), :, pl.ds(g % GROUPS, 1)][...], group)
+        w = tiles[j].astype(jnp.float32) * s  # exact: e2m1 times a power of two / an e4m3
+        if group == 16:  # f32(e2m1 * e4m3) * tensor_scale, as reference.dequantize rounds it
+            w = w * ts_ref[...]
+        o_ref[pl.ds(SLAB * j, SLAB), :] = w.astype(o_ref.dtype).T
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def dequantize_fp4_tc(t: TcFP4, interpret=False):
+    """bf16 ``W [Kw, Np]`` (K-major; tensor scale folded in) by a Pallas kernel: one program per
+    128-row chunk and tile."""
+    nt, chunks, bn, _ = t.words.shape
+    gs = t.scales.shape[1]
+    squeezed = getattr(pl, "squeezed", None)
+    ts = jnp.reshape(t.tensor_scale.astype(jnp.float32), (1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pl.pallas_call(
+            functools.partial(_dequant_kernel, group=t.group, interpret=interpret),
+            out_shape=jax.ShapeDtypeStruct((t.kw, t.np_), jnp.bfloat16),
+            grid=(chunks, nt),
+            in_specs=[
+                pl.BlockSpec((1, 1), lambda c, i: (0, 0)),
+                pl.BlockSpec((squeezed, squeezed, bn, 16), lambda c, i: (i, c, 0, 0)),
+                pl.BlockSpec((squeezed, gs, bn, GROUPS), lambda c, i: (i, 0, 0, 0)),
+            ],
+            out_specs=pl.BlockSpec((CHUNK, bn), lambda c, i: (c, i)),
+            interpret=interpret,
+            compiler_params=D.compiler_params(4, 1, interpret),
+            name=f"{t.fmt}_tc_dequant",
+        )(ts, t.words, t.scales)
+
+
+def fp4_tc_linear(x, t: TcFP4, *, path="auto", interpret=None, **tuning):
+    """``x[..., K] @ W`` for a :class:`TcFP4`; the dispatch entry point (``x.dtype`` out).
+    ``path``: as :func:`.int4_tc.tc_linear`; ``tuning``: :func:`fp4_tc_matmul`'s."""
+    from shrinkjax.kernels import dispatch
+
+    x2, lead = D.flatten_x(x, t.k)
+    m = x2.shape[0]
+    path = dispatch.choose_path(path, m)
+    if path == "fused" and m > MAX_M:
+        path = "dequant_dot"
+    interpret = D.resolve_interpret(interpret)
+    if path == "fused":
+        y = fp4_tc_matmul(x2, t, interpret=interpret, **tuning)
+    else:
+        w = dequantize_fp4_tc(t, interpret=interpret)  # [Kw, Np]
+        xb = x2.astype(jnp.bfloat16)
+        if t.kw != t.k:
+            xb = jnp.pad(xb, ((0, 0), (0, t.kw - t.k)))
+        out_t = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float32
+        y = jnp.matmul(xb, w, preferred_element_type=out_t)[:, : t.n].astype(x.dtype)
+    return y.reshape(*lead, t.n)
+
+
+def _register():
+    from shrinkjax.kernels import dispatch
+
+    dispatch.register(TcFP4)(
+        lambda x, w, **kw: D.packed_linear(fp4_tc_linear, fp4_tc_matmul_ref, x, w, **kw)
+    )
+
+
+_register()
