@@ -3,7 +3,9 @@
 Random weights (speed only) at the real shape: 32 decoder layers, each holding its own device
 copy of one randomly generated block (the host builds and packs one block, the device copies it
 32 times: ~16 GB in bf16, ~5 GB in int4), so every token streams the whole model from HBM as a
-real checkpoint would. Embeddings and lm_head stay bf16 (as quantization rules keep them).
+real checkpoint would. Embeddings stay bf16; lm_head too (as the default quantization rules
+keep it) unless ``--lm-head format`` packs it like the linears (a 128256 x 4096 bf16 lm_head is
+1 GB: ~15% of an int4 step).
 
 Every format runs the same model: by default with q/k/v and gate/up fused into one matmul each
 (``--projections fused``, ``shrinkjax.models.fuse``: 5 matmuls per block, as serving stacks run
@@ -115,8 +117,11 @@ def _copy(tree):
     return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def build_model(cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc"):
-    """The model with ``fmt`` linears; each layer owns a device copy of one random block."""
+def build_model(cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc", lm_head="bf16"):
+    """The model with ``fmt`` linears; each layer owns a device copy of one random block.
+    ``lm_head``: "bf16", or "format" for an lm_head in ``fmt`` too."""
+    if lm_head not in ("bf16", "format"):
+        raise ValueError(f"lm_head must be 'bf16' or 'format', got {lm_head!r}")
     import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register kernels with dispatch)
     import shrinkjax.kernels.int_matmul  # noqa: F401
     import shrinkjax.kernels.sparse_matmul  # noqa: F401
@@ -131,7 +136,14 @@ def build_model(cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc"):
     flat = {
         "embed.embedding": (emb * 0.02).astype(jnp.bfloat16),
         "norm.scale": np.ones(cfg.dim, np.float32),
-        "lm_head.kernel": make_weight("bf16", cfg.dim, cfg.vocab_size, rng),
+        "lm_head.kernel": make_weight(
+            fmt if lm_head == "format" else "bf16",
+            cfg.dim,
+            cfg.vocab_size,
+            rng,
+            int4_layout,
+            fp4_layout,
+        ),
     }
     del emb
     for i in range(cfg.n_layers):
@@ -255,7 +267,11 @@ def run(cfg, args):
         t0 = time.perf_counter()
         try:
             model, nbytes = build_model(
-                cfg, fmt, int4_layout=args.int4_layout, fp4_layout=args.fp4_layout
+                cfg,
+                fmt,
+                int4_layout=args.int4_layout,
+                fp4_layout=args.fp4_layout,
+                lm_head=args.lm_head,
             )
         except Exception as e:
             log(f"[{fmt}] build failed: {e!r}")
@@ -346,6 +362,12 @@ def main(argv=None):
         help="mxfp4 weights as fp4_tc.TcFP4 (tensor-core kernel) or PackedMXFP4 (fused)",
     )
     ap.add_argument(
+        "--lm-head",
+        default="bf16",
+        choices=("bf16", "format"),
+        help="lm_head in bf16 (default) or packed in the format of the linears",
+    )
+    ap.add_argument(
         "--profile",
         default="",
         help="trace one more call per cell into this directory; print device time by kernel",
@@ -379,6 +401,7 @@ def main(argv=None):
         "int4_xsum": args.int4_xsum or int4_tc.DEFAULT_XSUM,
         "int4_layout": args.int4_layout,
         "fp4_layout": args.fp4_layout,
+        "lm_head": args.lm_head,
         "projections": args.projections,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,

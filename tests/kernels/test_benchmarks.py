@@ -82,6 +82,18 @@ def test_decode_benchmark_quick(tmp_path, kernels):
     assert dispatch.PREFILL_MIN_M == 256 and not driver.use_kernel_backend()
 
 
+def test_decode_lm_head_in_the_format():
+    from shrinkjax.kernels import int4_tc
+
+    db = _load("decode")
+    model, nbytes = db.build_model(db.QUICK, "int4_g128", lm_head="format")
+    assert isinstance(model.lm_head.kernel.value, int4_tc.TcInt4)
+    _, bf16_bytes = db.build_model(db.QUICK, "int4_g128")
+    assert nbytes["lm_head"] < bf16_bytes["lm_head"] / 3  # 4-bit codes + g128 scales
+    with pytest.raises(ValueError, match="lm_head must be"):
+        db.build_model(db.QUICK, "int4_g128", lm_head="int4")
+
+
 def test_split_executions_by_device_gaps():
     kb = _load("kernels")
     ev = lambda ts, dur, name="k": dict(ts=ts, dur=dur, name=name)  # noqa: E731
