@@ -21,8 +21,9 @@ random inputs (checked before timing) and ``bw_frac``, the fraction of the copy 
 measured in the same run achieved on the bytes the kernel must move (packed weight + x + y).
 int4_g128 runs the tensor-core decode layout (``shrinkjax.kernels.int4_tc``: its kernel for
 M <= 128, its Pallas dequantize + cuBLAS above; no ``fused_us`` there), and so do mxfp4 and
-nvfp4 (``shrinkjax.kernels.fp4_tc``; ``--fp4-layout split_half`` runs their split-half kernels);
-int8 and 2:4 run the split-half kernels. Cells run in priority order (8192x8192 first; M = 1,
+nvfp4 (``shrinkjax.kernels.fp4_tc``; ``--fp4-layout split_half`` runs their split-half kernels)
+and 2:4_bf16 (``shrinkjax.kernels.sparse24_tc``; ``--sparse-layout split_half``); int8 and
+2:4_int4 run the split-half kernels. Cells run in priority order (8192x8192 first; M = 1,
 16, 4096 first) and are skipped, not started, once the next one would pass ``--budget-s``; the
 table and JSON are always written.
 
@@ -33,8 +34,8 @@ split_k, num_warps, num_stages, late_scale, fma) most promising axes first withi
 ``--sweep-budget-s`` (configs that fail to compile are recorded and skipped). The best per
 (kernel, M) is printed with its bandwidth fraction, saved in the JSON (``decode``, ``sweep``)
 and as a ``TUNED = {...}`` snippet for ``shrinkjax/kernels/tuned.py`` (``<out>.tuned.py``), and
-applied in-process so the grid that follows uses it. It tunes the split-half FP4 kernels, so a
-run with a sweep times MXFP4/NVFP4 in the split-half layouts throughout.
+applied in-process so the grid that follows uses it. It tunes the split-half kernels, so a run
+with a sweep times MXFP4/NVFP4 and 2:4 bf16 in the split-half layouts throughout.
 
 Timing. JAX: one jitted executable makes R back-to-back calls, each on its own weight copy
 (copies rotate so that more than 160 MB is touched between reuses: the 50 MB L2 never serves
@@ -83,6 +84,7 @@ from shrinkjax.kernels import fp4_tc as FT  # noqa: E402
 from shrinkjax.kernels import int4_tc as TC  # noqa: E402
 from shrinkjax.kernels import layouts as L  # noqa: E402
 from shrinkjax.kernels import reference as R  # noqa: E402
+from shrinkjax.kernels import sparse24_tc as ST  # noqa: E402
 from shrinkjax.kernels.fp4_matmul import fp4_matmul  # noqa: E402
 from shrinkjax.kernels.int_matmul import int_matmul  # noqa: E402
 from shrinkjax.kernels.sparse_matmul import sparse24_matmul  # noqa: E402
@@ -99,6 +101,7 @@ except Exception:  # pragma: no cover
 KERNELS = ["int4_g128", "int8_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
 SWEEP_KERNELS = ["mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]  # (int4: scripts/probe_int4_tc.py)
 FP4_LAYOUT = "tc"  # --fp4-layout: MXFP4/NVFP4 as fp4_tc.TcFP4 ("tc") or split-half layouts
+SPARSE_LAYOUT = "tc"  # --sparse-layout: 2:4 bf16 as sparse24_tc.Tc24 ("tc") or Packed24
 SHAPES = [(8192, 8192), (4096, 14336), (4096, 4096)]  # (K, N), in priority order
 MS = [1, 16, 4096, 256, 1024, 64, 4]  # priority order (rows are sorted for output)
 QUICK_SHAPES = [(8192, 8192)]
@@ -144,6 +147,7 @@ def make_problem(kind, k, n, rng):
         keep = L.random_mask_24(rng, k, n)
         dense = np.where(keep, rng.standard_normal((k, n), dtype=np.float32) * 0.02, 0)
         p = L.pack_24(dense)
+        p = ST.pack_24_tc(p) if SPARSE_LAYOUT == "tc" else p
         plain = dict(dense=dense)
     elif kind == "2:4_int4":
         keep = L.random_mask_24(rng, k, n)
@@ -162,6 +166,8 @@ def kernel_fn(kind):
         return int_matmul
     if kind.endswith("fp4"):
         return FT.fp4_tc_linear if FP4_LAYOUT == "tc" else fp4_matmul
+    if kind == "2:4_bf16" and SPARSE_LAYOUT == "tc":
+        return ST.tc24_linear
     return sparse24_matmul
 
 
@@ -508,6 +514,8 @@ def dequant_only(x, p):
         return TC.dequantize_tc(p, interpret=driver.resolve_interpret(None))
     if isinstance(p, FT.TcFP4):
         return FT.dequantize_fp4_tc(p, interpret=driver.resolve_interpret(None))
+    if isinstance(p, ST.Tc24):
+        return ST.dequantize_24_tc(p, interpret=driver.resolve_interpret(None))
     return DQ.dequantize_padded(p, interpret=driver.resolve_interpret(None))
 
 
@@ -530,7 +538,11 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         xs = sh.x(m, n_calls(m, len(pr["ws"])))
         fn = kernel_fn(kind)
         for path in paths:
-            if path == "fused" and isinstance(pr["p"], TC.TcInt4 | FT.TcFP4) and m > TC.MAX_M:
+            if (
+                path == "fused"
+                and isinstance(pr["p"], TC.TcInt4 | FT.TcFP4 | ST.Tc24)
+                and m > TC.MAX_M
+            ):
                 continue  # the tensor-core decode kernels take M <= 128
             f = path_fn(fn, path)
             jobs[(kind, path)] = lambda f=f, xs=xs, pr=pr: build_multi(f, xs, pr["ws"])
@@ -582,6 +594,8 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             mode = "columns" if m == 1 else "late"  # (scale_mode="auto")
             cfg = [FT.default_split(p, m == 1), 4, FT.default_stages(p, m == 1), mode]
             row["cfg"] = ["fp4_tc", p.block_n, *cfg]
+        elif auto == "fused" and isinstance(p, ST.Tc24):
+            row["cfg"] = ["sparse24_tc", p.block_n, ST.default_split(p), 4, 3]
         elif auto == "fused":
             c = driver.config_for(p, m)
             row["cfg"] = [c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages]
@@ -872,7 +886,7 @@ def decode_from_rows(rows):
 
 
 def main(argv=None):
-    global MAX_CALLS, FP4_LAYOUT
+    global MAX_CALLS, FP4_LAYOUT, SPARSE_LAYOUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="kernels_bench.json")
     ap.add_argument("--quick", action="store_true")
@@ -903,9 +917,17 @@ def main(argv=None):
         help="MXFP4/NVFP4 weights as fp4_tc.TcFP4 (tensor-core decode kernel, default) or the "
         "split-half layouts of fp4_matmul (what --sweep tunes; a sweep implies split_half)",
     )
+    ap.add_argument(
+        "--sparse-layout",
+        default="tc",
+        choices=("tc", "split_half"),
+        help="2:4 bf16 weights as sparse24_tc.Tc24 (tensor-core decode kernel, default) or "
+        "Packed24 (a sweep implies split_half)",
+    )
     args = ap.parse_args(argv)
     MAX_CALLS = args.max_calls
     FP4_LAYOUT = "split_half" if args.sweep or args.sweep_only else args.fp4_layout
+    SPARSE_LAYOUT = "split_half" if args.sweep or args.sweep_only else args.sparse_layout
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(3), "little")
     args.sweep_shape = tuple(int(v) for v in args.sweep_shape.split("x"))

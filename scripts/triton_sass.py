@@ -19,8 +19,9 @@ It does not time anything; ``benchmarks/kernels.py`` / ``scripts/probe_int4_gemv
 
 Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_fused``
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
-``SPLIT``) and ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
-``SCALE_MODE``), at K = N = 8192.
+``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
+``SCALE_MODE``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``), at
+K = N = 8192.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGS_PER_SM = 65536
-KINDS = ("int4_gemv", "int4_fused", "int4_tc", "mxfp4_tc", "nvfp4_tc")
+KINDS = ("int4_gemv", "int4_fused", "int4_tc", "mxfp4_tc", "nvfp4_tc", "sparse24_tc")
 
 
 def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int = 64) -> str:
@@ -109,6 +110,24 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
                 num_stages=stages,
                 interpret=False,
                 scale_mode=os.environ.get("SCALE_MODE", "auto"),
+            )
+
+        args = (x, tc)
+    elif kind == "sparse24_tc":
+        from shrinkjax.kernels import sparse24_tc as S
+
+        keep = L.random_mask_24(rng, k, n)
+        dense = np.where(keep, rng.standard_normal((k, n), dtype=np.float32), 0)
+        tc = S.pack_24_tc(L.pack_24(dense), block_n)
+
+        def f(x, t):
+            return S._tc24_2d(
+                x,
+                t,
+                split_k=int(os.environ.get("SPLIT", 4)),
+                num_warps=warps,
+                num_stages=stages,
+                interpret=False,
             )
 
         args = (x, tc)

@@ -348,7 +348,7 @@ def _fp4_tc_2d(
 def default_split(t: TcFP4, columns: bool = True) -> int:
     """K splits, in loop steps of the scale mode. ``"late"``: about two programs per SM and at
     least four 128-row blocks each (as :func:`.int4_tc.default_split`); ``"columns"``: up to
-    four programs per SM and at least two blocks each (H100 probe, ``scripts/probe_fp4_tc.py``:
+    four programs per SM and at least two blocks each (H100 probe, ``scripts/probe_tc.py``:
     MXFP4 4096 x 4096 at M = 1 in 8.3 µs at 16 splits, 9.3 µs at 8)."""
     unit = t.step_rows if columns else CHUNK
     progs, split, steps = t.words.shape[0], 1, t.kw // unit

@@ -113,6 +113,10 @@ def dequantize(p):
 
     if isinstance(p, fp4_tc.TcFP4):
         return fp4_tc.dequantize_fp4_tc_ref(p)
+    from shrinkjax.kernels import sparse24_tc
+
+    if isinstance(p, sparse24_tc.Tc24):
+        return sparse24_tc.dequantize_24_tc_ref(p)
     raise TypeError(f"not a packed layout: {type(p).__name__}")
 
 

@@ -1,17 +1,19 @@
-"""GPU probe: the tensor-core MXFP4/NVFP4 decode kernel (:mod:`shrinkjax.kernels.fp4_tc`) against
-the split-half FP4 kernels (:mod:`shrinkjax.kernels.fp4_matmul`, tuned tiles) and cuBLAS bf16,
-same run, device time (one profiler trace per cell).
+"""GPU probe: the tensor-core decode kernels for MXFP4 / NVFP4 (:mod:`shrinkjax.kernels.fp4_tc`)
+and 2:4 bf16 (:mod:`shrinkjax.kernels.sparse24_tc`) against their split-half kernels
+(:mod:`~shrinkjax.kernels.fp4_matmul`, :mod:`~shrinkjax.kernels.sparse_matmul`, tuned tiles)
+and cuBLAS bf16, same run, device time (one profiler trace per cell).
 
-    python scripts/probe_fp4_tc.py --out probe_fp4.json
-    python scripts/probe_fp4_tc.py --shapes 8192x8192 --ms 1,16 --kinds nvfp4 --full-grid 2
+    python scripts/probe_tc.py --out probe_tc.json
+    python scripts/probe_tc.py --kinds 2:4_bf16 --shapes 8192x8192 --ms 1,16 --full-grid 2
 
-For each format, K x N and M: the split-half kernel at its tuned tiles, torch's bf16 matmul,
-then fp4_tc configs (block_n, num_stages, split_k, and at M = 1 the scale mode): the whole grid on
-the first ``--full-grid`` cells, the best six of earlier cells plus the default elsewhere.
-Every config is checked against the float reference on fresh random x before it is timed.
-Timing and weight rotation (no L2 reuse) are ``benchmarks/kernels.py``'s. Prints a line per
-cell (bandwidth fractions count the packed weight, x and y bytes against the copy bandwidth
-measured in the same run) and writes every config to the JSON.
+For each kind, K x N and M: the split-half kernel at its tuned tiles, torch's bf16 matmul,
+then tensor-core kernel configs (block_n, num_stages, split_k as a multiple of the default,
+and for FP4 at M = 1 the scale mode): the whole grid on the first ``--full-grid`` cells of a
+kind, its best six so far plus the default elsewhere. Every config is checked against the
+float reference on fresh random x before it is timed. Timing and weight rotation (no L2 reuse)
+are ``benchmarks/kernels.py``'s. Prints a line per cell (bandwidth fractions count the packed
+weight, x and y bytes against the copy bandwidth measured in the same run) and writes every
+config to the JSON.
 """
 
 from __future__ import annotations
@@ -30,10 +32,53 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 KEYS = ("block_n", "num_stages", "split", "scale_mode")  # split: x default_split (0.5, 1, 2)
 
 
+def adapter(kind):
+    """(pack(w, bn), matmul(x, t, **kw), split-half fn, grid, default(t, m), kwargs(cfg, t, m)
+    -> the matmul's keywords, or None where the config does not apply)."""
+    from shrinkjax.kernels import fp4_tc as F
+    from shrinkjax.kernels import sparse24_tc as S
+    from shrinkjax.kernels.fp4_matmul import fp4_matmul
+    from shrinkjax.kernels.sparse_matmul import sparse24_matmul
+
+    if kind in ("mxfp4", "nvfp4"):
+        grid = list(itertools.product((64, 128, 256), (2, 3, 4), (0.5, 1, 2), ("columns", "late")))
+
+        def kwargs(cfg, t, m):
+            bn, stages, mult, mode = cfg
+            if mode == "columns" and m != 1:
+                return None
+            cols = mode == "columns"
+            split = max(1, int(F.default_split(t, cols) * mult))
+            if (t.kw // (t.step_rows if cols else F.CHUNK)) % split:
+                return None
+            return dict(split_k=split, num_stages=stages, scale_mode=mode)
+
+        def default(t, m):
+            mode = "columns" if m == 1 else "late"  # what scale_mode="auto" runs
+            return (F.DEFAULT_BLOCK_N, F.default_stages(t, m == 1), 1, mode)
+
+        return F.pack_fp4_tc, F.fp4_tc_matmul, fp4_matmul, grid, default, kwargs
+    if kind == "2:4_bf16":
+        grid = list(itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",)))
+
+        def kwargs(cfg, t, m):
+            bn, stages, mult, _ = cfg
+            split = max(1, int(S.default_split(t) * mult))
+            if (t.kw // S.SUPER) % split:
+                return None
+            return dict(split_k=split, num_stages=stages)
+
+        def default(t, m):
+            return (S.DEFAULT_BLOCK_N, 3, 1, "-")
+
+        return S.pack_24_tc, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
+    raise SystemExit(f"unknown kind {kind!r}: mxfp4 | nvfp4 | 2:4_bf16")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="probe_fp4_tc.json")
-    ap.add_argument("--kinds", default="mxfp4,nvfp4")
+    ap.add_argument("--out", default="probe_tc.json")
+    ap.add_argument("--kinds", default="mxfp4,nvfp4,2:4_bf16")
     ap.add_argument("--shapes", default="8192x8192,4096x14336,4096x4096")
     ap.add_argument("--ms", default="1,16,4")
     ap.add_argument("--full-grid", type=int, default=2, help="cells that try the whole grid")
@@ -45,14 +90,11 @@ def main(argv=None):
     import kernels as KB  # benchmarks/kernels.py
     import numpy as np
 
-    from shrinkjax.kernels import fp4_tc as F
     from shrinkjax.kernels import reference as R
-    from shrinkjax.kernels.fp4_matmul import fp4_matmul
 
-    KB.FP4_LAYOUT = "split_half"  # the benchmark's problems in the split-half layouts
+    KB.FP4_LAYOUT = KB.SPARSE_LAYOUT = "split_half"  # the benchmark's problems, split-half
     res = KB.probe_result()
     copy = res["copy_tbps"]
-    grid = list(itertools.product((64, 128, 256), (2, 3, 4), (0.5, 1, 2), ("columns", "late")))
     kinds = a.kinds.split(",")
     cells = list(
         itertools.product(kinds, KB.parse_shapes(a.shapes), [int(v) for v in a.ms.split(",")])
@@ -66,12 +108,12 @@ def main(argv=None):
         ws, xs = pr["ws"], sh.x(m, KB.n_calls(m, len(pr["ws"])))
         x = xs[0]
         ref = np.asarray(R.matmul_ref(x, ws[0]).astype(jnp.float32))
-        tcs = {bn: [F.pack_fp4_tc(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
+        pack, matmul, split_half, grid, default, kwargs = adapter(kind)
+        tcs = {bn: [pack(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
         nbytes = int(KB.L.packed_nbytes(tcs[128][0]) + m * k * 2 + m * n * 2)
         row = dict(kind=kind, K=k, N=n, M=m, bytes=nbytes, copy_tbps=copy)
-        default_mode = "columns" if m == 1 else "late"  # what scale_mode="auto" runs
-        dflt = (F.DEFAULT_BLOCK_N, F.default_stages(tcs[128][0], m == 1), 1, default_mode)
-        cands = [g for g in grid if m == 1 or g[3] == "late"]  # "columns": M = 1
+        dflt = default(tcs[128][0], m)
+        cands = list(grid)  # (invalid ones are skipped below: kwargs -> None)
         if ci >= a.full_grid:
             cands = KB.winners_first(
                 cands, [r for r in res["rows"] if r["kind"] == kind], "top", KEYS
@@ -79,25 +121,20 @@ def main(argv=None):
             cands = cands[:6] + [dflt]
         jobs = {
             "split_half": lambda: KB.build_multi(
-                lambda x, w: fp4_matmul(x, w, path="fused"), xs, ws
+                lambda x, w: split_half(x, w, path="fused"), xs, ws
             )
         }
         jobs["xla_bf16"] = lambda: KB.build_multi(KB.bf16_dot, sh.x(m, len(xs)), sh.wbs)
         runs_kw, seen = {}, set()
         for cfg in dict.fromkeys(cands):
-            bn, stages, mult, mode = cfg
-            if bn not in tcs:
+            bn = cfg[0]
+            kw = kwargs(cfg, tcs[bn][0], m) if bn in tcs else None
+            if kw is None or (bn, *kw.values()) in seen:
                 continue
-            cols = mode == "columns"
-            split = max(1, int(F.default_split(tcs[bn][0], cols) * mult))
-            steps = tcs[bn][0].kw // (tcs[bn][0].step_rows if cols else F.CHUNK)
-            if steps % split or (bn, stages, split, mode) in seen:
-                continue
-            seen.add((bn, stages, split, mode))
-            kw = dict(split_k=split, num_stages=stages, scale_mode=mode)
+            seen.add((bn, *kw.values()))
             runs_kw[cfg] = kw
             jobs[cfg] = lambda kw=kw, bn=bn: KB.build_multi(
-                lambda x, t: F.fp4_tc_matmul(x, t, **kw), xs, tcs[bn]
+                lambda x, t: matmul(x, t, **kw), xs, tcs[bn]
             )
         exes = KB.compile_jobs(jobs, 8, time.perf_counter() + 240)
         runs, tried = {}, []

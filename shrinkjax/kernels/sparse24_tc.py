@@ -1,0 +1,362 @@
+"""Pallas kernel (Triton lowering): 2:4-sparse bf16 ``y = x @ W`` for decode (M <= 128), the
+expanded weight as the tensor-core *left* operand (the recipe of :mod:`.int4_tc`), expanded in
+registers with byte permutes; larger M runs :func:`dequantize_24_tc` (Pallas) + cuBLAS.
+
+**Position tiles.** An inline-asm instance sees two 32-bit words, the kept pairs ``(a, b)``
+(bf16, ``a`` at the lower position) of two groups of 4 rows ``G0`` and ``G1``, and one
+register holding their keep masks. It cannot
+write the four dense values of one group (one result register per asm op), so each MMA tile
+holds *one position* ``p`` of 16 groups: tile ``p`` of a 64-row chunk is ``[bn, 16]`` with
+column ``c`` = dense row ``4 c + p``. XLA reorders x to match (``x4[p, m, j] = x[m, 4 j + p]``,
+as :mod:`.sparse_matmul` does). Per instance and chunk, with keep masks ``k`` (bit ``p`` set if
+row ``p`` is one of the two stored):
+
+* ``A = prmt(G0, G1, 0x5410)`` = ``(a0, a1)`` and ``B = prmt(..., 0x7632)`` = ``(b0, b1)``;
+* lane masks ``m_p`` (``0xFFFF`` per half where ``k.p``) by one ``shl`` and one sign-replicating
+  ``prmt`` from the packed keep bits;
+* tile 0 = ``A & m0``, tile 3 = ``B & m3`` (row 0 can only hold ``a``, row 3 only ``b``),
+  tile 1 = ``m1 & (m0 ? B : A)``, tile 2 = ``m2 & (m3 ? A : B)`` (``lop3``).
+
+About 16 instructions per 8 dense weights once ptxas shares ``A``, ``B`` and the masks between
+the four asm ops (SASS, ``scripts/triton_sass.py sparse24_tc``: 6 ``PRMT`` and 6 ``LOP3`` per
+instance and chunk); no lookup table and no shared memory. A loop step is 256 rows (four
+chunks and one keep block): 512-row steps needed 192 KB of shared memory at 3 stages.
+
+Layout (:class:`Tc24`, built once per weight by :func:`pack_24_tc` from a bf16
+:class:`~.layouts.Packed24`). ``values`` uint32 ``[Np/bn, Kw/64, bn, 16]``: word ``w`` of a
+weight row in chunk ``c`` is group ``16 c + w``'s pair, ``a`` in the low half. ``keep``
+uint16 ``[Np/bn, Kw/256, bn, 16]``: element ``w`` of a weight row holds the keep masks of
+group ``w`` of each of the step's four chunks, row ``p`` of chunk ``c`` at bit
+``15 - p - 4 c``. An asm instance reads elements ``2 u`` and ``2 u + 1`` as one register, so
+its group ``h`` has that bit at ``16 h + 15 - p - 4 c``. ``Kw`` = K padded to 256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from shrinkjax.kernels import driver as D
+from shrinkjax.kernels.layouts import Packed24, round_up
+from shrinkjax.kernels.reference import _unpack_split_half
+from shrinkjax.kernels.triton_ext import dot_acc
+
+try:
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - very old jax
+    plgpu = None
+
+CHUNK = 64  # dense K rows per block of value words (16 groups)
+SUPER = 256  # dense K rows per keep-mask block (4 chunks): one loop step
+DEFAULT_BLOCK_N = 128
+MAX_M = 128
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["values", "keep"],
+    meta_fields=["k", "n", "block_n"],
+)
+@dataclasses.dataclass(frozen=True)
+class Tc24:
+    """2:4-sparse bf16 weight in :mod:`sparse24_tc`'s layout (module docstring)."""
+
+    values: jax.Array  # uint32 [Np/bn, Kw/64, bn, 16]
+    keep: jax.Array  # uint16 [Np/bn, Kw/256, bn, 16]
+    k: int
+    n: int
+    block_n: int
+
+    @property
+    def kw(self) -> int:
+        return self.values.shape[1] * CHUNK
+
+    kp = kw
+
+    @property
+    def np_(self) -> int:
+        return self.values.shape[0] * self.block_n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n)
+
+
+def keep_bit(p: int, chunk: int) -> int:
+    """Bit of row ``p`` of a group in chunk ``chunk`` (0-3) of a step, in its uint16 element."""
+    return 15 - p - 4 * chunk
+
+
+@functools.partial(jax.jit, static_argnames=("block_n",))
+def pack_24_tc(p: Packed24, block_n: int = DEFAULT_BLOCK_N) -> Tc24:
+    """One-time conversion of a bf16-valued :class:`Packed24` to :class:`Tc24` (pure XLA)."""
+    if not isinstance(p, Packed24):
+        raise TypeError(f"pack_24_tc converts a Packed24, got {type(p).__name__}")
+    if p.is_int4:
+        raise ValueError("sparse24_tc takes bf16 values; this Packed24 holds int4 codes")
+    if p.np_ % block_n or block_n % 64:
+        raise ValueError(f"block_n {block_n} must be a multiple of 64 dividing Np={p.np_}")
+    nib = _unpack_split_half(p.meta, p.pair).astype(jnp.uint32)  # [Kq, Np]
+    kq, np_ = nib.shape
+    kw = round_up(kq * 4, SUPER)
+    gq = kw // 4
+    pad = ((0, gq - kq), (0, 0))
+    keep = (1 << (nib & 3)) | (1 << (nib >> 2))  # 4-bit keep mask (bit p: row p stored)
+    keep = jnp.pad(keep, pad, constant_values=3).astype(jnp.uint16)  # padding: rows 0, 1
+    bits = [jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32) for v in p.values]
+    words = jnp.pad(bits[0] | (bits[1] << 16), pad)  # [Gw, Np]: a low, b high
+    nt = np_ // block_n
+    words = words.reshape(kw // CHUNK, 16, nt, block_n)
+    words = jnp.transpose(words, (2, 0, 3, 1))  # [tile, chunk, row, word]
+    k4 = keep.reshape(kw // SUPER, 4, 16, nt, block_n)  # [step, chunk, group w, tile, row]
+    c = jnp.arange(4, dtype=jnp.uint16).reshape(1, 4, 1, 1, 1)
+    mword = jnp.zeros(k4.shape, jnp.uint16)
+    for row in range(4):  # row p of chunk c -> bit 15 - p - 4 c
+        mword = mword | (((k4 >> row) & 1) << (15 - row - 4 * c)).astype(jnp.uint16)
+    mword = jnp.sum(mword, axis=1, dtype=jnp.uint16)  # [step, w, tile, row]: disjoint bits
+    mword = jnp.transpose(mword, (2, 0, 3, 1))  # [tile, step, row, w]
+    return Tc24(words, mword, k=p.k, n=p.n, block_n=block_n)
+
+
+def _tile_ptx(p: int, chunk: int) -> str:
+    """PTX for tile ``p`` of chunk ``chunk``: ``$1, $2`` value words (groups G0, G1), ``$3``
+    their keep masks (two uint16), ``$0`` the bf16x2 of row ``p`` of G0 and G1."""
+    mw = "$3"
+    base = 15 - keep_bit(0, chunk)  # shift bringing row 0's bit to 15 (and 31); row p adds p
+
+    def mask(dst, row):
+        return f"shl.b32 t, {mw}, {base + row}; prmt.b32 {dst}, t, t, 0xBB99; "
+
+    body = "prmt.b32 A, $1, $2, 0x5410; prmt.b32 B, $1, $2, 0x7632; " + mask("m", p)
+    if p == 0:
+        body += "and.b32 $0, A, m; "
+    elif p == 3:
+        body += "and.b32 $0, B, m; "
+    elif p == 1:  # row 1 holds b when row 0 is stored, else a
+        body += mask("q", 0) + "lop3.b32 s, B, A, q, 0xE4; and.b32 $0, s, m; "
+    else:  # row 2 holds a when row 3 is stored, else b
+        body += mask("q", 3) + "lop3.b32 s, A, B, q, 0xE4; and.b32 $0, s, m; "
+    return "{ .reg .b32 A, B, m, q, s, t; " + body + "}"
+
+
+def _decode_asm(v, keep, chunk):
+    """uint32 value words ``[bn, 16]`` of one chunk and the superchunk's keep words ->
+    four bf16 ``[bn, 16]`` position tiles (module docstring)."""
+    return [
+        plgpu.elementwise_inline_asm(
+            _tile_ptx(p, chunk),
+            args=[v, keep],
+            constraints="=r,r,r,r",
+            pack=2,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.bfloat16)],
+        )[0]
+        for p in range(4)
+    ]
+
+
+def _decode_jnp(v, keep, chunk):
+    """Same as :func:`_decode_asm` in jnp (interpret mode, tests and the reference)."""
+    bn = v.shape[0]
+    a = jax.lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), jnp.bfloat16)
+    b = jax.lax.bitcast_convert_type((v >> 16).astype(jnp.uint16), jnp.bfloat16)
+    del bn
+
+    def kept(row):  # column w = group w of the chunk: its own uint16 keep element
+        return ((keep >> keep_bit(row, chunk)) & 1) == 1
+
+    zero = jnp.zeros_like(a)
+    return [
+        jnp.where(kept(0), a, zero),
+        jnp.where(kept(1), jnp.where(kept(0), b, a), zero),
+        jnp.where(kept(2), jnp.where(kept(3), a, b), zero),
+        jnp.where(kept(3), b, zero),
+    ]
+
+
+def _kernel(x_ref, v_ref, k_ref, o_ref, *, m, steps, interpret):
+    sid = pl.program_id(1)
+    decode = _decode_jnp if interpret else _decode_asm
+    bn, mp = v_ref.shape[1], o_ref.shape[0]
+
+    def x_slab(p, g0):  # x4[p, 0:mp, g0:g0+16]^T: the MMA's right operand (rows >= M read 0)
+        view = x_ref.at[jnp.int32(p), :, pl.ds(pl.multiple_of(g0, 16), 16)]
+        if m == mp:
+            return view[...].T
+        rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
+        return plgpu.load(view, mask=rows < m, other=0.0).T
+
+    def body(i, acc):
+        t = sid * steps + i
+        keep = k_ref[t]  # uint32 [bn, 16]: this superchunk's keep masks
+        for c in range(SUPER // CHUNK):
+            tiles = decode(v_ref[t * (SUPER // CHUNK) + c], keep, c)
+            g0 = (t * (SUPER // CHUNK) + c) * 16  # first group of the chunk
+            for p in range(4):
+                acc = dot_acc(tiles[p], x_slab(p, g0), acc)
+        return acc
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, mp), jnp.float32))
+    rows = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, 0)
+    plgpu.store(o_ref, acc.T.astype(o_ref.dtype), mask=rows < m)
+
+
+def x_by_position(x2, kw: int):
+    """bf16 ``x4[p, m, j] = x[m, 4 j + p]`` (K padded to ``kw``)."""
+    xb = x2.astype(jnp.bfloat16)
+    if kw != x2.shape[1]:
+        xb = jnp.pad(xb, ((0, 0), (0, kw - x2.shape[1])))
+    return jnp.transpose(xb.reshape(x2.shape[0], kw // 4, 4), (2, 0, 1))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("split_k", "num_warps", "num_stages", "out_dtype", "interpret")
+)
+def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None):
+    m = x2.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"sparse24_tc takes M <= {MAX_M} rows, got {m}")
+    supers = t.kw // SUPER
+    if supers % split_k:
+        raise ValueError(f"split_k {split_k} must divide the {supers} K steps of {SUPER} rows")
+    np_, bn, kw = t.np_, t.block_n, t.kw
+    mp = max(16, 1 << (m - 1).bit_length())
+    squeezed = getattr(pl, "squeezed", None)
+    out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
+    kern = functools.partial(_kernel, m=m, steps=supers // split_k, interpret=interpret)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = pl.pallas_call(
+            kern,
+            out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
+            grid=(np_ // bn, split_k),
+            in_specs=[
+                pl.BlockSpec((4, mp, kw // 4), lambda j, s: (0, 0, 0)),  # rows >= M: masked
+                pl.BlockSpec((squeezed, kw // CHUNK, bn, 16), lambda j, s: (j, 0, 0, 0)),
+                pl.BlockSpec((squeezed, supers, bn, 16), lambda j, s: (j, 0, 0, 0)),
+            ],
+            out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
+            interpret=interpret,
+            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
+            name=f"sparse24_tc_s{split_k}_k{kw}n{np_}m{mp}",
+        )(x_by_position(x2, kw), t.values, t.keep)
+    y = out[0] if split_k == 1 else out.sum(axis=0)
+    return y if np_ == t.n else y[:, : t.n]
+
+
+def default_split(t: Tc24) -> int:
+    """K splits for about two programs per SM, at least one 512-row step each."""
+    progs, split, steps = t.values.shape[0], 1, t.kw // SUPER
+    while progs * split < 2 * D._num_sms() and steps % (2 * split) == 0:
+        split *= 2
+    return split
+
+
+def tc24_matmul(x, t: Tc24, *, split_k=None, num_warps=4, num_stages=3, interpret=None):
+    """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``."""
+    x2, lead = D.flatten_x(x, t.k)
+    y = _tc24_2d(
+        x2,
+        t,
+        split_k=default_split(t) if split_k is None else split_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        out_dtype=jnp.dtype(x.dtype),
+        interpret=D.resolve_interpret(interpret),
+    )
+    return y.astype(x.dtype).reshape(*lead, t.n)
+
+
+# ------------------------------------------------------------------------------------------
+# dequantize (reference and prefill path) and dispatch
+# ------------------------------------------------------------------------------------------
+
+
+def dequantize_24_tc_ref(t: Tc24):
+    """bf16 ``W [K, N]`` (pure jnp; bit-identical to the Packed24 reference)."""
+    nt, chunks, bn, _ = t.values.shape
+    rows = []
+    for c in range(chunks):
+        keep = t.keep[:, c // (SUPER // CHUNK)]  # [nt, bn, 16]
+        tiles = jax.vmap(lambda v, k, c=c: jnp.stack(_decode_jnp(v, k, c % (SUPER // CHUNK))))(
+            t.values[:, c], keep
+        )  # [nt, 4 (p), bn, 16 (group)]
+        rows.append(jnp.transpose(tiles, (3, 1, 0, 2)).reshape(64, nt * bn))  # row 4 g + p
+    return jnp.concatenate(rows)[: t.k, : t.n]
+
+
+def tc24_matmul_ref(x2, t: Tc24):
+    y = jnp.matmul(
+        x2.astype(jnp.bfloat16), dequantize_24_tc_ref(t), preferred_element_type=jnp.float32
+    )
+    return y.astype(x2.dtype)
+
+
+def _dequant_kernel(v_ref, k_ref, o_ref, *, interpret):
+    keep = k_ref[...]
+    for c in range(SUPER // CHUNK):
+        tiles = (_decode_jnp if interpret else _decode_asm)(v_ref[c], keep, c)
+        for p in range(4):  # rows 4 g + p of the chunk: a [16, 4, bn] view of its 64 rows
+            o_ref[pl.ds(16 * c, 16), p, :] = tiles[p].T
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def dequantize_24_tc(t: Tc24, interpret=False):
+    """bf16 ``W [Kw, Np]`` (K-major) by a Pallas kernel: one program per 512 rows and tile."""
+    nt, chunks, bn, _ = t.values.shape
+    squeezed = getattr(pl, "squeezed", None)
+    per = SUPER // CHUNK
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        w4 = pl.pallas_call(
+            functools.partial(_dequant_kernel, interpret=interpret),
+            out_shape=jax.ShapeDtypeStruct((t.kw // 4, 4, t.np_), jnp.bfloat16),
+            grid=(t.kw // SUPER, nt),
+            in_specs=[
+                pl.BlockSpec((squeezed, per, bn, 16), lambda s, i: (i, s, 0, 0)),
+                pl.BlockSpec((squeezed, squeezed, bn, 16), lambda s, i: (i, s, 0, 0)),
+            ],
+            out_specs=pl.BlockSpec((SUPER // 4, 4, bn), lambda s, i: (s, 0, i)),
+            interpret=interpret,
+            compiler_params=D.compiler_params(4, 1, interpret),
+            name="sparse24_tc_dequant",
+        )(t.values, t.keep)
+    return w4.reshape(t.kw, t.np_)
+
+
+def tc24_linear(x, t: Tc24, *, path="auto", interpret=None, **tuning):
+    """``x[..., K] @ W`` for a :class:`Tc24`; the dispatch entry point (``x.dtype`` out).
+    ``path``: as :func:`.int4_tc.tc_linear`; ``tuning``: :func:`tc24_matmul`'s."""
+    from shrinkjax.kernels import dispatch
+
+    x2, lead = D.flatten_x(x, t.k)
+    m = x2.shape[0]
+    path = dispatch.choose_path(path, m)
+    if path == "fused" and m > MAX_M:
+        path = "dequant_dot"
+    interpret = D.resolve_interpret(interpret)
+    if path == "fused":
+        y = tc24_matmul(x2, t, interpret=interpret, **tuning)
+    else:
+        w = dequantize_24_tc(t, interpret=interpret)  # [Kw, Np]
+        xb = x2.astype(jnp.bfloat16)
+        if t.kw != t.k:
+            xb = jnp.pad(xb, ((0, 0), (0, t.kw - t.k)))
+        out_t = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float32
+        y = jnp.matmul(xb, w, preferred_element_type=out_t)[:, : t.n].astype(x.dtype)
+    return y.reshape(*lead, t.n)
+
+
+def _register():
+    from shrinkjax.kernels import dispatch
+
+    dispatch.register(Tc24)(
+        lambda x, w, **kw: D.packed_linear(tc24_linear, tc24_matmul_ref, x, w, **kw)
+    )
+
+
+_register()

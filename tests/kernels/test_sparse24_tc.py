@@ -1,0 +1,144 @@
+"""The tensor-core 2:4 bf16 kernel (``kernels/sparse24_tc.py``): the exact value and keep-bit
+layout, the position tiles against the dense weight, bit-exact dequantization, the kernel
+(interpret mode; natively on a GPU) against float64 on ragged shapes, dispatch, and errors."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shrinkjax.kernels import dispatch
+from shrinkjax.kernels import layouts as L
+from shrinkjax.kernels import reference as R
+from shrinkjax.kernels import sparse24_tc as S
+
+from .test_kernels import rel_err
+
+TOL = 1e-2
+
+
+def _problem(rng, k, n, block_n=64, min_keep=1):
+    keep = L.random_mask_24(rng, k, n, min_keep=min_keep)
+    dense = np.where(keep, rng.standard_normal((k, n)), 0).astype(np.float32)
+    p = L.pack_24(dense)
+    w64 = np.asarray(jnp.asarray(dense, jnp.bfloat16), np.float64)  # values stored in bf16
+    return p, S.pack_24_tc(p, block_n), w64
+
+
+def test_layout_puts_pairs_and_keep_bits_where_documented():
+    """Group g = 16 c + w of chunk c: value word w (a low, b high); its keep mask in uint16
+    element w of the 256-row step, row p of chunk c % 4 at bit 15 - p - 4 (c % 4)."""
+    rng = np.random.default_rng(0)
+    k, n, bn = 512, 128, 64
+    p, t, w64 = _problem(rng, k, n, bn, min_keep=2)
+    assert t.values.shape == (n // bn, k // 64, bn, 16) and t.values.dtype == np.uint32
+    assert t.keep.shape == (n // bn, k // 256, bn, 16) and t.keep.dtype == np.uint16
+    vals, keep = np.asarray(t.values), np.asarray(t.keep)
+    dense = np.asarray(jnp.asarray(w64, jnp.bfloat16)).view(np.uint16)
+    for g, col in [(0, 0), (5, 3), (17, 64), (127, 127), (70, 100)]:
+        c, w = divmod(g, 16)
+        word = int(vals[col // bn, c, col % bn, w])
+        kept = [
+            r
+            for r in range(4)
+            if (int(keep[col // bn, c // 4, col % bn, w]) >> S.keep_bit(r, c % 4)) & 1
+        ]
+        assert len(kept) == 2 and kept == sorted(kept)
+        rows = dense[4 * g : 4 * g + 4, col]
+        assert word & 0xFFFF == rows[kept[0]] and word >> 16 == rows[kept[1]]
+        assert not any(rows[r] for r in range(4) if r not in kept)
+
+
+def test_position_tiles_are_the_dense_rows():
+    """Tile p of chunk c, column w = dense row 64 c + 4 w + p (every keep pattern occurs)."""
+    rng = np.random.default_rng(1)
+    p, t, w64 = _problem(rng, 256, 64, 64)
+    dense = np.asarray(jnp.asarray(w64, jnp.bfloat16), np.float32)
+    for c in range(4):
+        tiles = S._decode_jnp(t.values[0, c], t.keep[0, 0], c)
+        for pos, tile in enumerate(tiles):
+            want = dense[64 * c + pos : 64 * c + 64 : 4, :].T  # [bn, 16]
+            np.testing.assert_array_equal(np.asarray(tile, np.float32), want)
+
+
+@pytest.mark.parametrize("k,n", [(512, 128), (1000, 200), (300, 130)])
+def test_dequantize_is_bit_exact(k, n):
+    rng = np.random.default_rng([k, n])
+    p, t, _ = _problem(rng, k, n)
+    want = np.asarray(R.dequantize(p)).view(np.uint16)
+    np.testing.assert_array_equal(np.asarray(R.dequantize(t)).view(np.uint16), want)
+    w = np.asarray(S.dequantize_24_tc(t, interpret=True))  # the prefill path's Pallas kernel
+    np.testing.assert_array_equal(w[:k, :n].view(np.uint16), want)
+    assert not w[k:].astype(np.float32).any()  # padded K rows are exactly zero
+
+
+@pytest.mark.parametrize(
+    "k,n,m,split",
+    [(512, 128, 1, 1), (1000, 200, 3, 2), (768, 384, 16, 3), (300, 130, 17, 1)],
+)
+def test_kernel_equals_float64_and_reference(k, n, m, split):
+    rng = np.random.default_rng([k, n, m])
+    p, t, w64 = _problem(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = S.tc24_matmul(x, t, split_k=split, interpret=True)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    r64 = np.asarray(x, np.float64) @ w64
+    assert rel_err(y, r64) < TOL
+    y32 = S._tc24_2d(x, t, split_k=split, num_warps=4, num_stages=1, interpret=True)
+    assert rel_err(y32, r64) < 1e-5  # exact bf16 weights and x, f32 accumulation
+    assert rel_err(y, np.asarray(R.matmul_ref(x, p).astype(jnp.float32), np.float64)) < TOL
+
+
+@pytest.mark.parametrize("m", [3, 300])
+def test_dispatch_routes_tc24_weights(m):
+    rng = np.random.default_rng(m)
+    p, t, w64 = _problem(rng, 512, 128)
+    x = jnp.asarray(rng.standard_normal((2, m, 512)), jnp.bfloat16)
+    y = dispatch.linear(x, t)  # CPU: the reference path
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(R.matmul_ref(x, p)))
+    for path in ("fused", "dequant_dot") if m <= S.MAX_M else ("auto",):
+        yk = S.tc24_linear(x, t, path=path, interpret=True)
+        assert yk.shape == (2, m, 128)
+        assert rel_err(yk.reshape(-1, 128), np.asarray(x, np.float64).reshape(-1, 512) @ w64) < TOL
+
+
+def test_clear_errors():
+    rng = np.random.default_rng(6)
+    codes = rng.integers(0, 16, (256, 128))
+    p4 = L.pack_24_int4(
+        codes, np.ones((2, 128), np.float32), group=128, keep_KxN=L.random_mask_24(rng, 256, 128)
+    )
+    with pytest.raises(ValueError, match="takes bf16 values"):
+        S.pack_24_tc(p4)
+    with pytest.raises(TypeError, match="converts a Packed24"):
+        S.pack_24_tc(L.pack_int(codes, np.ones((2, 128)), bits=4, group=128))
+    p, t, _ = _problem(rng, 512, 128)
+    with pytest.raises(ValueError, match="block_n 96"):
+        S.pack_24_tc(p, 96)
+    x = jnp.ones((129, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match="M <= 128"):
+        S.tc24_matmul(x, t, interpret=True)
+    with pytest.raises(ValueError, match="split_k 3"):
+        S.tc24_matmul(x[:1], t, split_k=3, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 600])
+@pytest.mark.parametrize("k,n", [(1024, 768), (1000, 760)], ids=["even", "ragged"])
+def test_gpu_native_matches_float64(m, k, n):
+    """Real Triton lowering (byte-permute expansion, chained wgmma); M = 600 runs the Pallas
+    dequantize + cuBLAS path, bit-exact weights."""
+    rng = np.random.default_rng([m, k])
+    p, t, w64 = _problem(rng, k, n, block_n=128 if n % 128 == 0 else 64)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = S.tc24_linear(x, t)
+    if m <= S.MAX_M:
+        y32 = S._tc24_2d(x, t, split_k=2, num_warps=4, num_stages=3, interpret=False)
+        assert rel_err(y32, np.asarray(x, np.float64) @ w64) < 1e-5
+    else:
+        w = np.asarray(S.dequantize_24_tc(t))[:k, :n]
+        np.testing.assert_array_equal(
+            w.view(np.uint16), np.asarray(R.dequantize(p)).view(np.uint16)
+        )
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) < TOL
