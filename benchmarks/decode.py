@@ -42,7 +42,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shrinkjax.kernels import dispatch, driver, fp4_tc, int4_tc, layouts  # noqa: E402
+from shrinkjax.kernels import dispatch, driver, fp4_tc, int4_tc, layouts, sparse24_tc  # noqa: E402
 from shrinkjax.models.kv_cache import init_cache  # noqa: E402
 from shrinkjax.models.llama import LlamaConfig  # noqa: E402
 from shrinkjax.models.params import model_from_params  # noqa: E402
@@ -91,7 +91,7 @@ def linear_shapes(cfg):
     }
 
 
-def make_weight(fmt, k, n, rng, int4_layout="tc", fp4_layout="tc"):
+def make_weight(fmt, k, n, rng, int4_layout="tc", fp4_layout="tc", sparse_layout="tc"):
     if fmt == "bf16":
         w = jax.random.normal(jax.random.PRNGKey(int(rng.integers(2**31))), (k, n), jnp.float32)
         return (w * 0.02).astype(jnp.bfloat16)
@@ -107,9 +107,10 @@ def make_weight(fmt, k, n, rng, int4_layout="tc", fp4_layout="tc"):
         return fp4_tc.pack_fp4_tc(packed) if fp4_layout == "tc" else packed
     if fmt == "2:4_bf16":
         dense = rng.standard_normal((k, n), np.float32) * 0.02
-        return layouts.pack_24(
+        packed = layouts.pack_24(
             np.where(layouts.random_mask_24(rng, k, n), dense, 0.0).astype(np.float32)
         )
+        return sparse24_tc.pack_24_tc(packed) if sparse_layout == "tc" else packed
     raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
@@ -117,7 +118,9 @@ def _copy(tree):
     return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def build_model(cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc", lm_head="bf16"):
+def build_model(
+    cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc", lm_head="bf16", sparse_layout="tc"
+):
     """The model with ``fmt`` linears; each layer owns a device copy of one random block.
     ``lm_head``: "bf16", or "format" for an lm_head in ``fmt`` too."""
     if lm_head not in ("bf16", "format"):
@@ -128,7 +131,7 @@ def build_model(cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc", lm_head="bf
 
     rng = np.random.default_rng(seed)
     block = {
-        nm: make_weight(fmt, *shape, rng, int4_layout, fp4_layout)
+        nm: make_weight(fmt, *shape, rng, int4_layout, fp4_layout, sparse_layout)
         for nm, shape in linear_shapes(cfg).items()
     }
     key = jax.random.PRNGKey(seed)
@@ -143,6 +146,7 @@ def build_model(cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc", lm_head="bf
             rng,
             int4_layout,
             fp4_layout,
+            sparse_layout,
         ),
     }
     del emb
@@ -272,6 +276,7 @@ def run(cfg, args):
                 int4_layout=args.int4_layout,
                 fp4_layout=args.fp4_layout,
                 lm_head=args.lm_head,
+                sparse_layout=args.sparse_layout,
             )
         except Exception as e:
             log(f"[{fmt}] build failed: {e!r}")
@@ -362,6 +367,12 @@ def main(argv=None):
         help="mxfp4 weights as fp4_tc.TcFP4 (tensor-core kernel) or PackedMXFP4 (fused)",
     )
     ap.add_argument(
+        "--sparse-layout",
+        default="tc",
+        choices=("tc", "split_half"),
+        help="2:4_bf16 weights as sparse24_tc.Tc24 (tensor-core kernel) or Packed24 (fused)",
+    )
+    ap.add_argument(
         "--lm-head",
         default="bf16",
         choices=("bf16", "format"),
@@ -402,6 +413,7 @@ def main(argv=None):
         "int4_layout": args.int4_layout,
         "fp4_layout": args.fp4_layout,
         "lm_head": args.lm_head,
+        "sparse_layout": args.sparse_layout,
         "projections": args.projections,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - very old jax
 
 CHUNK = 64  # dense K rows per block of value words (16 groups)
 SUPER = 256  # dense K rows per keep-mask block (4 chunks): one loop step
-DEFAULT_BLOCK_N = 128
+DEFAULT_BLOCK_N = 64  # H100 probe (scripts/probe_tc.py): 64 beat 128 at 8192² and 4096x14336
 MAX_M = 128
 
 
@@ -249,9 +249,10 @@ def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtyp
 
 
 def default_split(t: Tc24) -> int:
-    """K splits for about two programs per SM, at least one 512-row step each."""
+    """K splits for at most two programs per SM (H100 probe at block_n 64, M = 1: 8192² 33.5 µs
+    at 256 programs, 37.7 at 512)."""
     progs, split, steps = t.values.shape[0], 1, t.kw // SUPER
-    while progs * split < 2 * D._num_sms() and steps % (2 * split) == 0:
+    while 2 * progs * split <= 2 * D._num_sms() and steps % (2 * split) == 0:
         split *= 2
     return split
 
