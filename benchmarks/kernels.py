@@ -22,8 +22,8 @@ measured in the same run achieved on the bytes the kernel must move (packed weig
 int4_g128 runs the tensor-core decode layout (``shrinkjax.kernels.int4_tc``: its kernel for
 M <= 128, its Pallas dequantize + cuBLAS above; no ``fused_us`` there), and so do mxfp4 and
 nvfp4 (``shrinkjax.kernels.fp4_tc``; ``--fp4-layout split_half`` runs their split-half kernels)
-and 2:4_bf16 (``shrinkjax.kernels.sparse24_tc``; ``--sparse-layout split_half``); int8 and
-2:4_int4 run the split-half kernels. Cells run in priority order (8192x8192 first; M = 1,
+and both 2:4 kinds (``shrinkjax.kernels.sparse24_tc``; ``--sparse-layout split_half``); int8 runs
+the split-half kernel. Cells run in priority order (8192x8192 first; M = 1,
 16, 4096 first) and are skipped, not started, once the next one would pass ``--budget-s``; the
 table and JSON are always written.
 
@@ -35,7 +35,7 @@ split_k, num_warps, num_stages, late_scale, fma) most promising axes first withi
 (kernel, M) is printed with its bandwidth fraction, saved in the JSON (``decode``, ``sweep``)
 and as a ``TUNED = {...}`` snippet for ``shrinkjax/kernels/tuned.py`` (``<out>.tuned.py``), and
 applied in-process so the grid that follows uses it. It tunes the split-half kernels, so a run
-with a sweep times MXFP4/NVFP4 and 2:4 bf16 in the split-half layouts throughout.
+with a sweep times MXFP4/NVFP4 and 2:4 in the split-half layouts throughout.
 
 Timing. JAX: one jitted executable makes R back-to-back calls, each on its own weight copy
 (copies rotate so that more than 160 MB is touched between reuses: the 50 MB L2 never serves
@@ -101,7 +101,7 @@ except Exception:  # pragma: no cover
 KERNELS = ["int4_g128", "int8_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]
 SWEEP_KERNELS = ["mxfp4", "nvfp4", "2:4_bf16", "2:4_int4"]  # (int4: scripts/probe_int4_tc.py)
 FP4_LAYOUT = "tc"  # --fp4-layout: MXFP4/NVFP4 as fp4_tc.TcFP4 ("tc") or split-half layouts
-SPARSE_LAYOUT = "tc"  # --sparse-layout: 2:4 bf16 as sparse24_tc.Tc24 ("tc") or Packed24
+SPARSE_LAYOUT = "tc"  # --sparse-layout: 2:4 weights as sparse24_tc.Tc24 ("tc") or Packed24
 SHAPES = [(8192, 8192), (4096, 14336), (4096, 4096)]  # (K, N), in priority order
 MS = [1, 16, 4096, 256, 1024, 64, 4]  # priority order (rows are sorted for output)
 QUICK_SHAPES = [(8192, 8192)]
@@ -154,6 +154,7 @@ def make_problem(kind, k, n, rng):
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         scales = rng.uniform(0.002, 0.004, (k // GROUP, n)).astype(np.float32)
         p = L.pack_24_int4(codes, scales, None, group=GROUP, keep_KxN=keep)
+        p = ST.pack_24_tc(p) if SPARSE_LAYOUT == "tc" else p
     else:
         raise ValueError(kind)
     return p, plain
@@ -166,7 +167,7 @@ def kernel_fn(kind):
         return int_matmul
     if kind.endswith("fp4"):
         return FT.fp4_tc_linear if FP4_LAYOUT == "tc" else fp4_matmul
-    if kind == "2:4_bf16" and SPARSE_LAYOUT == "tc":
+    if kind.startswith("2:4") and SPARSE_LAYOUT == "tc":
         return ST.tc24_linear
     return sparse24_matmul
 
@@ -921,8 +922,8 @@ def main(argv=None):
         "--sparse-layout",
         default="tc",
         choices=("tc", "split_half"),
-        help="2:4 bf16 weights as sparse24_tc.Tc24 (tensor-core decode kernel, default) or "
-        "Packed24 (a sweep implies split_half)",
+        help="2:4 weights (bf16 and int4 values) as sparse24_tc.Tc24 (tensor-core decode "
+        "kernel, default) or Packed24 (a sweep implies split_half)",
     )
     args = ap.parse_args(argv)
     MAX_CALLS = args.max_calls

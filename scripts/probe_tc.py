@@ -1,7 +1,7 @@
 """GPU probe: the tensor-core decode kernels for MXFP4 / NVFP4 (:mod:`shrinkjax.kernels.fp4_tc`)
-and 2:4 bf16 (:mod:`shrinkjax.kernels.sparse24_tc`) against their split-half kernels
-(:mod:`~shrinkjax.kernels.fp4_matmul`, :mod:`~shrinkjax.kernels.sparse_matmul`, tuned tiles)
-and cuBLAS bf16, same run, device time (one profiler trace per cell).
+and 2:4 with bf16 or int4 values (:mod:`shrinkjax.kernels.sparse24_tc`) against their
+split-half kernels (:mod:`~shrinkjax.kernels.fp4_matmul`, :mod:`~shrinkjax.kernels.sparse_matmul`,
+tuned tiles) and cuBLAS bf16, same run, device time (one profiler trace per cell).
 
     python scripts/probe_tc.py --out probe_tc.json
     python scripts/probe_tc.py --kinds 2:4_bf16 --shapes 8192x8192 --ms 1,16 --full-grid 2
@@ -58,7 +58,7 @@ def adapter(kind):
             return (F.DEFAULT_BLOCK_N, F.default_stages(t, m == 1), 1, mode)
 
         return F.pack_fp4_tc, F.fp4_tc_matmul, fp4_matmul, grid, default, kwargs
-    if kind == "2:4_bf16":
+    if kind in ("2:4_bf16", "2:4_int4"):
         grid = list(itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",)))
 
         def kwargs(cfg, t, m):
@@ -72,7 +72,7 @@ def adapter(kind):
             return (S.DEFAULT_BLOCK_N, 3, 1, "-")
 
         return S.pack_24_tc, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
-    raise SystemExit(f"unknown kind {kind!r}: mxfp4 | nvfp4 | 2:4_bf16")
+    raise SystemExit(f"unknown kind {kind!r}: mxfp4 | nvfp4 | 2:4_bf16 | 2:4_int4")
 
 
 def main(argv=None):

@@ -20,8 +20,8 @@ It does not time anything; ``benchmarks/kernels.py`` / ``scripts/probe_int4_gemv
 Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_fused``
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
-``SCALE_MODE``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``), at
-K = N = 8192.
+``SCALE_MODE``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``,
+``VALUES=int4``), at K = N = 8192.
 """
 
 from __future__ import annotations
@@ -117,8 +117,13 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
         from shrinkjax.kernels import sparse24_tc as S
 
         keep = L.random_mask_24(rng, k, n)
-        dense = np.where(keep, rng.standard_normal((k, n), dtype=np.float32), 0)
-        tc = S.pack_24_tc(L.pack_24(dense), block_n)
+        if os.environ.get("VALUES") == "int4":  # symmetric int4 codes, g128
+            codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+            scales = np.full((k // 128, n), 0.01, np.float32)
+            packed = L.pack_24_int4(codes, scales, None, group=128, keep_KxN=keep)
+        else:
+            packed = L.pack_24(np.where(keep, rng.standard_normal((k, n), dtype=np.float32), 0))
+        tc = S.pack_24_tc(packed, block_n)
 
         def f(x, t):
             return S._tc24_2d(

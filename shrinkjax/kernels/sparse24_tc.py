@@ -59,28 +59,35 @@ MAX_M = 128
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["values", "keep"],
-    meta_fields=["k", "n", "block_n"],
+    data_fields=["values", "keep", "scales"],
+    meta_fields=["k", "n", "block_n", "group"],
 )
 @dataclasses.dataclass(frozen=True)
 class Tc24:
-    """2:4-sparse bf16 weight in :mod:`sparse24_tc`'s layout (module docstring)."""
+    """2:4-sparse weight in :mod:`sparse24_tc`'s layout (module docstring): bf16 values, or
+    symmetric int4 codes with per-group scales (``group`` > 0)."""
 
-    values: jax.Array  # uint32 [Np/bn, Kw/64, bn, 16]
+    values: jax.Array  # uint32 bf16: [Np/bn, Kw/64, bn, 16]; int4: [Np/bn, Kw/256, bn, 16]
     keep: jax.Array  # uint16 [Np/bn, Kw/256, bn, 16]
+    scales: jax.Array | None  # int4: bf16 [Np/bn, Kw/group, bn, 1]
     k: int
     n: int
     block_n: int
+    group: int = 0  # int4: K rows per scale (0: bf16 values)
+
+    @property
+    def is_int4(self) -> bool:
+        return self.group > 0
 
     @property
     def kw(self) -> int:
-        return self.values.shape[1] * CHUNK
+        return self.keep.shape[1] * SUPER
 
     kp = kw
 
     @property
     def np_(self) -> int:
-        return self.values.shape[0] * self.block_n
+        return self.keep.shape[0] * self.block_n
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,11 +101,17 @@ def keep_bit(p: int, chunk: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("block_n",))
 def pack_24_tc(p: Packed24, block_n: int = DEFAULT_BLOCK_N) -> Tc24:
-    """One-time conversion of a bf16-valued :class:`Packed24` to :class:`Tc24` (pure XLA)."""
+    """One-time conversion of a :class:`Packed24` (bf16 values, or symmetric int4 codes with a
+    group size that divides 256 or is a multiple of it) to :class:`Tc24` (pure XLA)."""
     if not isinstance(p, Packed24):
         raise TypeError(f"pack_24_tc converts a Packed24, got {type(p).__name__}")
-    if p.is_int4:
-        raise ValueError("sparse24_tc takes bf16 values; this Packed24 holds int4 codes")
+    if p.is_int4 and p.zeros is not None:
+        raise ValueError(
+            "sparse24_tc takes symmetric int4 codes (zero point 8); this Packed24 has per-group "
+            "zero points: keep it in the Packed24 layout (sparse_matmul)"
+        )
+    if p.is_int4 and SUPER % p.group and p.group % SUPER:
+        raise ValueError(f"sparse24_tc needs a group size dividing {SUPER} or a multiple of it")
     if p.np_ % block_n or block_n % 64:
         raise ValueError(f"block_n {block_n} must be a multiple of 64 dividing Np={p.np_}")
     nib = _unpack_split_half(p.meta, p.pair).astype(jnp.uint32)  # [Kq, Np]
@@ -108,11 +121,25 @@ def pack_24_tc(p: Packed24, block_n: int = DEFAULT_BLOCK_N) -> Tc24:
     pad = ((0, gq - kq), (0, 0))
     keep = (1 << (nib & 3)) | (1 << (nib >> 2))  # 4-bit keep mask (bit p: row p stored)
     keep = jnp.pad(keep, pad, constant_values=3).astype(jnp.uint16)  # padding: rows 0, 1
-    bits = [jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32) for v in p.values]
-    words = jnp.pad(bits[0] | (bits[1] << 16), pad)  # [Gw, Np]: a low, b high
     nt = np_ // block_n
-    words = words.reshape(kw // CHUNK, 16, nt, block_n)
-    words = jnp.transpose(words, (2, 0, 3, 1))  # [tile, chunk, row, word]
+    if p.is_int4:  # a in bits 16 h + 8 c'' .. + 3, b 4 bits above: chunk 2 e + c'' of a step
+        codes = jnp.pad(p.values.astype(jnp.uint32), pad, constant_values=0x88)  # zero = 8
+        codes = codes.reshape(kw // SUPER, 2, 2, 8, 2, nt, block_n)  # [S, e, c'', u, h, ..]
+        ch = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 2, 1, 1, 1, 1)
+        hh = jnp.arange(2, dtype=jnp.uint32).reshape(1, 1, 1, 1, 2, 1, 1)
+        sh = 16 * hh + 8 * ch
+        words = ((codes & 15) << sh) | ((codes >> 4) << (sh + 4))
+        words = jnp.sum(words, axis=(2, 4), dtype=jnp.uint32)  # [S, e, u, tile, row]
+        words = jnp.transpose(words, (3, 0, 4, 2, 1)).reshape(nt, kw // SUPER, block_n, 16)
+        gw = kw // p.group
+        sc = jnp.pad(p.scales, ((0, gw - p.scales.shape[0]), (0, 0)))  # padded rows: scale 0
+        scales = jnp.transpose(sc.reshape(gw, nt, block_n), (1, 0, 2))[..., None]
+    else:
+        bits = [jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32) for v in p.values]
+        words = jnp.pad(bits[0] | (bits[1] << 16), pad)  # [Gw, Np]: a low, b high
+        words = words.reshape(kw // CHUNK, 16, nt, block_n)
+        words = jnp.transpose(words, (2, 0, 3, 1))  # [tile, chunk, row, word]
+        scales = None
     k4 = keep.reshape(kw // SUPER, 4, 16, nt, block_n)  # [step, chunk, group w, tile, row]
     c = jnp.arange(4, dtype=jnp.uint16).reshape(1, 4, 1, 1, 1)
     mword = jnp.zeros(k4.shape, jnp.uint16)
@@ -120,36 +147,60 @@ def pack_24_tc(p: Packed24, block_n: int = DEFAULT_BLOCK_N) -> Tc24:
         mword = mword | (((k4 >> row) & 1) << (15 - row - 4 * c)).astype(jnp.uint16)
     mword = jnp.sum(mword, axis=1, dtype=jnp.uint16)  # [step, w, tile, row]: disjoint bits
     mword = jnp.transpose(mword, (2, 0, 3, 1))  # [tile, step, row, w]
-    return Tc24(words, mword, k=p.k, n=p.n, block_n=block_n)
+    group = p.group if p.is_int4 else 0
+    return Tc24(words, mword, scales, k=p.k, n=p.n, block_n=block_n, group=group)
 
 
-def _tile_ptx(p: int, chunk: int) -> str:
-    """PTX for tile ``p`` of chunk ``chunk``: ``$1, $2`` value words (groups G0, G1), ``$3``
-    their keep masks (two uint16), ``$0`` the bf16x2 of row ``p`` of G0 and G1."""
-    mw = "$3"
+_BF16_128 = 0x43004300  # two bf16 128.0
+_BF16_136 = 0x43084308  # two bf16 136.0 = 128 + 8: int4's (symmetric) zero point
+
+
+def _tile_ptx(p: int, chunk: int, int4: bool = False) -> str:
+    """PTX for tile ``p`` of chunk ``chunk``: ``$1, $2`` value words, ``$3`` the keep masks of
+    the instance's groups G0, G1 (two uint16), ``$0`` the bf16x2 of row ``p`` of G0 and G1.
+
+    bf16: ``$1, $2`` are G0's and G1's pairs; rows not stored are 0. int4: word ``$1`` (chunks
+    0, 1) or ``$2`` (2, 3) holds the codes (module docstring) and the result is ``128 + q``
+    (the int4_tc decode), with ``136`` (the zero point) on rows not stored."""
     base = 15 - keep_bit(0, chunk)  # shift bringing row 0's bit to 15 (and 31); row p adds p
 
     def mask(dst, row):
-        return f"shl.b32 t, {mw}, {base + row}; prmt.b32 {dst}, t, t, 0xBB99; "
+        return f"shl.b32 t, $3, {base + row}; prmt.b32 {dst}, t, t, 0xBB99; "
 
-    body = "prmt.b32 A, $1, $2, 0x5410; prmt.b32 B, $1, $2, 0x7632; " + mask("m", p)
+    if int4:
+        w, sh = ("$1" if chunk < 2 else "$2"), 8 * (chunk % 2)
+        body = "".join(
+            (f"shr.b32 t, {w}, {sh + 4 * i}; " if sh + 4 * i else f"mov.b32 t, {w}; ")
+            + f"lop3.b32 {dst}, t, 0x000F000F, {_BF16_128:#x}, 0xEA; "
+            for i, dst in enumerate("AB")
+        )
+
+        def keep_or_zero(dst, src):  # dst = m ? src : 136
+            return f"lop3.b32 {dst}, {src}, {_BF16_136:#x}, m, 0xE4; "
+    else:
+        body = "prmt.b32 A, $1, $2, 0x5410; prmt.b32 B, $1, $2, 0x7632; "
+
+        def keep_or_zero(dst, src):  # dst = m ? src : 0
+            return f"and.b32 {dst}, {src}, m; "
+
+    body += mask("m", p)
     if p == 0:
-        body += "and.b32 $0, A, m; "
+        body += keep_or_zero("$0", "A")
     elif p == 3:
-        body += "and.b32 $0, B, m; "
+        body += keep_or_zero("$0", "B")
     elif p == 1:  # row 1 holds b when row 0 is stored, else a
-        body += mask("q", 0) + "lop3.b32 s, B, A, q, 0xE4; and.b32 $0, s, m; "
+        body += mask("q", 0) + "lop3.b32 s, B, A, q, 0xE4; " + keep_or_zero("$0", "s")
     else:  # row 2 holds a when row 3 is stored, else b
-        body += mask("q", 3) + "lop3.b32 s, A, B, q, 0xE4; and.b32 $0, s, m; "
+        body += mask("q", 3) + "lop3.b32 s, A, B, q, 0xE4; " + keep_or_zero("$0", "s")
     return "{ .reg .b32 A, B, m, q, s, t; " + body + "}"
 
 
-def _decode_asm(v, keep, chunk):
-    """uint32 value words ``[bn, 16]`` of one chunk and the superchunk's keep words ->
-    four bf16 ``[bn, 16]`` position tiles (module docstring)."""
+def _decode_asm(v, keep, chunk, int4=False):
+    """uint32 value words ``[bn, 16]`` (bf16: of one chunk; int4: of the step) and the step's
+    keep masks -> four bf16 ``[bn, 16]`` position tiles of chunk ``chunk`` (docstring)."""
     return [
         plgpu.elementwise_inline_asm(
-            _tile_ptx(p, chunk),
+            _tile_ptx(p, chunk, int4),
             args=[v, keep],
             constraints="=r,r,r,r",
             pack=2,
@@ -159,17 +210,22 @@ def _decode_asm(v, keep, chunk):
     ]
 
 
-def _decode_jnp(v, keep, chunk):
+def _decode_jnp(v, keep, chunk, int4=False):
     """Same as :func:`_decode_asm` in jnp (interpret mode, tests and the reference)."""
-    bn = v.shape[0]
-    a = jax.lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), jnp.bfloat16)
-    b = jax.lax.bitcast_convert_type((v >> 16).astype(jnp.uint16), jnp.bfloat16)
-    del bn
+    if int4:  # column 2u + h: word 2u + chunk // 2, bits 16 h + 8 (chunk % 2) (a), + 4 (b)
+        w = jnp.repeat(v[:, chunk // 2 :: 2], 2, axis=1)  # [bn, 16]: column c -> word c // 2
+        sh = 16 * (jnp.arange(16, dtype=jnp.uint32) % 2)[None, :] + 8 * (chunk % 2)
+        a = (((w >> sh) & 15) + 128).astype(jnp.bfloat16)
+        b = (((w >> (sh + 4)) & 15) + 128).astype(jnp.bfloat16)
+        zero = jnp.full_like(a, 136.0)
+    else:
+        a = jax.lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), jnp.bfloat16)
+        b = jax.lax.bitcast_convert_type((v >> 16).astype(jnp.uint16), jnp.bfloat16)
+        zero = jnp.zeros_like(a)
 
     def kept(row):  # column w = group w of the chunk: its own uint16 keep element
         return ((keep >> keep_bit(row, chunk)) & 1) == 1
 
-    zero = jnp.zeros_like(a)
     return [
         jnp.where(kept(0), a, zero),
         jnp.where(kept(1), jnp.where(kept(0), b, a), zero),
@@ -178,29 +234,61 @@ def _decode_jnp(v, keep, chunk):
     ]
 
 
-def _kernel(x_ref, v_ref, k_ref, o_ref, *, m, steps, interpret):
+def _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, o_ref, *, m, steps, group, interpret):
+    """One program: ``bn`` weight rows, ``steps`` 256-row steps. int4 (``group`` > 0): per scale
+    unit (``min(group, 256)`` rows) the chained partial ``sum (128 + q) x`` becomes
+    ``s * part - 136 s * sum x`` (``xs_ref``: XLA's sums of x per unit), as in int4_tc."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
     bn, mp = v_ref.shape[1], o_ref.shape[0]
+    per = SUPER // CHUNK  # chunks per step
+    int4 = group > 0
+    unit = min(group, SUPER) if int4 else SUPER  # rows per scale correction
+    cpu = unit // CHUNK  # chunks per unit
+
+    def token_rows(view):  # a [mp, ...] view of the token axis; rows >= M read as 0
+        if m == mp:
+            return view[...]
+        rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
+        return plgpu.load(view, mask=rows < m, other=0.0)
 
     def x_slab(p, g0):  # x4[p, 0:mp, g0:g0+16]^T: the MMA's right operand (rows >= M read 0)
-        view = x_ref.at[jnp.int32(p), :, pl.ds(pl.multiple_of(g0, 16), 16)]
-        if m == mp:
-            return view[...].T
-        rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-        return plgpu.load(view, mask=rows < m, other=0.0).T
+        return token_rows(x_ref.at[jnp.int32(p), :, pl.ds(pl.multiple_of(g0, 16), 16)]).T
 
-    def body(i, acc):
+    def scales(t):  # step t's units: (scale, -136 scale) [bn, 1] and sum x [1, mp]
+        out = []
+        for u0 in range(0, per, cpu):
+            row0 = t * SUPER + u0 * CHUNK
+            sc = s_ref[D.idiv(row0, group)].astype(jnp.float32)
+            xs = token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T
+            out.append((sc, -136.0 * sc, xs))
+        return out
+
+    last = sid * steps + steps - 1
+
+    def body(i, carry):
+        acc, cur = carry
         t = sid * steps + i
-        keep = k_ref[t]  # uint32 [bn, 16]: this superchunk's keep masks
-        for c in range(SUPER // CHUNK):
-            tiles = decode(v_ref[t * (SUPER // CHUNK) + c], keep, c)
-            g0 = (t * (SUPER // CHUNK) + c) * 16  # first group of the chunk
+        nxt = scales(jnp.minimum(t + 1, last)) if int4 else cur  # a step ahead (not pipelined)
+        keep = k_ref[t]  # uint16 [bn, 16]: this step's keep masks
+        words = v_ref[t] if int4 else None  # int4: one block of codes per step
+        part = jnp.zeros(acc.shape, jnp.float32) if int4 else acc
+        for c in range(per):
+            if int4:
+                tiles = decode(words, keep, c, True)
+            else:
+                tiles = decode(v_ref[t * per + c], keep, c)
+            g0 = (t * per + c) * 16  # first group of the chunk
             for p in range(4):
-                acc = dot_acc(tiles[p], x_slab(p, g0), acc)
-        return acc
+                part = dot_acc(tiles[p], x_slab(p, g0), part)
+            if int4 and (c + 1) % cpu == 0:  # end of a scale unit
+                sc, off, xs = cur[c // cpu]
+                acc = acc + part * sc + off * xs
+                part = jnp.zeros(acc.shape, jnp.float32)
+        return (acc if int4 else part), nxt
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bn, mp), jnp.float32))
+    acc0 = jnp.zeros((bn, mp), jnp.float32)
+    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps) if int4 else ()))
     rows = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, 0)
     plgpu.store(o_ref, acc.T.astype(o_ref.dtype), mask=rows < m)
 
@@ -227,23 +315,43 @@ def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtyp
     mp = max(16, 1 << (m - 1).bit_length())
     squeezed = getattr(pl, "squeezed", None)
     out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
-    kern = functools.partial(_kernel, m=m, steps=supers // split_k, interpret=interpret)
+    static = dict(m=m, steps=supers // split_k, group=t.group, interpret=interpret)
+    x4 = x_by_position(x2, kw)
+    args = [x4]
+    specs = [pl.BlockSpec((4, mp, kw // 4), lambda j, s: (0, 0, 0))]  # rows >= M: masked
+    if t.is_int4:  # sum x per scale unit (over all K rows of the unit), by XLA
+        unit = min(t.group, SUPER)
+        xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, 0), (0, kw - x2.shape[1])))
+        args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
+        specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
+    vspec = (squeezed, t.values.shape[1], bn, 16)
+    args += [t.values, t.keep] + ([t.scales] if t.is_int4 else [])
+    specs += [
+        pl.BlockSpec(vspec, lambda j, s: (j, 0, 0, 0)),
+        pl.BlockSpec((squeezed, supers, bn, 16), lambda j, s: (j, 0, 0, 0)),
+    ]
+    if t.is_int4:
+        specs.append(pl.BlockSpec((squeezed, kw // t.group, bn, 1), lambda j, s: (j, 0, 0, 0)))
+
+    def kern(*refs):
+        x_ref, rest = refs[0], list(refs[1:])
+        xs_ref = rest.pop(0) if t.is_int4 else None
+        v_ref, k_ref = rest[0], rest[1]
+        s_ref = rest[2] if t.is_int4 else None
+        _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, rest[-1], **static)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         out = pl.pallas_call(
             kern,
             out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
             grid=(np_ // bn, split_k),
-            in_specs=[
-                pl.BlockSpec((4, mp, kw // 4), lambda j, s: (0, 0, 0)),  # rows >= M: masked
-                pl.BlockSpec((squeezed, kw // CHUNK, bn, 16), lambda j, s: (j, 0, 0, 0)),
-                pl.BlockSpec((squeezed, supers, bn, 16), lambda j, s: (j, 0, 0, 0)),
-            ],
+            in_specs=specs,
             out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
             interpret=interpret,
             compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name=f"sparse24_tc_s{split_k}_k{kw}n{np_}m{mp}",
-        )(x_by_position(x2, kw), t.values, t.keep)
+            name=f"sparse24_tc{'_int4' if t.is_int4 else ''}_s{split_k}_k{kw}n{np_}m{mp}",
+        )(*args)
     y = out[0] if split_k == 1 else out.sum(axis=0)
     return y if np_ == t.n else y[:, : t.n]
 
@@ -251,7 +359,7 @@ def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtyp
 def default_split(t: Tc24) -> int:
     """K splits for at most two programs per SM (H100 probe at block_n 64, M = 1: 8192² 33.5 µs
     at 256 programs, 37.7 at 512)."""
-    progs, split, steps = t.values.shape[0], 1, t.kw // SUPER
+    progs, split, steps = t.keep.shape[0], 1, t.kw // SUPER
     while 2 * progs * split <= 2 * D._num_sms() and steps % (2 * split) == 0:
         split *= 2
     return split
@@ -279,15 +387,21 @@ def tc24_matmul(x, t: Tc24, *, split_k=None, num_warps=4, num_stages=3, interpre
 
 def dequantize_24_tc_ref(t: Tc24):
     """bf16 ``W [K, N]`` (pure jnp; bit-identical to the Packed24 reference)."""
-    nt, chunks, bn, _ = t.values.shape
+    nt, bn, per = t.keep.shape[0], t.block_n, SUPER // CHUNK
     rows = []
-    for c in range(chunks):
-        keep = t.keep[:, c // (SUPER // CHUNK)]  # [nt, bn, 16]
-        tiles = jax.vmap(lambda v, k, c=c: jnp.stack(_decode_jnp(v, k, c % (SUPER // CHUNK))))(
-            t.values[:, c], keep
+    for c in range(t.kw // CHUNK):
+        step, cc = divmod(c, per)
+        v = t.values[:, step] if t.is_int4 else t.values[:, c]
+        tiles = jax.vmap(lambda v, k, cc=cc: jnp.stack(_decode_jnp(v, k, cc, t.is_int4)))(
+            v, t.keep[:, step]
         )  # [nt, 4 (p), bn, 16 (group)]
         rows.append(jnp.transpose(tiles, (3, 1, 0, 2)).reshape(64, nt * bn))  # row 4 g + p
-    return jnp.concatenate(rows)[: t.k, : t.n]
+    w = jnp.concatenate(rows)
+    if t.is_int4:  # (v - 136) * scale: v = 128 + q, or 136 on rows not stored
+        s = jnp.transpose(t.scales[..., 0], (1, 0, 2)).reshape(-1, nt * bn)  # [Gw, Np]
+        s = jnp.repeat(s.astype(jnp.float32), t.group, axis=0)
+        w = ((w.astype(jnp.float32) - 136.0) * s).astype(jnp.bfloat16)
+    return w[: t.k, : t.n]
 
 
 def tc24_matmul_ref(x2, t: Tc24):
@@ -297,35 +411,57 @@ def tc24_matmul_ref(x2, t: Tc24):
     return y.astype(x2.dtype)
 
 
-def _dequant_kernel(v_ref, k_ref, o_ref, *, interpret):
+def _dequant_kernel(v_ref, k_ref, s_ref, o_ref, *, group, interpret):
+    decode = _decode_jnp if interpret else _decode_asm
     keep = k_ref[...]
+    step = pl.program_id(0)
     for c in range(SUPER // CHUNK):
-        tiles = (_decode_jnp if interpret else _decode_asm)(v_ref[c], keep, c)
+        if group:
+            tiles = decode(v_ref[...], keep, c, True)
+            sc = s_ref[D.idiv(step * SUPER + c * CHUNK, group)].astype(jnp.float32)  # [bn, 1]
+            tiles = [((w.astype(jnp.float32) - 136.0) * sc).astype(o_ref.dtype) for w in tiles]
+        else:
+            tiles = decode(v_ref[c], keep, c)
         for p in range(4):  # rows 4 g + p of the chunk: a [16, 4, bn] view of its 64 rows
             o_ref[pl.ds(16 * c, 16), p, :] = tiles[p].T
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def dequantize_24_tc(t: Tc24, interpret=False):
-    """bf16 ``W [Kw, Np]`` (K-major) by a Pallas kernel: one program per 512 rows and tile."""
-    nt, chunks, bn, _ = t.values.shape
+    """bf16 ``W [Kw, Np]`` (K-major) by a Pallas kernel: one program per 256 rows and tile."""
+    nt, bn = t.keep.shape[0], t.block_n
     squeezed = getattr(pl, "squeezed", None)
     per = SUPER // CHUNK
+    if t.is_int4:
+        args = [t.values, t.keep, t.scales]
+        specs = [
+            pl.BlockSpec((squeezed, squeezed, bn, 16), lambda s, i: (i, s, 0, 0)),
+            pl.BlockSpec((squeezed, squeezed, bn, 16), lambda s, i: (i, s, 0, 0)),
+            pl.BlockSpec((squeezed, t.scales.shape[1], bn, 1), lambda s, i: (i, 0, 0, 0)),
+        ]
+    else:
+        args = [t.values, t.keep]
+        specs = [
+            pl.BlockSpec((squeezed, per, bn, 16), lambda s, i: (i, s, 0, 0)),
+            pl.BlockSpec((squeezed, squeezed, bn, 16), lambda s, i: (i, s, 0, 0)),
+        ]
+
+    def kern(*refs):
+        s_ref = refs[2] if t.is_int4 else None
+        _dequant_kernel(refs[0], refs[1], s_ref, refs[-1], group=t.group, interpret=interpret)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         w4 = pl.pallas_call(
-            functools.partial(_dequant_kernel, interpret=interpret),
+            kern,
             out_shape=jax.ShapeDtypeStruct((t.kw // 4, 4, t.np_), jnp.bfloat16),
             grid=(t.kw // SUPER, nt),
-            in_specs=[
-                pl.BlockSpec((squeezed, per, bn, 16), lambda s, i: (i, s, 0, 0)),
-                pl.BlockSpec((squeezed, squeezed, bn, 16), lambda s, i: (i, s, 0, 0)),
-            ],
+            in_specs=specs,
             out_specs=pl.BlockSpec((SUPER // 4, 4, bn), lambda s, i: (s, 0, i)),
             interpret=interpret,
             compiler_params=D.compiler_params(4, 1, interpret),
             name="sparse24_tc_dequant",
-        )(t.values, t.keep)
+        )(*args)
     return w4.reshape(t.kw, t.np_)
 
 

@@ -1,6 +1,7 @@
-"""The tensor-core 2:4 bf16 kernel (``kernels/sparse24_tc.py``): the exact value and keep-bit
-layout, the position tiles against the dense weight, bit-exact dequantization, the kernel
-(interpret mode; natively on a GPU) against float64 on ragged shapes, dispatch, and errors."""
+"""The tensor-core 2:4 kernel (``kernels/sparse24_tc.py``), bf16 and int4 values: the exact
+value, code and keep-bit layout, the position tiles against the dense weight, bit-exact
+dequantization, the kernel (interpret mode; natively on a GPU) against float64 on ragged
+shapes, dispatch, and errors."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels import sparse24_tc as S
 
-from .test_kernels import rel_err
+from .test_kernels import make_24_int4, rel_err
 
 TOL = 1e-2
+KINDS = ["bf16", "int4"]
 
 
-def _problem(rng, k, n, block_n=64, min_keep=1):
+def _problem(rng, k, n, block_n=64, min_keep=1, kind="bf16", group=128):
+    """(Packed24, Tc24, float64 W): int4 codes are symmetric (zero point 8), group ``group``."""
+    if kind == "int4":
+        p, w64 = make_24_int4(rng, k, n, group, asym=False)
+        return p, S.pack_24_tc(p, block_n), w64
     keep = L.random_mask_24(rng, k, n, min_keep=min_keep)
     dense = np.where(keep, rng.standard_normal((k, n)), 0).astype(np.float32)
     p = L.pack_24(dense)
@@ -50,6 +56,22 @@ def test_layout_puts_pairs_and_keep_bits_where_documented():
         assert not any(rows[r] for r in range(4) if r not in kept)
 
 
+def test_int4_code_words_hold_each_group_where_documented():
+    """Step S, chunk c = 2 e + c'', group 2 u + h of the chunk: word 2 u + e of the step, codes
+    a at bits 16 h + 8 c'', b 4 bits above (a at the lower stored row)."""
+    rng = np.random.default_rng(3)
+    k, n, bn = 512, 128, 64
+    p, t, _ = _problem(rng, k, n, bn, kind="int4")
+    assert t.values.shape == (n // bn, k // 256, bn, 16) and t.scales.shape == (n // bn, 4, bn, 1)
+    vals, nib = np.asarray(t.values), np.asarray(p.values)  # Packed24: slot0 | slot1 << 4
+    for g, col in [(0, 0), (5, 3), (17, 64), (100, 127), (127, 70)]:
+        step, r = divmod(g, 64)
+        c, w = divmod(r, 16)
+        u, h = divmod(w, 2)
+        word = int(vals[col // bn, step, col % bn, 2 * u + c // 2])
+        assert (word >> (16 * h + 8 * (c % 2))) & 0xFF == nib[g, col]
+
+
 def test_position_tiles_are_the_dense_rows():
     """Tile p of chunk c, column w = dense row 64 c + 4 w + p (every keep pattern occurs)."""
     rng = np.random.default_rng(1)
@@ -62,10 +84,11 @@ def test_position_tiles_are_the_dense_rows():
             np.testing.assert_array_equal(np.asarray(tile, np.float32), want)
 
 
-@pytest.mark.parametrize("k,n", [(512, 128), (1000, 200), (300, 130)])
-def test_dequantize_is_bit_exact(k, n):
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k,n", [(512, 128), (1024, 200), (256, 130)])
+def test_dequantize_is_bit_exact(kind, k, n):
     rng = np.random.default_rng([k, n])
-    p, t, _ = _problem(rng, k, n)
+    p, t, _ = _problem(rng, k, n, kind=kind)
     want = np.asarray(R.dequantize(p)).view(np.uint16)
     np.testing.assert_array_equal(np.asarray(R.dequantize(t)).view(np.uint16), want)
     w = np.asarray(S.dequantize_24_tc(t, interpret=True))  # the prefill path's Pallas kernel
@@ -74,26 +97,35 @@ def test_dequantize_is_bit_exact(k, n):
 
 
 @pytest.mark.parametrize(
-    "k,n,m,split",
-    [(512, 128, 1, 1), (1000, 200, 3, 2), (768, 384, 16, 3), (300, 130, 17, 1)],
+    "kind,group,k,n,m,split",
+    [
+        ("bf16", 0, 512, 128, 1, 1),
+        ("bf16", 0, 1000, 200, 3, 2),  # ragged K, N
+        ("bf16", 0, 768, 384, 16, 3),
+        ("bf16", 0, 300, 130, 17, 1),  # 32-wide token side
+        ("int4", 128, 512, 128, 1, 1),
+        ("int4", 64, 1024, 200, 3, 2),  # four scale units per step
+        ("int4", 512, 1024, 256, 17, 2),  # a unit spans two steps
+    ],
 )
-def test_kernel_equals_float64_and_reference(k, n, m, split):
+def test_kernel_equals_float64_and_reference(kind, group, k, n, m, split):
     rng = np.random.default_rng([k, n, m])
-    p, t, w64 = _problem(rng, k, n)
+    p, t, w64 = _problem(rng, k, n, kind=kind, group=group or 128)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = S.tc24_matmul(x, t, split_k=split, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     r64 = np.asarray(x, np.float64) @ w64
     assert rel_err(y, r64) < TOL
     y32 = S._tc24_2d(x, t, split_k=split, num_warps=4, num_stages=1, interpret=True)
-    assert rel_err(y32, r64) < 1e-5  # exact bf16 weights and x, f32 accumulation
+    assert rel_err(y32, r64) < 1e-5  # exact weights (codes, scales in f32) and x, f32 sums
     assert rel_err(y, np.asarray(R.matmul_ref(x, p).astype(jnp.float32), np.float64)) < TOL
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m", [3, 300])
-def test_dispatch_routes_tc24_weights(m):
+def test_dispatch_routes_tc24_weights(kind, m):
     rng = np.random.default_rng(m)
-    p, t, w64 = _problem(rng, 512, 128)
+    p, t, w64 = _problem(rng, 512, 128, kind=kind)
     x = jnp.asarray(rng.standard_normal((2, m, 512)), jnp.bfloat16)
     y = dispatch.linear(x, t)  # CPU: the reference path
     np.testing.assert_array_equal(np.asarray(y), np.asarray(R.matmul_ref(x, p)))
@@ -106,11 +138,17 @@ def test_dispatch_routes_tc24_weights(m):
 def test_clear_errors():
     rng = np.random.default_rng(6)
     codes = rng.integers(0, 16, (256, 128))
-    p4 = L.pack_24_int4(
-        codes, np.ones((2, 128), np.float32), group=128, keep_KxN=L.random_mask_24(rng, 256, 128)
-    )
-    with pytest.raises(ValueError, match="takes bf16 values"):
+    keep = L.random_mask_24(rng, 256, 128)
+    zeros = np.full((2, 128), 3)
+    p4 = L.pack_24_int4(codes, np.ones((2, 128), np.float32), zeros, group=128, keep_KxN=keep)
+    with pytest.raises(ValueError, match="symmetric int4 codes"):
         S.pack_24_tc(p4)
+    c768 = rng.integers(0, 16, (768, 128))
+    p384 = L.pack_24_int4(
+        c768, np.ones((2, 128)), group=384, keep_KxN=L.random_mask_24(rng, 768, 128)
+    )
+    with pytest.raises(ValueError, match="group size dividing 256"):
+        S.pack_24_tc(p384)
     with pytest.raises(TypeError, match="converts a Packed24"):
         S.pack_24_tc(L.pack_int(codes, np.ones((2, 128)), bits=4, group=128))
     p, t, _ = _problem(rng, 512, 128)
@@ -124,13 +162,14 @@ def test_clear_errors():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m", [1, 16, 64, 600])
-@pytest.mark.parametrize("k,n", [(1024, 768), (1000, 760)], ids=["even", "ragged"])
-def test_gpu_native_matches_float64(m, k, n):
+@pytest.mark.parametrize("k,n", [(1024, 768), (1024, 760)], ids=["even", "ragged"])
+def test_gpu_native_matches_float64(kind, m, k, n):
     """Real Triton lowering (byte-permute expansion, chained wgmma); M = 600 runs the Pallas
     dequantize + cuBLAS path, bit-exact weights."""
     rng = np.random.default_rng([m, k])
-    p, t, w64 = _problem(rng, k, n, block_n=128 if n % 128 == 0 else 64)
+    p, t, w64 = _problem(rng, k, n, block_n=128 if n % 128 == 0 else 64, kind=kind)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = S.tc24_linear(x, t)
     if m <= S.MAX_M:
