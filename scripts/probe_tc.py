@@ -69,7 +69,7 @@ def adapter(kind):
             return dict(split_k=split, num_stages=stages)
 
         def default(t, m):
-            return (S.DEFAULT_BLOCK_N, 3, 1, "-")
+            return (S.DEFAULT_BLOCK_N_INT4 if t.is_int4 else S.DEFAULT_BLOCK_N, 3, 1, "-")
 
         return S.pack_24_tc, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
     raise SystemExit(f"unknown kind {kind!r}: mxfp4 | nvfp4 | 2:4_bf16 | 2:4_int4")
