@@ -6,8 +6,9 @@
 :func:`pack_model_for_kernels` does it for every linear of a model, after which
 ``dispatch.linear`` routes those layers to the kernels (on GPU; the pure-jnp reference on CPU).
 
-Supported: int4/int8 (symmetric or asymmetric, per group or per channel), MXFP4, NVFP4. Other
-formats are left as they are (they keep the reference path) and reported.
+Supported: int4/int8 (symmetric or asymmetric, per group or per channel), MXFP4, NVFP4, and
+2:4-sparse kernels (``shrinkjax.sparse.NMSparseArray`` with float values, stored in bf16). Other
+formats (e.g. 2:4 with quantized values) are left as they are (the reference path) and reported.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def _resolve_layout(name: str, value: str) -> str:
     return value
 
 
-def to_kernel_layout(w, int4_layout: str = "auto", fp4_layout: str = "auto"):
+def to_kernel_layout(
+    w, int4_layout: str = "auto", fp4_layout: str = "auto", sparse_layout: str = "auto"
+):
     """The kernel-packed equivalent of ``w``, or None when no kernel handles its format.
 
     ``int4_layout``: ``"tc"`` (:class:`~shrinkjax.kernels.int4_tc.TcInt4`, the tensor-core
@@ -37,11 +40,23 @@ def to_kernel_layout(w, int4_layout: str = "auto", fp4_layout: str = "auto"):
     kernels read) or ``"auto"`` ("tc" on a GPU backend, else
     "split_half"). ``fp4_layout``: the same choice for MXFP4 / NVFP4
     (:class:`~shrinkjax.kernels.fp4_tc.TcFP4`, any K, or the split-half ``PackedMXFP4`` /
-    ``PackedNVFP4``)."""
+    ``PackedNVFP4``), and ``sparse_layout`` for 2:4 (:class:`~shrinkjax.kernels.sparse24_tc.Tc24`
+    or :class:`~shrinkjax.kernels.layouts.Packed24`)."""
     int4_layout = _resolve_layout("int4_layout", int4_layout)
     fp4_layout = _resolve_layout("fp4_layout", fp4_layout)
+    sparse_layout = _resolve_layout("sparse_layout", sparse_layout)
     from shrinkjax.quant.array import QuantizedArray, unpack
+    from shrinkjax.sparse.array import NMSparseArray
 
+    if isinstance(w, NMSparseArray):
+        if (w.n, w.m) != (2, 4) or isinstance(w.values, QuantizedArray):
+            return None  # (2:4 with quantized values: the reference path for now)
+        p = layouts.pack_24(np.asarray(w.to_dense(np.float32)))  # kept values rounded to bf16
+        if sparse_layout == "tc":
+            from shrinkjax.kernels import sparse24_tc
+
+            return sparse24_tc.pack_24_tc(p)
+        return p
     if not isinstance(w, QuantizedArray):
         return None
     fmt, spec = w.spec.format, w.spec
@@ -76,16 +91,19 @@ def to_kernel_layout(w, int4_layout: str = "auto", fp4_layout: str = "auto"):
     return p
 
 
-def pack_model_for_kernels(model, int4_layout: str = "auto", fp4_layout: str = "auto") -> dict:
+def pack_model_for_kernels(
+    model, int4_layout: str = "auto", fp4_layout: str = "auto", sparse_layout: str = "auto"
+) -> dict:
     """Replace every convertible compressed kernel of ``model`` in place; returns
     {'converted': [paths], 'kept': {path: format}} for the rest that stay on the reference.
-    ``int4_layout``, ``fp4_layout``: see :func:`to_kernel_layout`."""
+    ``int4_layout``, ``fp4_layout``, ``sparse_layout``: see :func:`to_kernel_layout`."""
     from flax import nnx
 
     import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register the kernels with dispatch)
     import shrinkjax.kernels.fp4_tc  # noqa: F401
     import shrinkjax.kernels.int4_tc  # noqa: F401
     import shrinkjax.kernels.int_matmul  # noqa: F401
+    import shrinkjax.kernels.sparse24_tc  # noqa: F401
     import shrinkjax.kernels.sparse_matmul  # noqa: F401
     from shrinkjax.models.params import flat_params
 
@@ -98,7 +116,7 @@ def pack_model_for_kernels(model, int4_layout: str = "auto", fp4_layout: str = "
             or hasattr(w, "addressable_data")
         ):
             continue
-        packed = to_kernel_layout(w, int4_layout, fp4_layout)
+        packed = to_kernel_layout(w, int4_layout, fp4_layout, sparse_layout)
         if packed is None:
             report["kept"][path] = getattr(getattr(w, "spec", None), "format", type(w).__name__)
             continue

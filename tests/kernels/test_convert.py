@@ -84,6 +84,35 @@ def test_fp4_layout_choice(fmt):
         to_kernel_layout(q, fp4_layout="marlin")
 
 
+@pytest.mark.parametrize("sparse_layout", ["tc", "split_half"])
+def test_pruned_model_runs_through_kernel_dispatch(tiny_llama, sparse_layout):
+    """A 2:4-pruned model: every linear becomes a 2:4 kernel layout (values in bf16) and the
+    logits stay close to the reference path's; 2:4 with quantized values is kept."""
+    from shrinkjax.kernels import layouts, sparse24_tc
+    from shrinkjax.sparse.array import NMSparseArray, compress
+
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, 128, (2, 16)))
+    flat = flat_params(tiny_llama.model)
+    pruned = {
+        k: compress(v, 2, 4) if k.endswith("kernel") and "embed" not in k else v
+        for k, v in flat.items()
+    }
+    model = model_from_params(tiny_llama.model.cfg, pruned)
+    ref = np.asarray(model(toks)[0])
+    n_sparse = sum(isinstance(v, NMSparseArray) for v in pruned.values())
+    report = pack_model_for_kernels(model, sparse_layout=sparse_layout)
+    assert len(report["converted"]) == n_sparse and not report["kept"]
+    packed = flat_params(model)[report["converted"][0]]
+    want = sparse24_tc.Tc24 if sparse_layout == "tc" else layouts.Packed24
+    assert isinstance(packed, want)
+    out = np.asarray(model(toks)[0])
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 2e-2  # bf16 values and activations on the kernel path
+    w = jnp.asarray(np.random.default_rng(3).standard_normal((128, 64)).astype(np.float32))
+    q24 = compress(w, 2, 4, quant=formats.make(QuantSpec("int4", group_size=64)))
+    assert to_kernel_layout(q24) is None
+
+
 def test_unsupported_formats_are_kept():
     w = jnp.asarray(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32))
     assert to_kernel_layout(formats.make(QuantSpec("nf4")).quantize(w)) is None
