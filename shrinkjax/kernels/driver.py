@@ -509,3 +509,31 @@ def idiv(a, b: int):
 
 def as_bf16_bits(u16):
     return jax.lax.bitcast_convert_type(u16, jnp.bfloat16)
+
+
+def decode_or_prefill(x, t, matmul, dequantize, *, max_m, path="auto", interpret=None, **tuning):
+    """The dispatch entry point of the tensor-core decode layouts (int4_tc, fp4_tc,
+    sparse24_tc): ``x[..., K] @ W`` in ``x.dtype``.
+
+    ``path``: ``"fused"`` (``matmul(x2, t, interpret=..., **tuning)``, at most ``max_m`` rows),
+    ``"dequant_dot"`` (``dequantize(t, interpret=...)`` -> bf16 ``W [Kw, Np]``, then one cuBLAS
+    GEMM with a bf16 output for bf16 x: f32 accumulation, one rounding in its epilogue) or
+    ``"auto"`` (fused below ``dispatch.PREFILL_MIN_M`` rows and at most ``max_m``)."""
+    from shrinkjax.kernels import dispatch
+
+    x2, lead = flatten_x(x, t.k)
+    m = x2.shape[0]
+    path = dispatch.choose_path(path, m)
+    if path == "fused" and m > max_m:
+        path = "dequant_dot"
+    interpret = resolve_interpret(interpret)
+    if path == "fused":
+        y = matmul(x2, t, interpret=interpret, **tuning)
+    else:
+        w = dequantize(t, interpret=interpret)  # [Kw, Np]
+        xb = x2.astype(jnp.bfloat16)
+        if t.kw != t.k:
+            xb = jnp.pad(xb, ((0, 0), (0, t.kw - t.k)))
+        out_t = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float32
+        y = jnp.matmul(xb, w, preferred_element_type=out_t)[:, : t.n].astype(x.dtype)
+    return y.reshape(*lead, t.n)

@@ -472,25 +472,17 @@ def dequantize_fp4_tc(t: TcFP4, interpret=False):
 
 def fp4_tc_linear(x, t: TcFP4, *, path="auto", interpret=None, **tuning):
     """``x[..., K] @ W`` for a :class:`TcFP4`; the dispatch entry point (``x.dtype`` out).
-    ``path``: as :func:`.int4_tc.tc_linear`; ``tuning``: :func:`fp4_tc_matmul`'s."""
-    from shrinkjax.kernels import dispatch
-
-    x2, lead = D.flatten_x(x, t.k)
-    m = x2.shape[0]
-    path = dispatch.choose_path(path, m)
-    if path == "fused" and m > MAX_M:
-        path = "dequant_dot"
-    interpret = D.resolve_interpret(interpret)
-    if path == "fused":
-        y = fp4_tc_matmul(x2, t, interpret=interpret, **tuning)
-    else:
-        w = dequantize_fp4_tc(t, interpret=interpret)  # [Kw, Np]
-        xb = x2.astype(jnp.bfloat16)
-        if t.kw != t.k:
-            xb = jnp.pad(xb, ((0, 0), (0, t.kw - t.k)))
-        out_t = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float32
-        y = jnp.matmul(xb, w, preferred_element_type=out_t)[:, : t.n].astype(x.dtype)
-    return y.reshape(*lead, t.n)
+    ``path``: see :func:`.driver.decode_or_prefill`; ``tuning``: :func:`fp4_tc_matmul`'s."""
+    return D.decode_or_prefill(
+        x,
+        t,
+        fp4_tc_matmul,
+        dequantize_fp4_tc,
+        max_m=MAX_M,
+        path=path,
+        interpret=interpret,
+        **tuning,
+    )
 
 
 def _register():

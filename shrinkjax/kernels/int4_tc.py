@@ -430,30 +430,11 @@ def dequantize_tc(t: TcInt4, interpret=False):
 
 def tc_linear(x, t: TcInt4, *, path="auto", interpret=None, **tuning):
     """``x[..., K] @ W`` for a :class:`TcInt4`; the dispatch entry point (``x.dtype`` out).
-
-    ``path``: ``"fused"`` (:func:`int4_tc_matmul`, M <= 128), ``"dequant_dot"``
-    (:func:`dequantize_tc` then cuBLAS) or ``"auto"`` (fused below
-    ``dispatch.PREFILL_MIN_M`` rows and at most 128). ``tuning``: :func:`int4_tc_matmul`'s."""
-    from shrinkjax.kernels import dispatch
-
-    x2, lead = D.flatten_x(x, t.k)
-    m = x2.shape[0]
-    path = dispatch.choose_path(path, m)
-    if path == "fused" and m > MAX_M:
-        path = "dequant_dot"
-    interpret = D.resolve_interpret(interpret)
-    if path == "fused":
-        y = int4_tc_matmul(x2, t, interpret=interpret, **tuning)
-    else:
-        w = dequantize_tc(t, interpret=interpret)  # [Kw, Np]
-        xb = x2.astype(jnp.bfloat16)
-        if t.kw != t.k:
-            xb = jnp.pad(xb, ((0, 0), (0, t.kw - t.k)))
-        # bf16 x: a bf16-output GEMM (f32 accumulation, one rounding in cuBLAS's epilogue; an
-        # f32 output costs an extra write + read + convert pass over M x N, as in dequant.py)
-        out_t = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float32
-        y = jnp.matmul(xb, w, preferred_element_type=out_t)[:, : t.n].astype(x.dtype)
-    return y.reshape(*lead, t.n)
+    ``path``: see :func:`.driver.decode_or_prefill` (fused below ``dispatch.PREFILL_MIN_M``
+    rows and at most 128); ``tuning``: :func:`int4_tc_matmul`'s."""
+    return D.decode_or_prefill(
+        x, t, int4_tc_matmul, dequantize_tc, max_m=MAX_M, path=path, interpret=interpret, **tuning
+    )
 
 
 def _register():

@@ -10,12 +10,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import fp4_tc as F
 from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 
-from .test_kernels import make_mxfp4, make_nvfp4, rel_err
+from .test_kernels import check_tc_dispatch, make_mxfp4, make_nvfp4, rel_err
 
 TOL = 1e-2
 FMTS = ["mxfp4", "nvfp4"]
@@ -125,13 +124,7 @@ def test_kernel_equals_float64_and_reference(fmt, k, n, m, split, mode):
 def test_dispatch_routes_tc_weights(fmt, m):
     rng = np.random.default_rng(m)
     p, t, w64 = _problem(rng, fmt, 384, 128)
-    x = jnp.asarray(rng.standard_normal((2, m, 384)), jnp.bfloat16)  # leading axes kept
-    y = dispatch.linear(x, t)  # CPU: the reference path
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(R.matmul_ref(x, p)))
-    for path in ("fused", "dequant_dot") if m <= F.MAX_M else ("auto",):
-        yk = F.fp4_tc_linear(x, t, path=path, interpret=True)
-        assert yk.shape == (2, m, 128)
-        assert rel_err(yk.reshape(-1, 128), np.asarray(x, np.float64).reshape(-1, 384) @ w64) < TOL
+    check_tc_dispatch(rng, p, t, w64, F.fp4_tc_linear, F.MAX_M, m)
 
 
 def test_clear_errors():

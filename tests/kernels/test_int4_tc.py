@@ -9,13 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import int4_tc as T
 from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels.triton_ext import dot_acc
 
-from .test_kernels import make_int, rel_err
+from .test_kernels import check_tc_dispatch, make_int, rel_err
 
 TOL = 1e-2
 
@@ -95,13 +94,7 @@ def test_kernel_equals_float64_and_reference(xsum, k, n, group, zeros, m, split)
 def test_dispatch_routes_tc_weights(m):
     rng = np.random.default_rng(m)
     p, t, w64 = _problem(rng, 384, 128, 128, True)
-    x = jnp.asarray(rng.standard_normal((2, m, 384)), jnp.bfloat16)  # leading axes kept
-    y = dispatch.linear(x, t)  # CPU: the reference path
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(R.matmul_ref(x, p)))
-    for path in ("fused", "dequant_dot") if m <= T.MAX_M else ("auto",):
-        yk = T.tc_linear(x, t, path=path, interpret=True)
-        assert yk.shape == (2, m, 128)
-        assert rel_err(yk.reshape(-1, 128), np.asarray(x, np.float64).reshape(-1, 384) @ w64) < TOL
+    check_tc_dispatch(rng, p, t, w64, T.tc_linear, T.MAX_M, m)
 
 
 def test_dot_acc_accumulates():

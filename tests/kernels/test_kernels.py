@@ -58,6 +58,21 @@ def check(y, x, w64, ref, *, tol=TOL):
     assert rel_err(ref, r64) < tol
 
 
+def check_tc_dispatch(rng, p, t, w64, linear, max_m, m):
+    """A tensor-core layout ``t`` (packed from ``p``) through ``dispatch.linear`` (the CPU
+    reference path: equal to ``p``'s reference) and its entry point ``linear`` on every path
+    that applies at ``m`` rows, with leading axes kept."""
+    from shrinkjax.kernels import dispatch
+
+    k, n = t.k, t.n
+    x = jnp.asarray(rng.standard_normal((2, m, k)), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(dispatch.linear(x, t)), np.asarray(R.matmul_ref(x, p)))
+    for path in ("fused", "dequant_dot") if m <= max_m else ("auto",):
+        y = linear(x, t, path=path, interpret=True)
+        assert y.shape == (2, m, n)
+        assert rel_err(y.reshape(-1, n), x64(x).reshape(-1, k) @ w64) < TOL
+
+
 # ------------------------------------------------------------------------------------------
 # random problem builders (plain arrays -> packed, float64 dequantized W)
 # ------------------------------------------------------------------------------------------

@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels import sparse24_tc as S
 
-from .test_kernels import make_24_int4, rel_err
+from .test_kernels import check_tc_dispatch, make_24_int4, rel_err
 
 TOL = 1e-2
 KINDS = ["bf16", "int4"]
@@ -126,13 +125,7 @@ def test_kernel_equals_float64_and_reference(kind, group, k, n, m, split):
 def test_dispatch_routes_tc24_weights(kind, m):
     rng = np.random.default_rng(m)
     p, t, w64 = _problem(rng, 512, 128, kind=kind)
-    x = jnp.asarray(rng.standard_normal((2, m, 512)), jnp.bfloat16)
-    y = dispatch.linear(x, t)  # CPU: the reference path
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(R.matmul_ref(x, p)))
-    for path in ("fused", "dequant_dot") if m <= S.MAX_M else ("auto",):
-        yk = S.tc24_linear(x, t, path=path, interpret=True)
-        assert yk.shape == (2, m, 128)
-        assert rel_err(yk.reshape(-1, 128), np.asarray(x, np.float64).reshape(-1, 512) @ w64) < TOL
+    check_tc_dispatch(rng, p, t, w64, S.tc24_linear, S.MAX_M, m)
 
 
 def test_clear_errors():
