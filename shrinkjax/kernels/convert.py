@@ -7,8 +7,9 @@
 ``dispatch.linear`` routes those layers to the kernels (on GPU; the pure-jnp reference on CPU).
 
 Supported: int4/int8 (symmetric or asymmetric, per group or per channel), MXFP4, NVFP4, and
-2:4-sparse kernels (``shrinkjax.sparse.NMSparseArray`` with float values, stored in bf16). Other
-formats (e.g. 2:4 with quantized values) are left as they are (the reference path) and reported.
+2:4-sparse kernels (``shrinkjax.sparse.NMSparseArray`` with float values, stored in bf16, or with
+int4 group-quantized values). Other formats are left as they are (the reference path) and
+reported.
 """
 
 from __future__ import annotations
@@ -49,13 +50,19 @@ def to_kernel_layout(
     from shrinkjax.sparse.array import NMSparseArray
 
     if isinstance(w, NMSparseArray):
-        if (w.n, w.m) != (2, 4) or isinstance(w.values, QuantizedArray):
-            return None  # (2:4 with quantized values: the reference path for now)
-        p = layouts.pack_24(np.asarray(w.to_dense(np.float32)))  # kept values rounded to bf16
+        if (w.n, w.m) != (2, 4):
+            return None
+        if isinstance(w.values, QuantizedArray):
+            p = _sparse24_int4(w, unpack)
+            if p is None:
+                return None
+        else:
+            p = layouts.pack_24(np.asarray(w.to_dense(np.float32)))  # values rounded to bf16
         if sparse_layout == "tc":
             from shrinkjax.kernels import sparse24_tc
 
-            return sparse24_tc.pack_24_tc(p)
+            if sparse24_tc.supports(p):
+                return sparse24_tc.pack_24_tc(p)
         return p
     if not isinstance(w, QuantizedArray):
         return None
@@ -89,6 +96,30 @@ def to_kernel_layout(
 
         return fp4_tc.pack_fp4_tc(p)
     return p
+
+
+def _sparse24_int4(w, unpack):
+    """A 2:4 ``NMSparseArray`` with int4 group-quantized values (e.g. SparseGPT's joint
+    quantization) as a :class:`~shrinkjax.kernels.layouts.Packed24` with int4 codes, or None
+    for what that layout cannot hold. The compressed axis's groups are half the dense ones."""
+    v = w.values
+    k, n = w.shape
+    if v.spec.format != "int4" or v.spec.granularity != "group":
+        return None
+    kc = w.kept_rows
+    group = 2 * (kc // v.scales.shape[0])  # dense K rows per scale
+    if group % 64 or k % group:
+        return None
+    codes = np.asarray(unpack(v.codes, 4, kc), np.uint8).reshape(k // 4, 2, n)
+    rows = 4 * np.arange(k // 4)[:, None, None] + np.asarray(w.positions())  # [K/4, 2, N]
+    dense = np.zeros((k, n), np.uint8)  # (rows not stored: any code)
+    dense[rows.reshape(-1), np.broadcast_to(np.arange(n), rows.shape).reshape(-1)] = codes.reshape(
+        -1
+    )
+    zeros = None if v.spec.symmetric else np.asarray(v.zeros, np.uint8)
+    keep = np.asarray(w.mask())
+    scales = np.asarray(v.scales, np.float32)
+    return layouts.pack_24_int4(dense, scales, zeros, group=group, keep_KxN=keep)
 
 
 def pack_model_for_kernels(

@@ -96,6 +96,16 @@ class Tc24:
         return (self.k, self.n)
 
 
+def supports(p: Packed24) -> bool:
+    """True when :func:`pack_24_tc` takes ``p``: bf16 values, or symmetric int4 codes with a
+    group size dividing 256 or a multiple of it."""
+    if not isinstance(p, Packed24):
+        return False
+    if not p.is_int4:
+        return True
+    return p.zeros is None and (SUPER % p.group == 0 or p.group % SUPER == 0)
+
+
 def keep_bit(p: int, chunk: int) -> int:
     """Bit of row ``p`` of a group in chunk ``chunk`` (0-3) of a step, in its uint16 element."""
     return 15 - p - 4 * chunk

@@ -84,18 +84,24 @@ def test_fp4_layout_choice(fmt):
         to_kernel_layout(q, fp4_layout="marlin")
 
 
+@pytest.mark.parametrize("values", ["float", "int4"])
 @pytest.mark.parametrize("sparse_layout", ["tc", "split_half"])
-def test_pruned_model_runs_through_kernel_dispatch(tiny_llama, sparse_layout):
-    """A 2:4-pruned model: every linear becomes a 2:4 kernel layout (values in bf16) and the
-    logits stay close to the reference path's; 2:4 with quantized values is kept."""
+def test_pruned_model_runs_through_kernel_dispatch(tiny_llama, sparse_layout, values):
+    """A 2:4-pruned model (values float, or int4 g64 where K allows): every linear becomes a
+    2:4 kernel layout and the logits stay close to the reference path's."""
     from shrinkjax.kernels import layouts, sparse24_tc
     from shrinkjax.sparse.array import NMSparseArray, compress
 
     toks = jnp.asarray(np.random.default_rng(2).integers(0, 128, (2, 16)))
+    int4 = formats.make(QuantSpec("int4", group_size=64))
+
+    def prune(v):
+        quant = int4 if values == "int4" and v.shape[0] % 64 == 0 else None
+        return compress(v, 2, 4, quant=quant)
+
     flat = flat_params(tiny_llama.model)
     pruned = {
-        k: compress(v, 2, 4) if k.endswith("kernel") and "embed" not in k else v
-        for k, v in flat.items()
+        k: prune(v) if k.endswith("kernel") and "embed" not in k else v for k, v in flat.items()
     }
     model = model_from_params(tiny_llama.model.cfg, pruned)
     ref = np.asarray(model(toks)[0])
@@ -104,13 +110,32 @@ def test_pruned_model_runs_through_kernel_dispatch(tiny_llama, sparse_layout):
     assert len(report["converted"]) == n_sparse and not report["kept"]
     packed = flat_params(model)[report["converted"][0]]
     want = sparse24_tc.Tc24 if sparse_layout == "tc" else layouts.Packed24
-    assert isinstance(packed, want)
+    assert isinstance(packed, want) and packed.is_int4 == (values == "int4")
     out = np.asarray(model(toks)[0])
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    assert 0 < rel < 2e-2  # bf16 values and activations on the kernel path
-    w = jnp.asarray(np.random.default_rng(3).standard_normal((128, 64)).astype(np.float32))
-    q24 = compress(w, 2, 4, quant=formats.make(QuantSpec("int4", group_size=64)))
-    assert to_kernel_layout(q24) is None
+    assert 0 < rel < 2e-2  # bf16 values/scales and activations on the kernel path
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pruned_int4_weight_packs_to_the_same_values(symmetric):
+    """2:4 with int4 g128 values (g64 on the compressed axis): the kernel layout dequantizes to
+    the NMSparseArray's own dense weight (bf16 scales: two roundings); symmetric codes go to
+    the tensor-core layout, asymmetric ones to Packed24."""
+    from shrinkjax.kernels import layouts, sparse24_tc
+    from shrinkjax.sparse.array import compress
+
+    w = jnp.asarray(np.random.default_rng(3).standard_normal((256, 128)).astype(np.float32))
+    spec = QuantSpec("int4", group_size=128, symmetric=symmetric)
+    q24 = compress(w, 2, 4, quant=formats.make(spec))
+    packed = to_kernel_layout(q24, sparse_layout="tc")
+    want_t = sparse24_tc.Tc24 if symmetric else layouts.Packed24
+    assert isinstance(packed, want_t) and packed.is_int4
+    got = np.asarray(reference.dequantize(packed), np.float32)
+    want = np.asarray(q24.to_dense(jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=8e-3, atol=4e-3 * np.abs(want).max())
+    assert not got[want == 0].any()  # pruned rows stay exactly zero
+    q3 = compress(w, 2, 4, quant=formats.make(QuantSpec("int3", group_size=128)))
+    assert to_kernel_layout(q3) is None  # no 2:4 int3 kernel: kept on the reference path
 
 
 def test_unsupported_formats_are_kept():
