@@ -91,7 +91,18 @@ def linear_shapes(cfg):
     }
 
 
-def make_weight(fmt, k, n, rng, int4_layout="tc", fp4_layout="tc", sparse_layout="tc"):
+# --<kind>-layout flags: the weights each applies to, and its packed layouts ("tc", "split_half")
+LAYOUT_FLAGS = {
+    "int4": "int4_g128 as int4_tc.TcInt4 (tensor-core kernel) or PackedInt (fused)",
+    "fp4": "mxfp4 as fp4_tc.TcFP4 (tensor-core kernel) or PackedMXFP4 (fused)",
+    "sparse": "2:4_bf16 as sparse24_tc.Tc24 (tensor-core kernel) or Packed24 (fused)",
+}
+
+
+def make_weight(fmt, k, n, rng, packing=None):
+    """One random [k, n] weight in ``fmt``; ``packing``: {"int4"|"fp4"|"sparse": "tc" or
+    "split_half"} (default "tc" for all)."""
+    tc = {kind: (packing or {}).get(kind, "tc") == "tc" for kind in LAYOUT_FLAGS}
     if fmt == "bf16":
         w = jax.random.normal(jax.random.PRNGKey(int(rng.integers(2**31))), (k, n), jnp.float32)
         return (w * 0.02).astype(jnp.bfloat16)
@@ -99,18 +110,18 @@ def make_weight(fmt, k, n, rng, int4_layout="tc", fp4_layout="tc", sparse_layout
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         scales = (rng.random((k // 128, n), np.float32) + 0.5) * 0.003
         packed = layouts.pack_int(codes, scales, None, bits=4, group=128)
-        return int4_tc.pack_tc(packed) if int4_layout == "tc" else packed
+        return int4_tc.pack_tc(packed) if tc["int4"] else packed
     if fmt == "mxfp4":
         codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
         e8m0 = rng.integers(118, 124, (k // 32, n), dtype=np.uint8)
         packed = layouts.pack_mxfp4(codes, e8m0)
-        return fp4_tc.pack_fp4_tc(packed) if fp4_layout == "tc" else packed
+        return fp4_tc.pack_fp4_tc(packed) if tc["fp4"] else packed
     if fmt == "2:4_bf16":
         dense = rng.standard_normal((k, n), np.float32) * 0.02
         packed = layouts.pack_24(
             np.where(layouts.random_mask_24(rng, k, n), dense, 0.0).astype(np.float32)
         )
-        return sparse24_tc.pack_24_tc(packed) if sparse_layout == "tc" else packed
+        return sparse24_tc.pack_24_tc(packed) if tc["sparse"] else packed
     raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
@@ -118,11 +129,10 @@ def _copy(tree):
     return jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), tree)
 
 
-def build_model(
-    cfg, fmt, seed=0, int4_layout="tc", fp4_layout="tc", lm_head="bf16", sparse_layout="tc"
-):
+def build_model(cfg, fmt, seed=0, packing=None, lm_head="bf16"):
     """The model with ``fmt`` linears; each layer owns a device copy of one random block.
-    ``lm_head``: "bf16", or "format" for an lm_head in ``fmt`` too."""
+    ``packing``: as :func:`make_weight`; ``lm_head``: "bf16", or "format" for an lm_head in
+    ``fmt`` too."""
     if lm_head not in ("bf16", "format"):
         raise ValueError(f"lm_head must be 'bf16' or 'format', got {lm_head!r}")
     import shrinkjax.kernels.fp4_matmul  # noqa: F401  (register kernels with dispatch)
@@ -130,10 +140,7 @@ def build_model(
     import shrinkjax.kernels.sparse_matmul  # noqa: F401
 
     rng = np.random.default_rng(seed)
-    block = {
-        nm: make_weight(fmt, *shape, rng, int4_layout, fp4_layout, sparse_layout)
-        for nm, shape in linear_shapes(cfg).items()
-    }
+    block = {nm: make_weight(fmt, *shape, rng, packing) for nm, shape in linear_shapes(cfg).items()}
     key = jax.random.PRNGKey(seed)
     emb = jax.random.normal(key, (cfg.vocab_size, cfg.dim), jnp.float32)
     flat = {
@@ -144,9 +151,7 @@ def build_model(
             cfg.dim,
             cfg.vocab_size,
             rng,
-            int4_layout,
-            fp4_layout,
-            sparse_layout,
+            packing,
         ),
     }
     del emb
@@ -273,10 +278,8 @@ def run(cfg, args):
             model, nbytes = build_model(
                 cfg,
                 fmt,
-                int4_layout=args.int4_layout,
-                fp4_layout=args.fp4_layout,
+                packing={kind: getattr(args, f"{kind}_layout") for kind in LAYOUT_FLAGS},
                 lm_head=args.lm_head,
-                sparse_layout=args.sparse_layout,
             )
         except Exception as e:
             log(f"[{fmt}] build failed: {e!r}")
@@ -354,24 +357,8 @@ def main(argv=None):
         help="q/k/v and gate/up as one matmul each (shrinkjax.models.fuse; every format alike) "
         "or as 7 linears per block",
     )
-    ap.add_argument(
-        "--int4-layout",
-        default="tc",
-        choices=("tc", "split_half"),
-        help="int4_g128 weights as int4_tc.TcInt4 (tensor-core kernel) or PackedInt (fused)",
-    )
-    ap.add_argument(
-        "--fp4-layout",
-        default="tc",
-        choices=("tc", "split_half"),
-        help="mxfp4 weights as fp4_tc.TcFP4 (tensor-core kernel) or PackedMXFP4 (fused)",
-    )
-    ap.add_argument(
-        "--sparse-layout",
-        default="tc",
-        choices=("tc", "split_half"),
-        help="2:4_bf16 weights as sparse24_tc.Tc24 (tensor-core kernel) or Packed24 (fused)",
-    )
+    for kind, what in LAYOUT_FLAGS.items():
+        ap.add_argument(f"--{kind}-layout", default="tc", choices=("tc", "split_half"), help=what)
     ap.add_argument(
         "--lm-head",
         default="bf16",
@@ -410,10 +397,8 @@ def main(argv=None):
     result = {
         "device": jax.devices()[0].device_kind,
         "int4_xsum": args.int4_xsum or int4_tc.DEFAULT_XSUM,
-        "int4_layout": args.int4_layout,
-        "fp4_layout": args.fp4_layout,
+        **{f"{kind}_layout": getattr(args, f"{kind}_layout") for kind in LAYOUT_FLAGS},
         "lm_head": args.lm_head,
-        "sparse_layout": args.sparse_layout,
         "projections": args.projections,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import io
 import os
 import re
@@ -74,67 +75,10 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
             )  # fmt: skip
 
         args = (x, *ops)
-    elif kind == "int4_tc":
-        from shrinkjax.kernels import int4_tc as T
-
-        tc = T.pack_tc(p, block_n)
-
-        def f(x, t):
-            return T._tc_2d(
-                x,
-                t,
-                split_k=int(os.environ.get("SPLIT", 4)),
-                num_warps=warps,
-                num_stages=stages,
-                interpret=False,
-                xsum=os.environ.get("XSUM", "mma"),
-            )
-
-        args = (x, tc)
-    elif kind in ("mxfp4_tc", "nvfp4_tc"):
-        from shrinkjax.kernels import fp4_tc as F
-
-        codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
-        if kind == "mxfp4_tc":
-            packed = L.pack_mxfp4(codes, np.full((k // 32, n), 120, np.uint8))
-        else:
-            packed = L.pack_nvfp4(codes, np.full((k // 16, n), 0.5, np.float32), 0.01)
-        tc = F.pack_fp4_tc(packed, block_n)
-
-        def f(x, t):
-            return F._fp4_tc_2d(
-                x,
-                t,
-                split_k=int(os.environ.get("SPLIT", 4)),
-                num_warps=warps,
-                num_stages=stages,
-                interpret=False,
-                scale_mode=os.environ.get("SCALE_MODE", "auto"),
-            )
-
-        args = (x, tc)
-    elif kind == "sparse24_tc":
-        from shrinkjax.kernels import sparse24_tc as S
-
-        keep = L.random_mask_24(rng, k, n)
-        if os.environ.get("VALUES") == "int4":  # symmetric int4 codes, g128
-            codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
-            scales = np.full((k // 128, n), 0.01, np.float32)
-            packed = L.pack_24_int4(codes, scales, None, group=128, keep_KxN=keep)
-        else:
-            packed = L.pack_24(np.where(keep, rng.standard_normal((k, n), dtype=np.float32), 0))
-        tc = S.pack_24_tc(packed, block_n)
-
-        def f(x, t):
-            return S._tc24_2d(
-                x,
-                t,
-                split_k=int(os.environ.get("SPLIT", 4)),
-                num_warps=warps,
-                num_stages=stages,
-                interpret=False,
-            )
-
+    elif kind in ("int4_tc", "mxfp4_tc", "nvfp4_tc", "sparse24_tc"):  # the tc kernels' 2-D call
+        kernel_2d, tc, extra = _tc_problem(kind, p, rng, k, n, block_n)
+        tile = dict(split_k=int(os.environ.get("SPLIT", 4)), num_warps=warps, num_stages=stages)
+        f = functools.partial(kernel_2d, **tile, **extra, interpret=False)
         args = (x, tc)
     elif kind == "int4_fused":
         from shrinkjax.kernels.int_matmul import int_matmul
@@ -166,6 +110,32 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
         fh.write("\n".join(lines) + "\n")
     print(f"wrote {path} (compile it with --compile in a venv that has triton)")
     return path
+
+
+def _tc_problem(kind, p, rng, k, n, block_n):
+    """(kernel_2d, packed weight, extra keywords from the env) of a tensor-core kernel."""
+    import numpy as np
+
+    from shrinkjax.kernels import fp4_tc, int4_tc, sparse24_tc
+    from shrinkjax.kernels import layouts as L
+
+    if kind == "int4_tc":
+        return int4_tc._tc_2d, int4_tc.pack_tc(p, block_n), {"xsum": os.environ.get("XSUM", "mma")}
+    codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+    if kind == "sparse24_tc":
+        keep = L.random_mask_24(rng, k, n)
+        if os.environ.get("VALUES") == "int4":  # symmetric int4 codes, g128
+            scales = np.full((k // 128, n), 0.01, np.float32)
+            packed = L.pack_24_int4(codes, scales, None, group=128, keep_KxN=keep)
+        else:
+            packed = L.pack_24(np.where(keep, rng.standard_normal((k, n), dtype=np.float32), 0))
+        return sparse24_tc._tc24_2d, sparse24_tc.pack_24_tc(packed, block_n), {}
+    if kind == "mxfp4_tc":
+        packed = L.pack_mxfp4(codes, np.full((k // 32, n), 120, np.uint8))
+    else:
+        packed = L.pack_nvfp4(codes, np.full((k // 16, n), 0.5, np.float32), 0.01)
+    scale_mode = {"scale_mode": os.environ.get("SCALE_MODE", "auto")}
+    return fp4_tc._fp4_tc_2d, fp4_tc.pack_fp4_tc(packed, block_n), scale_mode
 
 
 def compile_and_report(ttir: str, warps: int, stages: int) -> None:

@@ -537,3 +537,30 @@ def decode_or_prefill(x, t, matmul, dequantize, *, max_m, path="auto", interpret
         out_t = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float32
         y = jnp.matmul(xb, w, preferred_element_type=out_t)[:, : t.n].astype(x.dtype)
     return y.reshape(*lead, t.n)
+
+
+def split_for(programs: int, steps: int, *, per_sm: int, min_steps: int = 1, at_most=False) -> int:
+    """The K split of the tensor-core decode kernels: a power of two dividing ``steps`` that
+    leaves each program at least ``min_steps`` loop steps; doubled until ``programs * split``
+    reaches ``per_sm`` programs per SM (``at_most=False``), or while doubling stays within
+    that (``at_most=True``)."""
+    target, split = per_sm * _num_sms(), 1
+    while steps % (2 * split) == 0 and steps // (2 * split) >= min_steps:
+        if (2 * programs * split > target) if at_most else (programs * split >= target):
+            break
+        split *= 2
+    return split
+
+
+def call_2d(kernel_2d, x, t, *, interpret=None, **kw):
+    """``kernel_2d(x2, t, out_dtype=x.dtype, interpret=..., **kw)`` on bf16 ``x`` flattened to
+    ``[M, K]``; the result in ``x.dtype`` with x's leading axes (the tc kernels' wrappers)."""
+    x2, lead = flatten_x(x, t.k)
+    y = kernel_2d(
+        x2.astype(jnp.bfloat16),
+        t,
+        out_dtype=jnp.dtype(x.dtype),
+        interpret=resolve_interpret(interpret),
+        **kw,
+    )
+    return y.astype(x.dtype).reshape(*lead, t.n)

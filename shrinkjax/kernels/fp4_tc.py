@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 
 import jax
@@ -351,18 +352,11 @@ def default_split(t: TcFP4, columns: bool = True) -> int:
     four programs per SM and at least two blocks each (H100 probe, ``scripts/probe_tc.py``:
     MXFP4 4096 x 4096 at M = 1 in 8.3 µs at 16 splits, 9.3 µs at 8)."""
     unit = t.step_rows if columns else CHUNK
-    progs, split, steps = t.words.shape[0], 1, t.kw // unit
     per_sm, min_blocks = (4, 2) if columns else (2, 4)
     min_steps = max(1, min_blocks * CHUNK // unit)
-
-    def more(split):
-        if columns:
-            return 2 * progs * split <= per_sm * D._num_sms()
-        return progs * split < per_sm * D._num_sms()
-
-    while more(split) and steps % (2 * split) == 0 and steps // (2 * split) >= min_steps:
-        split *= 2
-    return split
+    return D.split_for(
+        t.words.shape[0], t.kw // unit, per_sm=per_sm, min_steps=min_steps, at_most=columns
+    )
 
 
 def default_stages(t: TcFP4, columns: bool) -> int:
@@ -377,19 +371,18 @@ def fp4_tc_matmul(
     """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
     ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M = 1; module docstring);
     ``split_k`` / ``num_stages``: None for :func:`default_split` / :func:`default_stages`."""
-    x2, lead = D.flatten_x(x, t.k)
-    columns = scale_mode == "columns" or (scale_mode == "auto" and x2.shape[0] == 1)
-    y = _fp4_tc_2d(
-        x2.astype(jnp.bfloat16),
+    m = math.prod(x.shape[:-1])
+    columns = scale_mode == "columns" or (scale_mode == "auto" and m == 1)
+    return D.call_2d(
+        _fp4_tc_2d,
+        x,
         t,
         split_k=default_split(t, columns) if split_k is None else split_k,
         num_warps=num_warps,
         num_stages=default_stages(t, columns) if num_stages is None else num_stages,
         scale_mode=scale_mode,
-        out_dtype=jnp.dtype(x.dtype),
-        interpret=D.resolve_interpret(interpret),
+        interpret=interpret,
     )
-    return y.astype(x.dtype).reshape(*lead, t.n)
 
 
 # ------------------------------------------------------------------------------------------

@@ -318,11 +318,8 @@ def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xl
 
 def default_split(t: TcInt4) -> int:
     """K splits for about two programs per SM (a power of two dividing the chunk count)."""
-    progs, split, chunks = t.words.shape[0], 1, t.kw // CHUNK
     # (and at least 4 chunks per program: H100 sweeps lost at 2 chunks per program)
-    while progs * split < 2 * D._num_sms() and chunks % (2 * split) == 0 and chunks >= 8 * split:
-        split *= 2
-    return split
+    return D.split_for(t.words.shape[0], t.kw // CHUNK, per_sm=2, min_steps=4)
 
 
 def int4_tc_matmul(
@@ -337,20 +334,16 @@ def int4_tc_matmul(
     ``"none"``: no ``sum_k x`` at all, the decode makes ``q - z`` exactly with one more
     ``fma.rn.bf16x2`` per two weights (H100: ~1 µs slower per call in the 8B decode).
     """
-    x2, lead = D.flatten_x(x, t.k)
-    split_k = default_split(t) if split_k is None else split_k
-    xsum = DEFAULT_XSUM if xsum is None else xsum
-    y = _tc_2d(
-        x2.astype(jnp.bfloat16),
+    return D.call_2d(
+        _tc_2d,
+        x,
         t,
-        split_k=split_k,
+        split_k=default_split(t) if split_k is None else split_k,
         num_warps=num_warps,
         num_stages=num_stages,
-        xsum=xsum,
-        out_dtype=jnp.dtype(x.dtype),
-        interpret=D.resolve_interpret(interpret),
+        xsum=DEFAULT_XSUM if xsum is None else xsum,
+        interpret=interpret,
     )
-    return y.astype(x.dtype).reshape(*lead, t.n)
 
 
 # ------------------------------------------------------------------------------------------

@@ -373,25 +373,20 @@ def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtyp
 def default_split(t: Tc24) -> int:
     """K splits for at most two programs per SM (H100 probe at block_n 64, M = 1: 8192² 33.5 µs
     at 256 programs, 37.7 at 512)."""
-    progs, split, steps = t.keep.shape[0], 1, t.kw // SUPER
-    while 2 * progs * split <= 2 * D._num_sms() and steps % (2 * split) == 0:
-        split *= 2
-    return split
+    return D.split_for(t.keep.shape[0], t.kw // SUPER, per_sm=2, at_most=True)
 
 
 def tc24_matmul(x, t: Tc24, *, split_k=None, num_warps=4, num_stages=3, interpret=None):
     """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``."""
-    x2, lead = D.flatten_x(x, t.k)
-    y = _tc24_2d(
-        x2,
+    return D.call_2d(
+        _tc24_2d,
+        x,
         t,
         split_k=default_split(t) if split_k is None else split_k,
         num_warps=num_warps,
         num_stages=num_stages,
-        out_dtype=jnp.dtype(x.dtype),
-        interpret=D.resolve_interpret(interpret),
+        interpret=interpret,
     )
-    return y.astype(x.dtype).reshape(*lead, t.n)
 
 
 # ------------------------------------------------------------------------------------------
