@@ -564,3 +564,17 @@ def call_2d(kernel_2d, x, t, *, interpret=None, **kw):
         **kw,
     )
     return y.astype(x.dtype).reshape(*lead, t.n)
+
+
+class TcLayout:
+    """Mixin of the tensor-core decode layouts (``TcInt4``, ``TcFP4``, ``Tc24``): the logical
+    ``shape`` (K, N) and ``kp``, the padded-K name the other layouts use, from each one's
+    ``kw``."""
+
+    @property
+    def kp(self) -> int:
+        return self.kw
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n)

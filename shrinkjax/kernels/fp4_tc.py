@@ -76,7 +76,7 @@ _SIGN_MASK = 0x80008000
     meta_fields=["k", "n", "fmt", "block_n"],
 )
 @dataclasses.dataclass(frozen=True)
-class TcFP4:
+class TcFP4(D.TcLayout):
     """MXFP4 / NVFP4 weight in :mod:`fp4_tc`'s layout (module docstring)."""
 
     words: jax.Array  # uint32 [Np/bn, Kw/128, bn, 16]
@@ -103,12 +103,6 @@ class TcFP4:
     @property
     def np_(self) -> int:
         return self.words.shape[0] * self.block_n
-
-    kp = kw
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.k, self.n)
 
 
 def word_bits(i: int, b: int) -> tuple[int, int]:

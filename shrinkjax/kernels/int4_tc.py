@@ -74,7 +74,7 @@ XSUM_MODES = ("none", "xla", "sum", "mma")
     meta_fields=["k", "n", "group", "block_n"],
 )
 @dataclasses.dataclass(frozen=True)
-class TcInt4:
+class TcInt4(D.TcLayout):
     """int4 weight in :mod:`int4_tc`'s layout (module docstring)."""
 
     words: jax.Array  # uint32 [Np/bn, Kw/128, bn, 16]
@@ -92,12 +92,6 @@ class TcInt4:
     @property
     def np_(self) -> int:
         return self.words.shape[0] * self.block_n
-
-    kp = kw  # (the padded-K name the other layouts use)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.k, self.n)
 
 
 def supports(p: PackedInt) -> bool:

@@ -65,7 +65,7 @@ MAX_M = 128
     meta_fields=["k", "n", "block_n", "group"],
 )
 @dataclasses.dataclass(frozen=True)
-class Tc24:
+class Tc24(D.TcLayout):
     """2:4-sparse weight in :mod:`sparse24_tc`'s layout (module docstring): bf16 values, or
     symmetric int4 codes with per-group scales (``group`` > 0)."""
 
@@ -85,15 +85,9 @@ class Tc24:
     def kw(self) -> int:
         return self.keep.shape[1] * SUPER
 
-    kp = kw
-
     @property
     def np_(self) -> int:
         return self.keep.shape[0] * self.block_n
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.k, self.n)
 
 
 def supports(p: Packed24) -> bool:

@@ -14,7 +14,7 @@ from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels.triton_ext import dot_acc
 
-from .test_kernels import check_tc_dispatch, make_int, rel_err
+from .test_kernels import check_tc_dispatch, check_tc_errors, make_int, rel_err
 
 TOL = 1e-2
 
@@ -119,17 +119,9 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="group=96"):
         T.pack_tc(p96)
     p, t, _ = _problem(rng, 256, 128, 128, False)
-    with pytest.raises(ValueError, match="block_n 96"):
-        T.pack_tc(p, 96)
-    x = jnp.ones((129, 256), jnp.bfloat16)
-    with pytest.raises(ValueError, match="M <= 128"):
-        T.int4_tc_matmul(x, t, interpret=True)
-    with pytest.raises(ValueError, match="split_k 3"):
-        T.int4_tc_matmul(x[:1], t, split_k=3, interpret=True)
-    with pytest.raises(ValueError, match="x has K=100"):
-        T.int4_tc_matmul(jnp.ones((1, 100), jnp.bfloat16), t, interpret=True)
+    check_tc_errors(T.pack_tc, p, T.int4_tc_matmul, t)
     with pytest.raises(ValueError, match="xsum"):
-        T.int4_tc_matmul(x[:1], t, xsum="host", interpret=True)
+        T.int4_tc_matmul(jnp.ones((1, 256), jnp.bfloat16), t, xsum="host", interpret=True)
 
 
 @pytest.mark.gpu

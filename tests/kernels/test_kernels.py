@@ -73,6 +73,20 @@ def check_tc_dispatch(rng, p, t, w64, linear, max_m, m):
         assert rel_err(y.reshape(-1, n), x64(x).reshape(-1, k) @ w64) < TOL
 
 
+def check_tc_errors(pack, p, matmul, t):
+    """The errors every tensor-core layout shares: a program tile that does not divide N
+    (``pack(p, 96)``), more than 128 rows of x, a split not dividing the K steps, a wrong K."""
+    with pytest.raises(ValueError, match="block_n 96"):
+        pack(p, 96)
+    x = jnp.ones((129, t.k), jnp.bfloat16)
+    with pytest.raises(ValueError, match="M <= 128"):
+        matmul(x, t, interpret=True)
+    with pytest.raises(ValueError, match="split_k 3"):
+        matmul(x[:1], t, split_k=3, interpret=True)
+    with pytest.raises(ValueError, match="x has K=100"):
+        matmul(jnp.ones((1, 100), jnp.bfloat16), t, interpret=True)
+
+
 # ------------------------------------------------------------------------------------------
 # random problem builders (plain arrays -> packed, float64 dequantized W)
 # ------------------------------------------------------------------------------------------

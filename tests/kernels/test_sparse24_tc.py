@@ -13,7 +13,7 @@ from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels import sparse24_tc as S
 
-from .test_kernels import check_tc_dispatch, make_24_int4, rel_err
+from .test_kernels import check_tc_dispatch, check_tc_errors, make_24_int4, rel_err
 
 TOL = 1e-2
 KINDS = ["bf16", "int4"]
@@ -145,13 +145,7 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="converts a Packed24"):
         S.pack_24_tc(L.pack_int(codes, np.ones((2, 128)), bits=4, group=128))
     p, t, _ = _problem(rng, 512, 128)
-    with pytest.raises(ValueError, match="block_n 96"):
-        S.pack_24_tc(p, 96)
-    x = jnp.ones((129, 512), jnp.bfloat16)
-    with pytest.raises(ValueError, match="M <= 128"):
-        S.tc24_matmul(x, t, interpret=True)
-    with pytest.raises(ValueError, match="split_k 3"):
-        S.tc24_matmul(x[:1], t, split_k=3, interpret=True)
+    check_tc_errors(S.pack_24_tc, p, S.tc24_matmul, t)
 
 
 @pytest.mark.gpu
