@@ -62,6 +62,8 @@ def default_config() -> ConfigDict:
             blocksize=128,  # sparsegpt lazy-update block (rows of K)
             damp=0.01,  # sparsegpt dampening, fraction of mean(diag H)
             evaluate=False,  # perplexity of the pruned model on config.data, in the results
+            save=False,  # save the pruned model (shrinkjax checkpoint) to save_dir
+            save_dir="",  # default: <workdir>/pruned_model
             calib=ConfigDict(
                 dict(
                     source="file",
@@ -450,6 +452,13 @@ def prune_stage(ctx: RunContext) -> dict:
         ctx.state["model_name"] = f"{ctx.state.get('model_name', 'model')} ({pcfg.method})"
         res.update(summarize(model, reports))
         res["layers"] = reports
+        if pcfg.save:  # e.g. for scripts/evaluate.py --kernels (the 2:4 kernels)
+            from shrinkjax.io.checkpoint import save_checkpoint
+
+            out = pcfg.save_dir or ctx.path("pruned_model")
+            meta = {k: v for k, v in res.items() if k != "layers"}
+            save_checkpoint(out, model, tok, meta={"prune": meta})
+            res["saved_to"] = out
     res["seconds"] = time.perf_counter() - t0
     if pcfg.evaluate:
         from shrinkjax.eval.perplexity import perplexity

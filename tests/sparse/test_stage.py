@@ -49,7 +49,7 @@ def _run(name, tmp_path, **prune):
 
 
 def test_sparsegpt_24_int4_stage_compresses_and_keeps_teacher(tmp_path):
-    res = _run("sparsegpt_2of4_int4", tmp_path)
+    res = _run("sparsegpt_2of4_int4", tmp_path, save=True)
     p, ev = res["prune"], res["evaluate"]
     assert p["pattern"] == "2:4" and p["sparsity"] == 0.5 and p["pruned_linears"] == 14
     assert all(r["quant_group"] == 32 for r in p["layers"].values())
@@ -60,6 +60,17 @@ def test_sparsegpt_24_int4_stage_compresses_and_keeps_teacher(tmp_path):
     assert 0 < p["mean_rel_out_err"] < 0.2
     # the teacher is untouched: compare measured a real difference
     assert ev["kl"] > 0 and ev["top1_agree"] < 1
+    # prune.save: the checkpoint holds the compressed linears, byte for byte
+    from shrinkjax.io.checkpoint import load_checkpoint
+    from shrinkjax.models.params import flat_params
+    from shrinkjax.sparse.stage import stored_nbytes
+
+    assert p["saved_to"] == os.path.join(tmp_path, "pruned_model")
+    m2, tok = load_checkpoint(p["saved_to"])
+    k = flat_params(m2)["layers.1.mlp.down_proj.kernel"]
+    assert isinstance(k, NMSparseArray) and k.pattern == "2:4"
+    assert isinstance(k.values, QuantizedArray)
+    assert stored_nbytes(flat_params(m2)) == p["bytes"] and tok is not None
 
 
 def test_magnitude_global_stage(tmp_path):
