@@ -3,6 +3,8 @@ against the fused int4 kernel, ``torch._weight_int4pack_mm`` and cuBLAS bf16, sa
 
     python scripts/probe_int4_tc.py --budget-s 300 --out probe_tc.json
     python scripts/probe_int4_tc.py --shapes 8192x8192 --ms 1,16
+    python scripts/probe_int4_tc.py --shapes 4096x28672,14336x4096,4096x6144,4096x4096 --ms 1 \
+        --splits 1,2,4,8,16 --block-ns 128     # the 8B decode's fused shapes, split-K
 
 For each K x N and M: the fused kernel at its tuned tiles, torch's int4 and bf16 matmuls, then
 a sweep of the kernel's tiles (block_n, warps, stages, split_k) within the budget (the first
@@ -40,6 +42,8 @@ def main(argv=None):
         help="only the default tiles and split-K, once per --modes",
     )
     ap.add_argument("--modes", default="none,xla", help="xsum modes for --defaults-only")
+    ap.add_argument("--splits", default="8,16,32", help="split_k values of the sweep")
+    ap.add_argument("--block-ns", default="64,128,256", help="block_n values of the sweep")
     ap.add_argument(
         "--profile",
         default="",
@@ -58,8 +62,11 @@ def main(argv=None):
 
     res = KB.probe_result()
     copy = res["copy_tbps"]
-    grid = list(itertools.product((64, 128, 256), (4,), (2, 3), (8, 16, 32), ("xla",)))
-    grid += [(128, 4, 3, 8, "mma"), (128, 8, 3, 8, "xla"), (256, 8, 3, 8, "xla")]
+    block_ns = [int(v) for v in a.block_ns.split(",")]
+    splits = [int(v) for v in a.splits.split(",")]
+    grid = list(itertools.product(block_ns, (4,), (2, 3), splits, ("xla",)))
+    if a.splits == "8,16,32" and a.block_ns == "64,128,256":  # the first sweep's extras
+        grid += [(128, 4, 3, 8, "mma"), (128, 8, 3, 8, "xla"), (256, 8, 3, 8, "xla")]
     np.random.default_rng(0).shuffle(grid)
     if a.defaults_only:
         grid = [(T.DEFAULT_BLOCK_N, 4, 3, 0, mode) for mode in a.modes.split(",")]  # 0: default
@@ -71,7 +78,8 @@ def main(argv=None):
         ws, x, xs, ref, row = (cell[q] for q in ("ws", "x", "xs", "ref", "row"))
         nbytes = row["bytes"]
         row["copy_tbps"] = copy
-        tcs = {bn: [T.pack_tc(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
+        bns = sorted({*block_ns, T.DEFAULT_BLOCK_N})
+        tcs = {bn: [T.pack_tc(w, bn) for w in ws] for bn in bns if n % bn == 0}
         jax.block_until_ready(tcs)
         if T.DEFAULT_BLOCK_N in tcs:  # the dispatch entry point at default settings
             from shrinkjax.kernels import dispatch

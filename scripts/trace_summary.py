@@ -96,6 +96,18 @@ def summarise(events: list[dict], steps: int, top: int, merge_numbered: bool = F
     }
 
 
+def sequence(events: list[dict], start: int, count: int) -> list[dict]:
+    """Events ``start .. start + count`` by start time: name, duration and the idle gap since
+    the previous event ended (µs)."""
+    ev = sorted(events, key=lambda e: e["ts"])
+    out = []
+    for i in range(start, min(start + count, len(ev))):
+        e = ev[i]
+        gap = e["ts"] - (ev[i - 1]["ts"] + ev[i - 1]["dur"]) if i else 0.0
+        out.append(dict(index=i, name=e["name"], us=float(e["dur"]), gap_us=float(gap)))
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("path", help="profile directory (or one .trace.json.gz)")
@@ -103,6 +115,12 @@ def main(argv=None) -> dict:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", default="", help="also write the summary here")
     p.add_argument("--merge", action="store_true", help="merge XLA's numbered instances (dot.3)")
+    p.add_argument(
+        "--sequence",
+        default="",
+        help="START:COUNT: also print device events START..START+COUNT in time order, with the "
+        "gap before each (e.g. one decoder layer of a decode step)",
+    )
     a = p.parse_args(argv)
     path = newest_trace(a.path)
     with gzip.open(path, "rt") as f:
@@ -120,6 +138,12 @@ def main(argv=None) -> dict:
                 f"{r['name'][:60]:<60} {r['ms_per_step']:9.3f} {100 * r['share']:6.1f}% "
                 f"{r['calls_per_step']:7.1f}"
             )
+    if a.sequence:
+        start, count = (int(v) for v in a.sequence.split(":"))
+        s["sequence"] = sequence(device_events(trace), start, count)
+        print(f"\n{'#':>5} {'gap us':>7} {'us':>7}  kernel")
+        for r in s["sequence"]:
+            print(f"{r['index']:5d} {r['gap_us']:7.2f} {r['us']:7.2f}  {r['name'][:90]}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(s, f, indent=1)

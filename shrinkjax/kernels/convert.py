@@ -107,8 +107,8 @@ def _sparse24_int4(w, unpack):
     if v.spec.format != "int4" or v.spec.granularity != "group":
         return None
     kc = w.kept_rows
-    group = 2 * (kc // v.scales.shape[0])  # dense K rows per scale
-    if group % 64 or k % group:
+    group = 2 * v.spec.group_size  # dense K rows per scale (the last group may be short)
+    if group % 64:
         return None
     codes = np.asarray(unpack(v.codes, 4, kc), np.uint8).reshape(k // 4, 2, n)
     rows = 4 * np.arange(k // 4)[:, None, None] + np.asarray(w.positions())  # [K/4, 2, N]

@@ -477,21 +477,21 @@ def pack_24_int4(codes_KxN, scales, zeros=None, *, group: int = 128, keep_KxN=No
 
     ``keep_KxN`` (bool) marks kept entries (at most 2 per group of 4 rows); default: entries
     whose dequantized value is non-zero. Entries not kept are 0 regardless of their code.
+    scales / zeros: ``[ceil(K/g), N]``; when ``group`` does not divide K the last group is short
+    (as in :func:`pack_int`): its padding rows are not kept, so they dequantize to exactly 0.
     """
     codes = _check_codes(_np(codes_KxN), 4)
     k, n = codes.shape
-    if group <= 0 or k % group:
-        raise ValueError(
-            f"K={k} (weight shape {codes.shape}) is not a multiple of the group size {group}"
-        )
-    if group % 64:
+    if k % 4:
+        raise ValueError(f"K={k} (weight shape {codes.shape}) is not a multiple of 4 (2:4 groups)")
+    if group <= 0 or group % 64:
         raise ValueError(
             f"2:4 int4 kernel needs the group size to be a multiple of 64, got {group}"
         )
     pair = SPARSE24_PAIR if group % (4 * SPARSE24_PAIR) == 0 else SPARSE24_PAIR // 2
     np_ = round_up(n, N_ALIGN)
     kp = round_up(k, math.lcm(8 * pair, group))
-    s, z = _group_params(scales, zeros, k // group, n, 4, group, kp, np_)
+    s, z = _group_params(scales, zeros, -(-k // group), n, 4, group, kp, np_)
     zf = np.full((kp // group, np_), 8, np.uint8) if z is None else _np(z)
     zrow = np.repeat(zf, group, axis=0)  # [Kp, Np]
     c = _pad2(codes, kp, np_)

@@ -116,24 +116,35 @@ def test_pruned_model_runs_through_kernel_dispatch(tiny_llama, sparse_layout, va
     assert 0 < rel < 2e-2  # bf16 values/scales and activations on the kernel path
 
 
+@pytest.mark.parametrize("k", [256, 576], ids=["K256", "K576_ragged"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_pruned_int4_weight_packs_to_the_same_values(symmetric):
+def test_pruned_int4_weight_packs_to_the_same_values(symmetric, k):
     """2:4 with int4 g128 values (g64 on the compressed axis): the kernel layout dequantizes to
-    the NMSparseArray's own dense weight (bf16 scales: two roundings); symmetric codes go to
-    the tensor-core layout, asymmetric ones to Packed24."""
+    the NMSparseArray's own dense weight (bf16 scales: two roundings) and the kernel (interpret
+    mode) matches the reference matmul; symmetric codes go to the tensor-core layout, asymmetric
+    ones to Packed24. K = 576 (SmolLM2's hidden size) ends in a short group of 64 rows."""
     from shrinkjax.kernels import layouts, sparse24_tc
+    from shrinkjax.kernels.sparse_matmul import sparse24_matmul
     from shrinkjax.sparse.array import compress
 
-    w = jnp.asarray(np.random.default_rng(3).standard_normal((256, 128)).astype(np.float32))
+    w = np.random.default_rng(3).standard_normal((k, 128)).astype(np.float32)
+    w[512:] *= 0.05  # a neighbour's scale on the short group would show
     spec = QuantSpec("int4", group_size=128, symmetric=symmetric)
-    q24 = compress(w, 2, 4, quant=formats.make(spec))
+    q24 = compress(jnp.asarray(w), 2, 4, quant=formats.make(spec))
     packed = to_kernel_layout(q24, sparse_layout="tc")
     want_t = sparse24_tc.Tc24 if symmetric else layouts.Packed24
-    assert isinstance(packed, want_t) and packed.is_int4
+    assert isinstance(packed, want_t) and packed.is_int4 and packed.shape == (k, 128)
     got = np.asarray(reference.dequantize(packed), np.float32)
     want = np.asarray(q24.to_dense(jnp.float32))
-    np.testing.assert_allclose(got, want, rtol=8e-3, atol=4e-3 * np.abs(want).max())
+    for rows in (slice(0, 512), slice(512, k)) if k > 512 else (slice(0, k),):
+        a, b = got[rows], want[rows]
+        np.testing.assert_allclose(a, b, rtol=8e-3, atol=4e-3 * np.abs(b).max())
     assert not got[want == 0].any()  # pruned rows stay exactly zero
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, k)), jnp.bfloat16)
+    matmul = sparse24_tc.tc24_linear if symmetric else sparse24_matmul
+    y = np.asarray(matmul(x, packed, interpret=True), np.float32)
+    y_ref = np.asarray(x.astype(jnp.float32) @ want)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-2, atol=2e-2 * np.abs(y_ref).max())
     q3 = compress(w, 2, 4, quant=formats.make(QuantSpec("int3", group_size=128)))
     assert to_kernel_layout(q3) is None  # no 2:4 int3 kernel: kept on the reference path
 
