@@ -29,10 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-KEYS = ("block_n", "num_stages", "split", "scale_mode")  # split: x default_split (0.5, 1, 2)
+KEYS = ("block_n", "num_stages", "split", "scale_mode", "num_warps")  # split: x default_split
 
 
-def adapter(kind):
+def adapter(kind, block_ns=(64, 128, 256)):
     """(pack(w, bn), matmul(x, t, **kw), split-half fn, grid, default(t, m), kwargs(cfg, t, m)
     -> the matmul's keywords, or None where the config does not apply)."""
     from shrinkjax.kernels import fp4_tc as F
@@ -41,35 +41,37 @@ def adapter(kind):
     from shrinkjax.kernels.sparse_matmul import sparse24_matmul
 
     if kind in ("mxfp4", "nvfp4"):
-        grid = list(itertools.product((64, 128, 256), (2, 3, 4), (0.5, 1, 2), ("columns", "late")))
+        grid = itertools.product(block_ns, (2, 3, 4), (0.5, 1, 2), ("columns", "late"), (4, 8))
+        grid = [c for c in grid if c[4] == 4 or c[3] == "columns"]  # 8 warps: the wide MMA
 
         def kwargs(cfg, t, m):
-            bn, stages, mult, mode = cfg
-            if mode == "columns" and m != 1:
+            bn, stages, mult, mode, warps = cfg
+            if mode == "columns" and m > F.COLUMNS_MAX_M:
                 return None
             cols = mode == "columns"
             split = max(1, int(F.default_split(t, cols) * mult))
             if (t.kw // (t.step_rows if cols else F.CHUNK)) % split:
                 return None
-            return dict(split_k=split, num_stages=stages, scale_mode=mode)
+            return dict(split_k=split, num_stages=stages, scale_mode=mode, num_warps=warps)
 
         def default(t, m):
-            mode = "columns" if m == 1 else "late"  # what scale_mode="auto" runs
-            return (F.DEFAULT_BLOCK_N, F.default_stages(t, m == 1), 1, mode)
+            cols = F.use_columns("auto", m)  # what scale_mode="auto" runs
+            mode = "columns" if cols else "late"
+            return (F.DEFAULT_BLOCK_N, F.default_stages(t, cols), 1, mode, 4)
 
         return F.pack_fp4_tc, F.fp4_tc_matmul, fp4_matmul, grid, default, kwargs
     if kind in ("2:4_bf16", "2:4_int4"):
-        grid = list(itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",)))
+        grid = list(itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",), (4,)))
 
         def kwargs(cfg, t, m):
-            bn, stages, mult, _ = cfg
+            bn, stages, mult, _, _ = cfg
             split = max(1, int(S.default_split(t) * mult))
             if (t.kw // S.SUPER) % split:
                 return None
             return dict(split_k=split, num_stages=stages)
 
         def default(t, m):
-            return (S.DEFAULT_BLOCK_N_INT4 if t.is_int4 else S.DEFAULT_BLOCK_N, 3, 1, "-")
+            return (S.DEFAULT_BLOCK_N_INT4 if t.is_int4 else S.DEFAULT_BLOCK_N, 3, 1, "-", 4)
 
         return S.pack_24_tc, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
     raise SystemExit(f"unknown kind {kind!r}: mxfp4 | nvfp4 | 2:4_bf16 | 2:4_int4")
@@ -82,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8192x8192,4096x14336,4096x4096")
     ap.add_argument("--ms", default="1,16,4")
     ap.add_argument("--full-grid", type=int, default=2, help="cells that try the whole grid")
+    ap.add_argument("--block-ns", default="64,128,256", help="block_n values of the grid")
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting cells after")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -108,7 +111,8 @@ def main(argv=None):
         ws, xs = pr["ws"], sh.x(m, KB.n_calls(m, len(pr["ws"])))
         x = xs[0]
         ref = np.asarray(R.matmul_ref(x, ws[0]).astype(jnp.float32))
-        pack, matmul, split_half, grid, default, kwargs = adapter(kind)
+        bns = tuple(int(v) for v in a.block_ns.split(","))
+        pack, matmul, split_half, grid, default, kwargs = adapter(kind, bns)
         tcs = {bn: [pack(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
         nbytes = int(KB.L.packed_nbytes(tcs[128][0]) + m * k * 2 + m * n * 2)
         row = dict(kind=kind, K=k, N=n, M=m, bytes=nbytes, copy_tbps=copy)

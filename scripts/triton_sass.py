@@ -21,7 +21,7 @@ Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
 ``SCALE_MODE``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``,
-``VALUES=int4``), at K = N = 8192.
+``VALUES=int4``), at K = N = 8192; env ``M``: rows of x (default 1).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
         bits=4,
         group=128,
     )
-    x = jnp.ones((1, k), jnp.bfloat16)
+    x = jnp.ones((int(os.environ.get("M", 1)), k), jnp.bfloat16)  # env M: rows of x
     if kind == "int4_gemv":
         from shrinkjax.kernels import int4_gemv as G
 

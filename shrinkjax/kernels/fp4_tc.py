@@ -17,16 +17,19 @@ prefetched a step ahead, chained dots) carried over to E2M1 codes; larger M runs
   stay far below).
 * **Scales, two modes.** ``"late"``: each scale group's chained dots (MXFP4: 2 per 32 rows,
   NVFP4: 1 per 16) give an f32 partial scaled into the accumulator (one FMA per accumulator
-  element per group, and a dot wait per group). ``"columns"`` (M = 1, the default there): the
-  eight groups of a step go to eight *columns* of the MMA: XLA spreads x into ``xg [Kw, 8]``,
-  column ``c`` holding x on the rows of groups ``g % 8 == c`` (zero elsewhere), so all dots of
-  a step chain into one ``[bn, 8]`` partial whose columns are the eight group sums; one FMA
-  with the step's ``[bn, 8]`` scale tile (loaded as it is stored) and a row sum at the end give
-  y. Eight times fewer FMAs than ``"late"`` and no waits between dots; a step is 128 rows
-  (NVFP4) or 256 (MXFP4, two 128-row blocks). Scaling the decoded f16 weights instead (one
-  ``mul.f16x2`` per pair) was measured slower: Triton then stages the MMA operand through
-  shared memory. MXFP4 scales are ``2**(e - 127 + 14)`` (f32 bits ``(e + 14) << 23``, exact
-  for e <= 240), NVFP4's ``e4m3 * 2**14`` (and ``tensor_scale`` on the f32 result).
+  element per group, and a dot wait per group). ``"columns"`` (M <= 8; the default at M = 1):
+  the eight groups of a step go to eight *columns* of the MMA per token: XLA spreads x into
+  ``xg [Kw, 8 Mc]`` (``Mc`` = M rounded up to a power of two), column ``8 m + c`` holding token
+  m's x on the rows of groups ``g % 8 == c`` (zero elsewhere), so all dots of a step chain into
+  one ``[bn, 8 Mc]`` partial whose columns are the group sums; one FMA with the step's
+  ``[bn, 8]`` scale tile (loaded as it is stored, broadcast over the tokens through a
+  ``[bn, Mc, 8]`` view; no layout conversion in the SASS) and a sum over the eight groups at
+  the end give y. At M = 1 eight times fewer FMAs than ``"late"``, and no waits between dots;
+  a step is 128 rows (NVFP4) or 256 (MXFP4, two 128-row blocks). Scaling the decoded f16
+  weights instead (one ``mul.f16x2`` per pair) was measured slower: Triton then stages the MMA
+  operand through shared memory. MXFP4 scales are ``2**(e - 127 + 14)`` (f32 bits
+  ``(e + 14) << 23``, exact for e <= 240), NVFP4's ``e4m3 * 2**14`` (and ``tensor_scale`` on
+  the f32 result).
 
 Layout (:class:`TcFP4`, built once per weight by :func:`pack_fp4_tc`, jit-able). ``words`` is
 uint32 ``[Np/bn, Kw/128, bn, 16]`` (``Kw`` = K padded to 8 scale groups: 128 rows for NVFP4,
@@ -64,8 +67,10 @@ SLAB = 16  # K rows per MMA (f16 k-step)
 GROUPS = 8  # scale groups per step (the scales' innermost axis; "columns" mode's MMA width)
 DEFAULT_BLOCK_N = 128
 MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
+COLUMNS_MAX_M = 8  # "columns" mode: 8 MMA columns per token, at most 64 wide
+COLUMNS_AUTO_M = 1  # "auto" runs "columns" up to this M, "late" above
 FORMATS = {"mxfp4": 32, "nvfp4": 16}  # format -> K rows per scale
-SCALE_MODES = ("auto", "late", "columns")  # "auto": "columns" at M = 1, else "late"
+SCALE_MODES = ("auto", "late", "columns")
 _MAG_MASK = 0x0E000E00  # bits 9-11 of both halves
 _SIGN_MASK = 0x80008000
 
@@ -201,14 +206,16 @@ def scale_f32(s, group: int):
 
 def _kernel(x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, interpret):
     """One program: ``bn`` weight rows, ``steps`` 128-row blocks (``"late"``) or scale steps of
-    eight groups (``"columns"``; x_ref is then ``xg [Kw, 8]``)."""
+    eight groups (``"columns"``; x_ref is then ``xg [Kw, 8 Mc]``, o_ref ``[Mc, bn]``, or
+    ``[16, bn]`` at Mc = 1)."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
     bn, mp = w_ref.shape[1], o_ref.shape[0]
     last = sid * steps + steps - 1
 
-    if columns:  # M = 1: the eight groups of a step are the MMA's eight columns
+    if columns:  # the eight groups of a step are eight MMA columns per token
         blocks = GROUPS * group // CHUNK  # 128-row blocks per step: 1 or 2
+        mc = x_ref.shape[1] // GROUPS  # tokens in the MMA (M rounded up to a power of two)
 
         def operands(t):  # step t's scale tile f32 [bn, 8] and xg slabs [16, 8] (loaded a
             xs = []  # step ahead: 2 bytes per thread per slab, too small for cp.async, which
@@ -222,17 +229,21 @@ def _kernel(x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, int
             acc, (sc, xs) = carry
             t = sid * steps + i
             nxt = operands(jnp.minimum(t + 1, last))
-            part = jnp.zeros((bn, GROUPS), jnp.float32)
+            part = jnp.zeros((bn, GROUPS * mc), jnp.float32)
             for b in range(blocks):
                 tiles = decode(w_ref[t * blocks + b])
                 for j in range(8):
                     part = dot_acc(tiles[j], xs[8 * b + j], part)
-            return acc + part * sc, nxt
+            if mc == 1:
+                return acc + part * sc, nxt
+            # column 8 m + c -> [bn, m, c]: each token's 8 columns take the same scale tile
+            return acc + part.reshape(bn, mc, GROUPS) * sc[:, None, :], nxt
 
-        acc0 = jnp.zeros((bn, GROUPS), jnp.float32)
+        acc0 = jnp.zeros((bn, GROUPS) if mc == 1 else (bn, mc, GROUPS), jnp.float32)
         acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, operands(sid * steps)))
-        y = jnp.sum(acc, axis=1, keepdims=True).T  # [1, bn]
-        y = jnp.broadcast_to(y, o_ref.shape)
+        y = jnp.sum(acc, axis=-1 if mc > 1 else 1, keepdims=mc == 1).T  # [Mc, bn]
+        if mc == 1:
+            y = jnp.broadcast_to(y, o_ref.shape)
     else:
         gpc = CHUNK // group  # scale groups per 128-row block: 4 or 8
 
@@ -273,13 +284,16 @@ def _kernel(x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, int
     plgpu.store(o_ref, y.astype(o_ref.dtype), mask=rows < m)  # only the M real tokens
 
 
-def group_columns(x1, group: int):
-    """f16 ``xg [Kw, 8]`` for ``"columns"`` mode from x ``[1, Kw]``: column ``c`` holds x on
-    the rows of scale groups ``g`` with ``g % 8 == c``, zero elsewhere (XLA, one small fusion)."""
-    kw = x1.shape[1]
+def group_columns(x, group: int, mc: int = 1):
+    """f16 ``xg [Kw, 8 mc]`` for ``"columns"`` mode from x ``[M, Kw]`` (M <= mc): column
+    ``8 m + c`` holds token m's x on the rows of scale groups ``g`` with ``g % 8 == c``, zero
+    elsewhere and for tokens ``m >= M`` (XLA, one small fusion)."""
+    m, kw = x.shape
     col = (jnp.arange(kw) // group) % GROUPS
-    onehot = col[:, None] == jnp.arange(GROUPS)[None, :]
-    return jnp.where(onehot, x1.reshape(kw, 1), 0).astype(jnp.float16)
+    onehot = col[:, None] == jnp.arange(GROUPS)[None, :]  # [Kw, 8]
+    xt = jnp.pad(x.T, ((0, 0), (0, mc - m)))  # [Kw, mc]
+    xg = jnp.where(onehot[:, None, :], xt[:, :, None], 0)  # [Kw, mc, 8]
+    return xg.reshape(kw, mc * GROUPS).astype(jnp.float16)
 
 
 @functools.partial(
@@ -295,9 +309,12 @@ def _fp4_tc_2d(
         raise ValueError(f"fp4_tc takes M <= {MAX_M} rows, got {m}")
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-    columns = scale_mode == "columns" or (scale_mode == "auto" and m == 1)
-    if columns and m != 1:
-        raise ValueError(f"scale_mode 'columns' takes one row of x (M = 1), got M = {m}")
+    columns = use_columns(scale_mode, m)
+    if columns and m > COLUMNS_MAX_M:
+        raise ValueError(
+            f"scale_mode 'columns' takes at most {COLUMNS_MAX_M} rows of x (8 MMA columns per "
+            f"token), got M = {m}"
+        )
     np_, kw, bn = t.np_, t.kw, t.block_n
     unit = t.step_rows if columns else CHUNK  # K rows per loop iteration
     if (kw // unit) % split_k:
@@ -310,8 +327,10 @@ def _fp4_tc_2d(
     out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
     ts = jnp.reshape(t.tensor_scale.astype(jnp.float32), (1, 1))
     if columns:
-        xh = group_columns(xh, t.group)
-        x_spec = pl.BlockSpec((kw, GROUPS), lambda j, s: (0, 0))
+        mc = 1 << (m - 1).bit_length()  # tokens in the MMA
+        mp = SLAB if mc == 1 else mc  # the output block's rows (M = 1: y broadcast, as tuned)
+        xh = group_columns(xh, t.group, mc)
+        x_spec = pl.BlockSpec((kw, GROUPS * mc), lambda j, s: (0, 0))
     else:
         x_spec = pl.BlockSpec((mp, kw), lambda j, s: (0, 0))  # rows >= M: masked
     steps = kw // unit // split_k
@@ -340,6 +359,11 @@ def _fp4_tc_2d(
     return y if np_ == t.n else y[:, : t.n]
 
 
+def use_columns(scale_mode: str, m: int) -> bool:
+    """Whether ``scale_mode`` runs the ``"columns"`` kernel for M rows of x."""
+    return scale_mode == "columns" or (scale_mode == "auto" and m <= COLUMNS_AUTO_M)
+
+
 def default_split(t: TcFP4, columns: bool = True) -> int:
     """K splits, in loop steps of the scale mode. ``"late"``: about two programs per SM and at
     least four 128-row blocks each (as :func:`.int4_tc.default_split`); ``"columns"``: up to
@@ -363,10 +387,10 @@ def fp4_tc_matmul(
     x, t: TcFP4, *, split_k=None, num_warps=4, num_stages=None, scale_mode="auto", interpret=None
 ):
     """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
-    ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M = 1; module docstring);
+    ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M <= 8; module docstring);
     ``split_k`` / ``num_stages``: None for :func:`default_split` / :func:`default_stages`."""
     m = math.prod(x.shape[:-1])
-    columns = scale_mode == "columns" or (scale_mode == "auto" and m == 1)
+    columns = use_columns(scale_mode, m)
     return D.call_2d(
         _fp4_tc_2d,
         x,

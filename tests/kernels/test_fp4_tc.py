@@ -68,15 +68,17 @@ def test_scale_factors_are_exact_for_every_code():
     np.testing.assert_array_equal(got, want)
 
 
-def test_group_columns_spreads_x_by_scale_group():
+@pytest.mark.parametrize("m,mc", [(1, 1), (3, 4)])
+def test_group_columns_spreads_x_by_scale_group(m, mc):
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float16)
+    x = jnp.asarray(rng.standard_normal((m, 512)), jnp.float16)
     for group in (16, 32):
-        xg = np.asarray(F.group_columns(x, group), np.float32)
-        assert xg.shape == (512, 8)
+        xg = np.asarray(F.group_columns(x, group, mc), np.float32)
+        assert xg.shape == (512, 8 * mc)
         for k in (0, 15, 16, 100, 511):
-            col = (k // group) % 8
-            assert xg[k, col] == np.float32(x[0, k]) and not np.delete(xg[k], col).any()
+            cols = [8 * t + (k // group) % 8 for t in range(m)]  # token t's column of row k
+            np.testing.assert_array_equal(xg[k, cols], np.asarray(x[:, k], np.float32))
+            assert not np.delete(xg[k], cols).any()  # other groups and padded tokens: zero
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -99,6 +101,8 @@ def test_dequantize_is_bit_exact(fmt, k, n):
         (320, 200, 1, 1, "late"),  # ragged K, N
         (992, 200, 1, 2, "columns"),  # ragged, split K
         (320, 200, 3, 1, "auto"),  # "late"
+        (320, 200, 3, 1, "columns"),  # 4 tokens' columns (one padded), ragged K and N
+        (1024, 256, 8, 2, "columns"),  # 64-wide MMA, split K
         (512, 384, 16, 2, "late"),  # split K
         (544, 130, 17, 1, "late"),  # 32-wide token side
         (1024, 256, 40, 4, "auto"),
@@ -134,17 +138,26 @@ def test_clear_errors():
         F.pack_fp4_tc(p8)
     p, t, _ = _problem(rng, "nvfp4", 256, 128)
     check_tc_errors(F.pack_fp4_tc, p, F.fp4_tc_matmul, t)
-    x = jnp.ones((2, 256), jnp.bfloat16)
+    x = jnp.ones((9, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="scale_mode must be one of"):
         F.fp4_tc_matmul(x[:1], t, scale_mode="early", interpret=True)
-    with pytest.raises(ValueError, match="'columns' takes one row of x"):
+    with pytest.raises(ValueError, match="'columns' takes at most 8 rows of x"):
         F.fp4_tc_matmul(x, t, scale_mode="columns", interpret=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize(
-    "m,mode", [(1, "columns"), (1, "late"), (16, "late"), (64, "late"), (600, "auto")]
+    "m,mode",
+    [
+        (1, "columns"),
+        (4, "columns"),
+        (8, "columns"),
+        (1, "late"),
+        (16, "late"),
+        (64, "late"),
+        (600, "auto"),
+    ],
 )
 @pytest.mark.parametrize("k,n", [(1024, 768), (992, 760)], ids=["even", "ragged"])
 def test_gpu_native_matches_float64(fmt, m, mode, k, n):
