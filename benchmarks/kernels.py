@@ -592,8 +592,9 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         if auto == "fused" and isinstance(p, TC.TcInt4):
             row["cfg"] = ["int4_tc", p.block_n, TC.default_split(p), 4, 3]
         elif auto == "fused" and isinstance(p, FT.TcFP4):
-            mode = "columns" if m == 1 else "late"  # (scale_mode="auto")
-            cfg = [FT.default_split(p, m == 1), 4, FT.default_stages(p, m == 1), mode]
+            cols = FT.use_columns("auto", m, p.fmt)
+            mode = "columns" if cols else "late"
+            cfg = [FT.default_split(p, cols, m), 4, FT.default_stages(p, cols), mode]
             row["cfg"] = ["fp4_tc", p.block_n, *cfg]
         elif auto == "fused" and isinstance(p, ST.Tc24):
             row["cfg"] = ["sparse24_tc", p.block_n, ST.default_split(p), 4, 3]

@@ -49,13 +49,13 @@ def adapter(kind, block_ns=(64, 128, 256)):
             if mode == "columns" and m > F.COLUMNS_MAX_M:
                 return None
             cols = mode == "columns"
-            split = max(1, int(F.default_split(t, cols) * mult))
+            split = max(1, int(F.default_split(t, cols, m) * mult))
             if (t.kw // (t.step_rows if cols else F.CHUNK)) % split:
                 return None
             return dict(split_k=split, num_stages=stages, scale_mode=mode, num_warps=warps)
 
         def default(t, m):
-            cols = F.use_columns("auto", m)  # what scale_mode="auto" runs
+            cols = F.use_columns("auto", m, t.fmt)  # what scale_mode="auto" runs
             mode = "columns" if cols else "late"
             return (F.DEFAULT_BLOCK_N, F.default_stages(t, cols), 1, mode, 4)
 

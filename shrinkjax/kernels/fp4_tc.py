@@ -17,7 +17,8 @@ prefetched a step ahead, chained dots) carried over to E2M1 codes; larger M runs
   stay far below).
 * **Scales, two modes.** ``"late"``: each scale group's chained dots (MXFP4: 2 per 32 rows,
   NVFP4: 1 per 16) give an f32 partial scaled into the accumulator (one FMA per accumulator
-  element per group, and a dot wait per group). ``"columns"`` (M <= 8; the default at M = 1):
+  element per group, and a dot wait per group). ``"columns"`` (M <= 8; the default up to
+  ``COLUMNS_AUTO_M``: M <= 2 for MXFP4, M <= 4 for NVFP4):
   the eight groups of a step go to eight *columns* of the MMA per token: XLA spreads x into
   ``xg [Kw, 8 Mc]`` (``Mc`` = M rounded up to a power of two), column ``8 m + c`` holding token
   m's x on the rows of groups ``g % 8 == c`` (zero elsewhere), so all dots of a step chain into
@@ -68,7 +69,10 @@ GROUPS = 8  # scale groups per step (the scales' innermost axis; "columns" mode'
 DEFAULT_BLOCK_N = 128
 MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
 COLUMNS_MAX_M = 8  # "columns" mode: 8 MMA columns per token, at most 64 wide
-COLUMNS_AUTO_M = 1  # "auto" runs "columns" up to this M, "late" above
+# "auto" runs "columns" up to this M, "late" above (H100 probe at 8192², scripts/probe_tc.py:
+# columns vs late MXFP4 20.5 / 22.2 µs at M = 2, > 24 / 22.5 at M = 4; NVFP4 20.8 / 28.2 at
+# M = 2, 25.5 / 28.3 at M = 4, 33.7 / 29.2 at M = 8)
+COLUMNS_AUTO_M = {"mxfp4": 2, "nvfp4": 4}
 FORMATS = {"mxfp4": 32, "nvfp4": 16}  # format -> K rows per scale
 SCALE_MODES = ("auto", "late", "columns")
 _MAG_MASK = 0x0E000E00  # bits 9-11 of both halves
@@ -309,7 +313,7 @@ def _fp4_tc_2d(
         raise ValueError(f"fp4_tc takes M <= {MAX_M} rows, got {m}")
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-    columns = use_columns(scale_mode, m)
+    columns = use_columns(scale_mode, m, t.fmt)
     if columns and m > COLUMNS_MAX_M:
         raise ValueError(
             f"scale_mode 'columns' takes at most {COLUMNS_MAX_M} rows of x (8 MMA columns per "
@@ -359,22 +363,25 @@ def _fp4_tc_2d(
     return y if np_ == t.n else y[:, : t.n]
 
 
-def use_columns(scale_mode: str, m: int) -> bool:
-    """Whether ``scale_mode`` runs the ``"columns"`` kernel for M rows of x."""
-    return scale_mode == "columns" or (scale_mode == "auto" and m <= COLUMNS_AUTO_M)
+def use_columns(scale_mode: str, m: int, fmt: str) -> bool:
+    """Whether ``scale_mode`` runs the ``"columns"`` kernel for M rows of x in ``fmt``."""
+    return scale_mode == "columns" or (scale_mode == "auto" and m <= COLUMNS_AUTO_M[fmt])
 
 
-def default_split(t: TcFP4, columns: bool = True) -> int:
+def default_split(t: TcFP4, columns: bool = True, m: int = 1) -> int:
     """K splits, in loop steps of the scale mode. ``"late"``: about two programs per SM and at
     least four 128-row blocks each (as :func:`.int4_tc.default_split`); ``"columns"``: up to
     four programs per SM and at least two blocks each (H100 probe, ``scripts/probe_tc.py``:
-    MXFP4 4096 x 4096 at M = 1 in 8.3 µs at 16 splits, 9.3 µs at 8)."""
+    MXFP4 4096 x 4096 at M = 1 in 8.3 µs at 16 splits, 9.3 µs at 8), halved from M = 3 on
+    (four tokens' 32 columns: 181 registers, two programs per SM; NVFP4 8192² at M = 4:
+    25.5 µs halved, 29.0 not)."""
     unit = t.step_rows if columns else CHUNK
     per_sm, min_blocks = (4, 2) if columns else (2, 4)
     min_steps = max(1, min_blocks * CHUNK // unit)
-    return D.split_for(
+    split = D.split_for(
         t.words.shape[0], t.kw // unit, per_sm=per_sm, min_steps=min_steps, at_most=columns
     )
+    return max(1, split // 2) if columns and m > 2 else split
 
 
 def default_stages(t: TcFP4, columns: bool) -> int:
@@ -390,12 +397,12 @@ def fp4_tc_matmul(
     ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M <= 8; module docstring);
     ``split_k`` / ``num_stages``: None for :func:`default_split` / :func:`default_stages`."""
     m = math.prod(x.shape[:-1])
-    columns = use_columns(scale_mode, m)
+    columns = use_columns(scale_mode, m, t.fmt)
     return D.call_2d(
         _fp4_tc_2d,
         x,
         t,
-        split_k=default_split(t, columns) if split_k is None else split_k,
+        split_k=default_split(t, columns, m) if split_k is None else split_k,
         num_warps=num_warps,
         num_stages=default_stages(t, columns) if num_stages is None else num_stages,
         scale_mode=scale_mode,

@@ -179,3 +179,16 @@ def test_gpu_native_matches_float64(fmt, m, mode, k, n):
             w.view(np.uint16), np.asarray(R.dequantize(p)).view(np.uint16)
         )
     assert rel_err(y, np.asarray(x, np.float64) @ w64) < TOL
+
+
+def test_auto_scale_mode_and_split_follow_the_probe():
+    """"auto" runs "columns" up to M = 2 (MXFP4) / 4 (NVFP4), with half the K splits from M = 3
+    on (registers allow two programs per SM there); "late" above."""
+    rng = np.random.default_rng(8)
+    for fmt, last in (("mxfp4", 2), ("nvfp4", 4)):
+        assert F.use_columns("auto", last, fmt) and not F.use_columns("auto", last + 1, fmt)
+        assert F.use_columns("columns", 8, fmt) and not F.use_columns("late", 1, fmt)
+        _, t, _ = _problem(rng, fmt, 8192, 1024)
+        full = F.default_split(t, True, 1)
+        assert full > 1 and F.default_split(t, True, 2) == full
+        assert F.default_split(t, True, 4) == full // 2
