@@ -49,6 +49,26 @@ def test_kernels_benchmark_budget_skips_cells(tmp_path):
     assert all(r["error"].startswith("skipped") and r["us"] is None for r in res["rows"])
 
 
+def test_xla_baseline_reads_the_source_layout():
+    """The tensor-core layouts are timed as packed; the XLA dequantize-then-dot baseline and the
+    correctness reference read the layout each was converted from (same values)."""
+    import numpy as np
+
+    from shrinkjax.kernels import layouts as L
+    from shrinkjax.kernels import reference as R
+
+    kb = _load("kernels")
+    sh = kb.Shape(128, 256, ["int4_g128", "mxfp4", "2:4_int4"], seed=0)
+    want = {"int4_g128": L.PackedInt, "mxfp4": L.PackedMXFP4, "2:4_int4": L.Packed24}
+    for kind, cls in want.items():
+        pr = sh.probs[kind]
+        assert isinstance(pr["src_ws"][0], cls) and not isinstance(pr["p"], cls)
+        assert len(pr["src_ws"]) == len(pr["ws"]) and "source" not in pr["plain"]
+        a = np.asarray(R.dequantize(pr["src_ws"][0]), np.float32)
+        b = np.asarray(R.dequantize(pr["p"]), np.float32)
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("kernels", [False, True])
 def test_decode_benchmark_quick(tmp_path, kernels):
     db = _load("decode")

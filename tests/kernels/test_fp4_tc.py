@@ -182,7 +182,7 @@ def test_gpu_native_matches_float64(fmt, m, mode, k, n):
 
 
 def test_auto_scale_mode_and_split_follow_the_probe():
-    """"auto" runs "columns" up to M = 2 (MXFP4) / 4 (NVFP4), with half the K splits from M = 3
+    """ "auto" runs "columns" up to M = 2 (MXFP4) / 4 (NVFP4), with half the K splits from M = 3
     on (registers allow two programs per SM there); "late" above."""
     rng = np.random.default_rng(8)
     for fmt, last in (("mxfp4", 2), ("nvfp4", 4)):
