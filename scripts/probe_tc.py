@@ -65,13 +65,14 @@ def adapter(kind, block_ns=(64, 128, 256)):
 
         def kwargs(cfg, t, m):
             bn, stages, mult, _, _ = cfg
-            split = max(1, int(S.default_split(t) * mult))
+            split = max(1, int(S.default_split(t, m) * mult))
             if (t.kw // S.SUPER) % split:
                 return None
             return dict(split_k=split, num_stages=stages)
 
         def default(t, m):
-            return (S.DEFAULT_BLOCK_N_INT4 if t.is_int4 else S.DEFAULT_BLOCK_N, 3, 1, "-", 4)
+            bn = S.DEFAULT_BLOCK_N_INT4 if t.is_int4 else S.DEFAULT_BLOCK_N
+            return (bn, S.default_stages(t, m), 1, "-", 4)
 
         return S.pack_24_tc, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
     raise SystemExit(f"unknown kind {kind!r}: mxfp4 | nvfp4 | 2:4_bf16 | 2:4_int4")

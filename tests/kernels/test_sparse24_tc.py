@@ -128,6 +128,18 @@ def test_dispatch_routes_tc24_weights(kind, m):
     check_tc_dispatch(rng, p, t, w64, S.tc24_linear, S.MAX_M, m)
 
 
+def test_defaults_take_more_splits_and_fewer_stages_for_int4_at_one_token():
+    """int4 values at M = 1: twice the K splits and 2 stages (H100 and H200 probes); bf16 values
+    and M > 1 keep the base split and 3 stages."""
+    rng = np.random.default_rng(9)
+    _, t4, _ = _problem(rng, 4096, 4096, block_n=128, kind="int4")  # 32 programs, 16 steps
+    _, tb, _ = _problem(rng, 4096, 4096, block_n=64)
+    base = S.default_split(t4, 16)
+    assert S.default_split(t4, 1) == 2 * base and S.default_stages(t4, 1) == 2
+    assert S.default_stages(t4, 16) == 3 and S.default_stages(tb, 1) == 3
+    assert S.default_split(tb, 1) == S.default_split(tb, 16)
+
+
 def test_clear_errors():
     rng = np.random.default_rng(6)
     codes = rng.integers(0, 16, (256, 128))
