@@ -366,6 +366,13 @@ def main(argv=None):
         help="lm_head in bf16 (default) or packed in the format of the linears",
     )
     ap.add_argument(
+        "--attention",
+        default="einsum",
+        choices=("einsum", "pallas_decode"),
+        help="decode attention: XLA einsums or one Pallas kernel per layer "
+        "(shrinkjax.kernels.decode_attention; LlamaConfig.attention_impl)",
+    )
+    ap.add_argument(
         "--profile",
         default="",
         help="trace one more call per cell into this directory; print device time by kernel",
@@ -378,7 +385,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else LLAMA3_8B
-    cfg = cfg.replace(fused_projections=args.projections == "fused")
+    cfg = cfg.replace(fused_projections=args.projections == "fused", attention_impl=args.attention)
     if args.quick:
         args.steps, args.reps, args.prompt = min(args.steps, 4), 1, min(args.prompt, 8)
     saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM
@@ -400,6 +407,7 @@ def main(argv=None):
         **{f"{kind}_layout": getattr(args, f"{kind}_layout") for kind in LAYOUT_FLAGS},
         "lm_head": args.lm_head,
         "projections": args.projections,
+        "attention": args.attention,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,
         "decode_steps": args.steps,

@@ -21,7 +21,8 @@ Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
 ``SCALE_MODE``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``,
-``VALUES=int4``), at K = N = 8192; env ``M``: rows of x (default 1).
+``VALUES=int4``), at K = N = 8192; env ``M``: rows of x (default 1); ``decode_attention``
+(:mod:`shrinkjax.kernels.decode_attention`, the 8B heads, env ``S`` cache slots).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGS_PER_SM = 65536
-KINDS = ("int4_gemv", "int4_fused", "int4_tc", "mxfp4_tc", "nvfp4_tc", "sparse24_tc")
+KINDS = (
+    "int4_gemv", "int4_fused", "int4_tc", "mxfp4_tc", "nvfp4_tc", "sparse24_tc", "decode_attention"
+)  # fmt: skip
 
 
 def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int = 64) -> str:
@@ -80,6 +83,14 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
         tile = dict(split_k=int(os.environ.get("SPLIT", 4)), num_warps=warps, num_stages=stages)
         f = functools.partial(kernel_2d, **tile, **extra, interpret=False)
         args = (x, tc)
+    elif kind == "decode_attention":  # one layer of the 8B decode: 32 heads, 8 KV heads
+        from shrinkjax.kernels.decode_attention import decode_attention
+
+        s_len = int(os.environ.get("S", 128))
+        q = jnp.ones((1, 32, 128), jnp.bfloat16)
+        kv = jnp.ones((1, s_len, 8, 128), jnp.bfloat16)
+        f = functools.partial(decode_attention, num_warps=warps, num_stages=stages, interpret=False)
+        args = (q, kv, kv, jnp.ones((1, s_len), bool))
     elif kind == "int4_fused":
         from shrinkjax.kernels.int_matmul import int_matmul
 

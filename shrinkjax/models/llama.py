@@ -37,6 +37,8 @@ from flax import nnx
 from shrinkjax.kernels import dispatch
 from shrinkjax.models.kv_cache import KVCache, cache_read, cache_write
 
+ATTENTION_IMPLS = ("einsum", "cudnn", "pallas_decode")
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -54,7 +56,9 @@ class LlamaConfig:
     tie_embeddings: bool = True
     attention_bias: bool = False  # Qwen2 has q/k/v biases
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    attention_impl: str = "einsum"  # einsum (exact, any mask) | cudnn (flash, no cache, bf16)
+    # einsum (exact, any mask) | cudnn (flash, no cache, bf16) | pallas_decode (one-token decode
+    # steps with a bf16 cache through shrinkjax.kernels.decode_attention on a GPU; else einsum)
+    attention_impl: str = "einsum"
     # q/k/v as one qkv_proj [D, (N+2K)H], gate/up as one gate_up_proj [D, 2F] (inference;
     # shrinkjax.models.fuse.fuse_projections builds it from an unfused model)
     fused_projections: bool = False
@@ -66,8 +70,10 @@ class LlamaConfig:
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.attention_impl not in ("einsum", "cudnn"):
-            raise ValueError(f"attention_impl must be einsum or cudnn, got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
 
     @property
     def head_width(self) -> int:
@@ -174,6 +180,13 @@ def attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, impl: str = "einsum")
     (lets cuDNN's flash kernel skip the mask tensor)."""
     b, l, n, h = q_BxLxNxH.shape
     kh = k_BxSxKxH.shape[2]
+    if impl == "pallas_decode" and l == 1 and mask_BxLxS is not None:
+        from shrinkjax.kernels import decode_attention as DA
+        from shrinkjax.kernels import driver
+
+        if driver.use_kernel_backend() and DA.supports(q_BxLxNxH, k_BxSxKxH):
+            out = DA.decode_attention(q_BxLxNxH[:, 0], k_BxSxKxH, v_BxSxKxH, mask_BxLxS[:, 0])
+            return out.reshape(b, l, n * h)
     if impl == "cudnn":
         mask = None if mask_BxLxS is None else mask_BxLxS[:, None]
         out = jax.nn.dot_product_attention(

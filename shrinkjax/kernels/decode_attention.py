@@ -1,0 +1,142 @@
+"""Pallas kernel (Triton lowering): grouped-query attention of one new token per sequence
+against the KV cache, in one kernel (decode).
+
+Why: XLA runs decode attention as six small kernels per layer (q·K GEMM, two softmax reductions,
+a convert, p·V GEMM, the output transpose), ~1.1-2.3 µs each on an H100 whatever the cache
+length; at batch 1 they are ~10% of an int4 8B step (``benchmarks/RESULTS.md``, "Where the int4
+step goes"). Here one program per (sequence, KV head) reads its KV head's cache rows in place
+(the cache's own ``[B, S, K, H]`` layout, no transpose), with an online softmax over blocks of
+``block_s`` slots (FlashAttention-2's recurrence, Dao 2023, arXiv:2307.08691; flash-decoding
+without the split: decode contexts here are short).
+
+Shapes: q ``[B, N, H]`` (N = K * G query heads; head ``n = k G + g`` attends KV head ``k``, as
+:func:`shrinkjax.models.llama.attention` groups them), k / v ``[B, S, K, H]``, ``valid``
+``[B, S]`` (True = may attend). The G query heads of a KV head are the MMA's rows (padded to
+16 by masked loads). Softmax in f32 with the scale ``1/sqrt(H)``; p is rounded to the cache
+dtype for the p·V product, as the einsum path does. A row with no valid slot returns zeros
+(the einsum path returns the mean of v there; the model never asks for it: a decode token's
+own slot is valid).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from shrinkjax.kernels import driver as D
+
+ROWS = 16  # MMA rows: the query heads of a KV head, padded
+_NEG = -1e30  # masked scores (finite: exp(_NEG - m) is 0 without inf - inf)
+
+
+def _kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, g, s_len, block_s, scale):
+    """One (sequence, KV head): q_ref / o_ref [16, H] (rows >= G are not its heads: masked),
+    k_ref / v_ref [Sp, H] and valid_ref [Sp] int8 (Sp = S rounded up to block_s; rows >= S
+    masked)."""
+    h = q_ref.shape[-1]
+    head = jax.lax.broadcasted_iota(jnp.int32, (ROWS, h), 0)
+    q = plgpu.load(q_ref, mask=head < g, other=0.0)  # [16, H]
+    col = jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0)
+    row = jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        s0 = i * block_s
+        in_s = s0 + row < s_len  # the last block may run past S
+        k = plgpu.load(k_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
+        v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
+        ok = plgpu.load(valid_ref.at[pl.ds(s0, block_s)], mask=s0 + col < s_len, other=0) != 0
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)  # [16, block_s]
+        s = jnp.where(ok[None, :], s * scale, _NEG)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        p = jnp.where(ok[None, :], jnp.exp(s - m_next[:, None]), 0.0)
+        corr = jnp.exp(m_prev - m_next)
+        l_next = corr * l_prev + jnp.sum(p, axis=1)
+        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return corr[:, None] * acc + pv, m_next, l_next
+
+    acc0 = jnp.zeros((ROWS, h), jnp.float32)
+    m0 = jnp.full((ROWS,), _NEG, jnp.float32)
+    l0 = jnp.zeros((ROWS,), jnp.float32)
+    acc, _, l_sum = jax.lax.fori_loop(0, pl.cdiv(s_len, block_s), body, (acc0, m0, l0))
+    out = acc / jnp.where(l_sum > 0, l_sum, 1.0)[:, None]
+    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=head < g)
+
+
+def supports(q_BxLxNxH, k_BxSxKxH) -> bool:
+    """Whether :func:`decode_attention` takes these heads (what the model checks before
+    choosing it; quantized caches are dequantized to q's dtype before attention)."""
+    n, h = q_BxLxNxH.shape[-2:]
+    kh = k_BxSxKxH.shape[2]
+    g = n // kh if kh and n % kh == 0 else ROWS + 1
+    return g <= ROWS and h >= 16 and h & (h - 1) == 0 and k_BxSxKxH.dtype == q_BxLxNxH.dtype
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "num_warps", "num_stages", "interpret"))
+def decode_attention(
+    q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, *, block_s=64, num_warps=4, num_stages=2,
+    interpret=None,
+):  # fmt: skip
+    """``softmax(q k^T / sqrt(H)) v`` per query head over the valid cache slots: ``[B, N, H]``
+    in q's dtype (module docstring)."""
+    b, n, h = q_BxNxH.shape
+    _, s_len, kh, h2 = k_BxSxKxH.shape
+    if h2 != h or v_BxSxKxH.shape != k_BxSxKxH.shape or n % kh:
+        raise ValueError(
+            f"decode_attention: q {q_BxNxH.shape} [B, N, H], k {k_BxSxKxH.shape} and v "
+            f"{v_BxSxKxH.shape} [B, S, K, H] with N a multiple of K"
+        )
+    if valid_BxS.shape != (b, s_len):
+        raise ValueError(f"valid must be [B, S] = {(b, s_len)}, got {valid_BxS.shape}")
+    g = n // kh
+    if g > ROWS or block_s < 16 or block_s & (block_s - 1) or h & (h - 1) or h < 16:
+        raise ValueError(
+            f"decode_attention takes at most {ROWS} query heads per KV head (got {g}), a "
+            f"power-of-two head width >= 16 (got {h}) and block_s (got {block_s})"
+        )
+    interpret = D.resolve_interpret(interpret)
+    q = q_BxNxH.reshape(b, kh, g, h)
+    valid = valid_BxS.astype(jnp.int8)
+    squeezed = getattr(pl, "squeezed", None)
+    sp = -(-s_len // block_s) * block_s  # blocks past the arrays' ends are masked in-kernel
+    kern = functools.partial(_kernel, g=g, s_len=s_len, block_s=block_s, scale=1.0 / math.sqrt(h))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = pl.pallas_call(
+            kern,
+            out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q_BxNxH.dtype),
+            grid=(b, kh),
+            in_specs=[
+                pl.BlockSpec((squeezed, squeezed, ROWS, h), lambda i, j: (i, j, 0, 0)),
+                pl.BlockSpec((squeezed, sp, squeezed, h), lambda i, j: (i, 0, j, 0)),
+                pl.BlockSpec((squeezed, sp, squeezed, h), lambda i, j: (i, 0, j, 0)),
+                pl.BlockSpec((squeezed, sp), lambda i, j: (i, 0)),
+            ],
+            out_specs=pl.BlockSpec((squeezed, squeezed, ROWS, h), lambda i, j: (i, j, 0, 0)),
+            interpret=interpret,
+            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
+            name=f"decode_attention_s{s_len}_k{kh}g{g}h{h}",
+        )(q, k_BxSxKxH, v_BxSxKxH, valid)
+    return out.reshape(b, n, h)
+
+
+def decode_attention_ref(q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS):
+    """The same in f32 jnp (the einsum path's math; rows with no valid slot: zeros)."""
+    b, n, h = q_BxNxH.shape
+    kh = k_BxSxKxH.shape[2]
+    q = q_BxNxH.reshape(b, kh, n // kh, h).astype(jnp.float32)
+    s = jnp.einsum("bkgh,bskh->bkgs", q, k_BxSxKxH.astype(jnp.float32)) / math.sqrt(h)
+    ok = valid_BxS[:, None, None, :]
+    s = jnp.where(ok, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(ok, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l_sum = jnp.sum(p, axis=-1, keepdims=True)
+    p = (p / jnp.where(l_sum > 0, l_sum, 1.0)).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgs,bskh->bkgh", p.astype(jnp.float32), v_BxSxKxH.astype(jnp.float32))
+    return out.reshape(b, n, h)
