@@ -221,9 +221,9 @@ def _kernel(x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, int
         blocks = GROUPS * group // CHUNK  # 128-row blocks per step: 1 or 2
         mc = x_ref.shape[1] // GROUPS  # tokens in the MMA (M rounded up to a power of two)
 
-        def operands(t):  # step t's scale tile f32 [bn, 8] and xg slabs [16, 8] (loaded a
-            xs = []  # step ahead: 2 bytes per thread per slab, too small for cp.async, which
-            for j in range(GROUPS * group // SLAB):  # is how Triton pipelines dot operands)
+        def operands(t):  # step t's scale tile f32 [bn, 8] and xg slabs [16, 8 Mc] (loaded
+            xs = []  # a step ahead: 2 Mc bytes per thread per slab, too small for cp.async,
+            for j in range(GROUPS * group // SLAB):  # how Triton pipelines dot operands)
                 xs.append(
                     x_ref[pl.ds(pl.multiple_of(t * GROUPS * group + SLAB * j, SLAB), SLAB), :]
                 )
