@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-KEYS = ("block_n", "num_stages", "split", "scale_mode", "num_warps")  # split: x default_split
+# split: x default_split; x_prefetch: fp4_tc "columns" only
+KEYS = ("block_n", "num_stages", "split", "scale_mode", "num_warps", "x_prefetch")
 
 
 def adapter(kind, block_ns=(64, 128, 256)):
@@ -41,30 +42,35 @@ def adapter(kind, block_ns=(64, 128, 256)):
     from shrinkjax.kernels.sparse_matmul import sparse24_matmul
 
     if kind in ("mxfp4", "nvfp4"):
-        grid = itertools.product(block_ns, (2, 3, 4), (0.5, 1, 2), ("columns", "late"), (4, 8))
-        grid = [c for c in grid if c[4] == 4 or c[3] == "columns"]  # 8 warps: the wide MMA
+        grid = itertools.product(
+            block_ns, (2, 3, 4), (0.5, 1, 2), ("columns", "late"), (4, 8), (True, False)
+        )  # 8 warps and x slabs loaded at use: the wide MMA's
+        grid = [c for c in grid if (c[4] == 4 and c[5]) or c[3] == "columns"]
 
         def kwargs(cfg, t, m):
-            bn, stages, mult, mode, warps = cfg
+            bn, stages, mult, mode, warps, x_prefetch = cfg
             if mode == "columns" and m > F.COLUMNS_MAX_M:
+                return None
+            if not x_prefetch and (mode != "columns" or m == 1):
                 return None
             cols = mode == "columns"
             split = max(1, int(F.default_split(t, cols, m) * mult))
             if (t.kw // (t.step_rows if cols else F.CHUNK)) % split:
                 return None
-            return dict(split_k=split, num_stages=stages, scale_mode=mode, num_warps=warps)
+            kw = dict(split_k=split, num_stages=stages, scale_mode=mode, num_warps=warps)
+            return kw if x_prefetch else {**kw, "x_prefetch": False}
 
         def default(t, m):
             cols = F.use_columns("auto", m, t.fmt)  # what scale_mode="auto" runs
             mode = "columns" if cols else "late"
-            return (F.DEFAULT_BLOCK_N, F.default_stages(t, cols), 1, mode, 4)
+            return (F.DEFAULT_BLOCK_N, F.default_stages(t, cols), 1, mode, 4, True)
 
         return F.pack_fp4_tc, F.fp4_tc_matmul, fp4_matmul, grid, default, kwargs
     if kind in ("2:4_bf16", "2:4_int4"):
-        grid = list(itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",), (4,)))
+        grid = list(itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",), (4,), (True,)))
 
         def kwargs(cfg, t, m):
-            bn, stages, mult, _, _ = cfg
+            bn, stages, mult, _, _, _ = cfg
             split = max(1, int(S.default_split(t, m) * mult))
             if (t.kw // S.SUPER) % split:
                 return None
@@ -72,7 +78,7 @@ def adapter(kind, block_ns=(64, 128, 256)):
 
         def default(t, m):
             bn = S.DEFAULT_BLOCK_N_INT4 if t.is_int4 else S.DEFAULT_BLOCK_N
-            return (bn, S.default_stages(t, m), 1, "-", 4)
+            return (bn, S.default_stages(t, m), 1, "-", 4, True)
 
         return S.pack_24_tc, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
     raise SystemExit(f"unknown kind {kind!r}: mxfp4 | nvfp4 | 2:4_bf16 | 2:4_int4")

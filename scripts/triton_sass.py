@@ -20,9 +20,10 @@ It does not time anything; ``benchmarks/kernels.py`` / ``scripts/probe_int4_gemv
 Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_fused``
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
-``SCALE_MODE``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``,
-``VALUES=int4``), at K = N = 8192; env ``M``: rows of x (default 1); ``decode_attention``
-(:mod:`shrinkjax.kernels.decode_attention`, the 8B heads, env ``S`` cache slots).
+``SCALE_MODE``, ``XPREFETCH=0``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`;
+env ``SPLIT``, ``VALUES=int4``), at K = N = 8192; env ``M``: rows of x (default 1);
+``decode_attention`` (:mod:`shrinkjax.kernels.decode_attention`, the 8B heads, env ``S``
+cache slots).
 """
 
 from __future__ import annotations
@@ -145,8 +146,9 @@ def _tc_problem(kind, p, rng, k, n, block_n):
         packed = L.pack_mxfp4(codes, np.full((k // 32, n), 120, np.uint8))
     else:
         packed = L.pack_nvfp4(codes, np.full((k // 16, n), 0.5, np.float32), 0.01)
-    scale_mode = {"scale_mode": os.environ.get("SCALE_MODE", "auto")}
-    return fp4_tc._fp4_tc_2d, fp4_tc.pack_fp4_tc(packed, block_n), scale_mode
+    extra = {"scale_mode": os.environ.get("SCALE_MODE", "auto")}
+    extra["x_prefetch"] = os.environ.get("XPREFETCH", "1") != "0"
+    return fp4_tc._fp4_tc_2d, fp4_tc.pack_fp4_tc(packed, block_n), extra
 
 
 def compile_and_report(ttir: str, warps: int, stages: int) -> None:
