@@ -6,8 +6,9 @@ a convert, p·V GEMM, the output transpose), ~1.1-2.3 µs each on an H100 whatev
 length; at batch 1 they are ~10% of an int4 8B step (``benchmarks/RESULTS.md``, "Where the int4
 step goes"). Here one program per (sequence, KV head) reads its KV head's cache rows in place
 (the cache's own ``[B, S, K, H]`` layout, no transpose), with an online softmax over blocks of
-``block_s`` slots (FlashAttention-2's recurrence, Dao 2023, arXiv:2307.08691; flash-decoding
-without the split: decode contexts here are short).
+``block_s`` slots (FlashAttention-2's recurrence, Dao 2023, arXiv:2307.08691). Caches longer
+than ``split_s`` slots are split into ranges, one program each, whose partials
+:func:`split_combine` merges in XLA (flash-decoding).
 
 Shapes: q ``[B, N, H]`` (N = K * G query heads; head ``n = k G + g`` attends KV head ``k``, as
 :func:`shrinkjax.models.llama.attention` groups them), k / v ``[B, S, K, H]``, ``valid``
@@ -35,11 +36,14 @@ ROWS = 16  # MMA rows: the query heads of a KV head, padded
 _NEG = -1e30  # masked scores (finite: exp(_NEG - m) is 0 without inf - inf)
 
 
-def _kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, g, s_len, block_s, scale):
-    """One (sequence, KV head): q_ref / o_ref [16, H] (rows >= G are not its heads: masked),
-    k_ref / v_ref [Sp, H] and valid_ref [Sp] int8 (Sp = S rounded up to block_s; rows >= S
-    masked)."""
+def _kernel(q_ref, k_ref, v_ref, valid_ref, *out_refs, g, s_len, block_s, scale):
+    """One (sequence, KV head, slot range): q_ref [16, H] (rows >= G are not its heads:
+    masked), k_ref / v_ref [Ss, H] and valid_ref [Ss] int8: the program's ``Ss`` slots (all of
+    them, rounded up to block_s, or one split's); slots >= S are masked. Out: o_ref [16, H]
+    normalized, or (split) the f32 partials acc [16, H], m [16], l [16]."""
     h = q_ref.shape[-1]
+    span = k_ref.shape[0]
+    base = pl.program_id(2) * span if len(out_refs) == 3 else 0  # the split's first slot
     head = jax.lax.broadcasted_iota(jnp.int32, (ROWS, h), 0)
     q = plgpu.load(q_ref, mask=head < g, other=0.0)  # [16, H]
     col = jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0)
@@ -48,10 +52,11 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, g, s_len, block_s, scale):
     def body(i, carry):
         acc, m_prev, l_prev = carry
         s0 = i * block_s
-        in_s = s0 + row < s_len  # the last block may run past S
+        in_s = base + s0 + row < s_len  # the last block may run past S
         k = plgpu.load(k_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
         v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
-        ok = plgpu.load(valid_ref.at[pl.ds(s0, block_s)], mask=s0 + col < s_len, other=0) != 0
+        in_c = base + s0 + col < s_len
+        ok = plgpu.load(valid_ref.at[pl.ds(s0, block_s)], mask=in_c, other=0) != 0
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)  # [16, block_s]
         s = jnp.where(ok[None, :], s * scale, _NEG)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -64,9 +69,27 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, *, g, s_len, block_s, scale):
     acc0 = jnp.zeros((ROWS, h), jnp.float32)
     m0 = jnp.full((ROWS,), _NEG, jnp.float32)
     l0 = jnp.zeros((ROWS,), jnp.float32)
-    acc, _, l_sum = jax.lax.fori_loop(0, pl.cdiv(s_len, block_s), body, (acc0, m0, l0))
+    acc, m_i, l_sum = jax.lax.fori_loop(0, span // block_s, body, (acc0, m0, l0))
+    if len(out_refs) == 3:  # a split: partials, combined in XLA (split_combine)
+        o_ref, m_ref, l_ref = out_refs
+        plgpu.store(o_ref, acc, mask=head < g)
+        mine = jax.lax.broadcasted_iota(jnp.int32, (ROWS,), 0) < g
+        plgpu.store(m_ref, m_i, mask=mine)
+        plgpu.store(l_ref, l_sum, mask=mine)
+        return
+    (o_ref,) = out_refs
     out = acc / jnp.where(l_sum > 0, l_sum, 1.0)[:, None]
     plgpu.store(o_ref, out.astype(o_ref.dtype), mask=head < g)
+
+
+def split_combine(acc_SxBxKxGxH, m_SxBxKxG, l_SxBxKxG):
+    """Flash-decoding's last step: the splits' partials rescaled to the common max and summed,
+    ``[B, K, G, H]`` f32 (rows with no valid slot anywhere: zeros)."""
+    m = jnp.max(m_SxBxKxG, axis=0)
+    w = jnp.exp(m_SxBxKxG - m[None])  # a split with no valid slot: m = -1e30, weight 0
+    l_sum = jnp.sum(w * l_SxBxKxG, axis=0)
+    acc = jnp.sum(w[..., None] * acc_SxBxKxGxH, axis=0)
+    return acc / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
 
 
 def supports(q_BxLxNxH, k_BxSxKxH) -> bool:
@@ -78,13 +101,21 @@ def supports(q_BxLxNxH, k_BxSxKxH) -> bool:
     return g <= ROWS and h >= 16 and h & (h - 1) == 0 and k_BxSxKxH.dtype == q_BxLxNxH.dtype
 
 
-@functools.partial(jax.jit, static_argnames=("block_s", "num_warps", "num_stages", "interpret"))
+SPLIT_SLOTS = 512  # slots per program before the cache is split (flash-decoding)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_s", "split_s", "num_warps", "num_stages", "interpret")
+)
 def decode_attention(
-    q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, *, block_s=64, num_warps=4, num_stages=2,
-    interpret=None,
+    q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, *, block_s=64, split_s=SPLIT_SLOTS, num_warps=4,
+    num_stages=2, interpret=None,
 ):  # fmt: skip
     """``softmax(q k^T / sqrt(H)) v`` per query head over the valid cache slots: ``[B, N, H]``
-    in q's dtype (module docstring)."""
+    in q's dtype (module docstring). Caches longer than ``split_s`` slots (a multiple of
+    ``block_s``) are split into ranges of ``split_s`` slots, one program each, whose f32
+    partials :func:`split_combine` merges (flash-decoding); shorter ones take one program per
+    (sequence, KV head) and no combine step (the measured 8B decode: 128 slots)."""
     b, n, h = q_BxNxH.shape
     _, s_len, kh, h2 = k_BxSxKxH.shape
     if h2 != h or v_BxSxKxH.shape != k_BxSxKxH.shape or n % kh:
@@ -100,29 +131,52 @@ def decode_attention(
             f"decode_attention takes at most {ROWS} query heads per KV head (got {g}), a "
             f"power-of-two head width >= 16 (got {h}) and block_s (got {block_s})"
         )
+    if split_s < block_s or split_s % block_s:
+        raise ValueError(f"split_s ({split_s}) must be a multiple of block_s ({block_s})")
     interpret = D.resolve_interpret(interpret)
     q = q_BxNxH.reshape(b, kh, g, h)
     valid = valid_BxS.astype(jnp.int8)
     squeezed = getattr(pl, "squeezed", None)
     sp = -(-s_len // block_s) * block_s  # blocks past the arrays' ends are masked in-kernel
+    ns = 1 if sp <= split_s else -(-s_len // split_s)
+    span = sp if ns == 1 else split_s  # slots per program
     kern = functools.partial(_kernel, g=g, s_len=s_len, block_s=block_s, scale=1.0 / math.sqrt(h))
+    head_spec = pl.BlockSpec((squeezed, squeezed, ROWS, h), lambda i, j, s: (i, j, 0, 0))
+    kv_spec = pl.BlockSpec((squeezed, span, squeezed, h), lambda i, j, s: (i, s, j, 0))
+    if ns == 1:
+        out_shape = jax.ShapeDtypeStruct((b, kh, g, h), q_BxNxH.dtype)
+        out_specs = head_spec
+    else:  # per split: acc [B, K, G, H], m and l [B, K, G] (f32)
+        out_shape = [
+            jax.ShapeDtypeStruct((ns, b, kh, g, h), jnp.float32),
+            jax.ShapeDtypeStruct((ns, b, kh, g), jnp.float32),
+            jax.ShapeDtypeStruct((ns, b, kh, g), jnp.float32),
+        ]
+        part = (squeezed, squeezed, squeezed, ROWS)
+        out_specs = [
+            pl.BlockSpec((*part, h), lambda i, j, s: (s, i, j, 0, 0)),
+            pl.BlockSpec(part, lambda i, j, s: (s, i, j, 0)),
+            pl.BlockSpec(part, lambda i, j, s: (s, i, j, 0)),
+        ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         out = pl.pallas_call(
             kern,
-            out_shape=jax.ShapeDtypeStruct((b, kh, g, h), q_BxNxH.dtype),
-            grid=(b, kh),
+            out_shape=out_shape,
+            grid=(b, kh, ns),
             in_specs=[
-                pl.BlockSpec((squeezed, squeezed, ROWS, h), lambda i, j: (i, j, 0, 0)),
-                pl.BlockSpec((squeezed, sp, squeezed, h), lambda i, j: (i, 0, j, 0)),
-                pl.BlockSpec((squeezed, sp, squeezed, h), lambda i, j: (i, 0, j, 0)),
-                pl.BlockSpec((squeezed, sp), lambda i, j: (i, 0)),
+                head_spec,
+                kv_spec,
+                kv_spec,
+                pl.BlockSpec((squeezed, span), lambda i, j, s: (i, s)),
             ],
-            out_specs=pl.BlockSpec((squeezed, squeezed, ROWS, h), lambda i, j: (i, j, 0, 0)),
+            out_specs=out_specs,
             interpret=interpret,
             compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name=f"decode_attention_s{s_len}_k{kh}g{g}h{h}",
+            name=f"decode_attention_s{s_len}x{ns}_k{kh}g{g}h{h}",
         )(q, k_BxSxKxH, v_BxSxKxH, valid)
+    if ns > 1:
+        out = split_combine(*out).astype(q_BxNxH.dtype)
     return out.reshape(b, n, h)
 
 

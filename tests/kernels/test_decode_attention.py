@@ -40,18 +40,19 @@ def _f64(q, k, v, valid):
 
 
 @pytest.mark.parametrize(
-    "b,n,kh,h,s,block_s",
+    "b,n,kh,h,s,block_s,split_s",
     [
-        (1, 32, 8, 128, 128, 64),  # the 8B heads, G = 4
-        (2, 8, 2, 64, 100, 64),  # ragged cache length: the last block runs past S
-        (3, 4, 4, 32, 40, 16),  # G = 1 (multi-head)
-        (1, 16, 1, 16, 33, 32),  # G = 16 (multi-query), the widest group
+        (1, 32, 8, 128, 128, 64, 512),  # the 8B heads, G = 4
+        (2, 8, 2, 64, 100, 64, 512),  # ragged cache length: the last block runs past S
+        (3, 4, 4, 32, 40, 16, 512),  # G = 1 (multi-head)
+        (1, 16, 1, 16, 33, 32, 512),  # G = 16 (multi-query), the widest group
+        (2, 8, 2, 64, 1000, 64, 256),  # four splits, the last one ragged
     ],
 )
-def test_kernel_equals_float64_and_the_einsum_path(b, n, kh, h, s, block_s):
+def test_kernel_equals_float64_and_the_einsum_path(b, n, kh, h, s, block_s, split_s):
     rng = np.random.default_rng([b, n, kh, h, s])
     q, k, v, valid = _inputs(rng, b, n, kh, h, s)
-    y = DA.decode_attention(q, k, v, valid, block_s=block_s, interpret=True)
+    y = DA.decode_attention(q, k, v, valid, block_s=block_s, split_s=split_s, interpret=True)
     assert y.shape == (b, n, h) and y.dtype == jnp.bfloat16
     want = _f64(q, k, v, valid)
     # p rounded to bf16 for p·V (as the einsum path does) and a bf16 output: ~1% of |v|
@@ -77,6 +78,20 @@ def test_masked_slots_are_ignored():
     assert not np.asarray(y3[1], np.float32).any()
 
 
+def test_splits_with_no_valid_slot_weigh_nothing():
+    """Flash-decoding splits: a split whose slots are all masked contributes nothing, and the
+    split result equals the one-program result."""
+    rng = np.random.default_rng(3)
+    q, k, v, valid = _inputs(rng, 2, 8, 2, 32, 300)
+    valid = valid.at[:, :200].set(False)  # the first split (128 slots) has no valid slot
+    one = DA.decode_attention(q, k, v, valid, block_s=32, split_s=512, interpret=True)
+    split = DA.decode_attention(q, k, v, valid, block_s=32, split_s=128, interpret=True)
+    np.testing.assert_allclose(
+        np.asarray(split, np.float32), np.asarray(one, np.float32), atol=2e-2
+    )
+    np.testing.assert_allclose(np.asarray(split, np.float64), _f64(q, k, v, valid), atol=3e-2)
+
+
 def test_clear_errors():
     rng = np.random.default_rng(2)
     q, k, v, valid = _inputs(rng, 1, 8, 2, 32, 16)
@@ -88,6 +103,8 @@ def test_clear_errors():
         DA.decode_attention(jnp.tile(q, (1, 5, 1)), k, v, valid, interpret=True)
     with pytest.raises(ValueError, match="block_s"):
         DA.decode_attention(q, k, v, valid, block_s=24, interpret=True)
+    with pytest.raises(ValueError, match="split_s"):
+        DA.decode_attention(q, k, v, valid, block_s=32, split_s=48, interpret=True)
     assert DA.supports(q[:, None], k) and not DA.supports(q[:, None, :, :24], k[..., :24])
 
 
@@ -114,7 +131,7 @@ def test_model_decodes_the_same_tokens(tiny_llama, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("s", [128, 100, 1000])
+@pytest.mark.parametrize("s", [128, 100, 1000, 4000])  # 1000, 4000: split (512 slots each)
 def test_gpu_native_matches_float64(s):
     rng = np.random.default_rng(s)
     q, k, v, valid = _inputs(rng, 2, 32, 8, 128, s)
