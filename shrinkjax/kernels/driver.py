@@ -253,6 +253,12 @@ def packed_linear(matmul, ref, x, w, path="auto"):
     return ref(x2, w).reshape(*lead, w.n)
 
 
+def register_packed(cls, matmul, ref):
+    """Register layout ``cls`` with ``dispatch.linear``: :func:`packed_linear` of its kernel
+    entry point ``matmul`` and pure-jnp ``ref``."""
+    dispatch.register(cls)(lambda x, w, **kw: packed_linear(matmul, ref, x, w, **kw))
+
+
 def rows_per_step(block_k: int, chunk: int, kp: int) -> int:
     """K rows per program / grid step: a multiple of the layout chunk, at most ``block_k``
     (at least one chunk), dividing Kp."""

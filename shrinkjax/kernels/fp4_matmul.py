@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from shrinkjax.kernels import dequant, dispatch
+from shrinkjax.kernels import dequant
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedMXFP4, PackedNVFP4
 from shrinkjax.kernels.reference import mxfp4_matmul_ref, nvfp4_matmul_ref
@@ -136,9 +136,5 @@ def nvfp4_matmul(x, packed: PackedNVFP4, **kw):
     return fp4_matmul(x, packed, **kw)
 
 
-dispatch.register(PackedMXFP4)(
-    lambda x, w, **kw: D.packed_linear(fp4_matmul, mxfp4_matmul_ref, x, w, **kw)
-)
-dispatch.register(PackedNVFP4)(
-    lambda x, w, **kw: D.packed_linear(fp4_matmul, nvfp4_matmul_ref, x, w, **kw)
-)
+D.register_packed(PackedMXFP4, fp4_matmul, mxfp4_matmul_ref)
+D.register_packed(PackedNVFP4, fp4_matmul, nvfp4_matmul_ref)

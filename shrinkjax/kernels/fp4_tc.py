@@ -518,12 +518,4 @@ def fp4_tc_linear(x, t: TcFP4, *, path="auto", interpret=None, **tuning):
     )
 
 
-def _register():
-    from shrinkjax.kernels import dispatch
-
-    dispatch.register(TcFP4)(
-        lambda x, w, **kw: D.packed_linear(fp4_tc_linear, fp4_tc_matmul_ref, x, w, **kw)
-    )
-
-
-_register()
+D.register_packed(TcFP4, fp4_tc_linear, fp4_tc_matmul_ref)

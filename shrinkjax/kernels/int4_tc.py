@@ -424,12 +424,4 @@ def tc_linear(x, t: TcInt4, *, path="auto", interpret=None, **tuning):
     )
 
 
-def _register():
-    from shrinkjax.kernels import dispatch
-
-    dispatch.register(TcInt4)(
-        lambda x, w, **kw: D.packed_linear(tc_linear, tc_matmul_ref, x, w, **kw)
-    )
-
-
-_register()
+D.register_packed(TcInt4, tc_linear, tc_matmul_ref)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from shrinkjax.kernels import dequant, dispatch
+from shrinkjax.kernels import dequant
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedInt
 from shrinkjax.kernels.reference import int_matmul_ref
@@ -135,6 +135,4 @@ def int_matmul(
     )
 
 
-dispatch.register(PackedInt)(
-    lambda x, w, **kw: D.packed_linear(int_matmul, int_matmul_ref, x, w, **kw)
-)
+D.register_packed(PackedInt, int_matmul, int_matmul_ref)

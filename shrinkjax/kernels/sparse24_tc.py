@@ -489,12 +489,4 @@ def tc24_linear(x, t: Tc24, *, path="auto", interpret=None, **tuning):
     )
 
 
-def _register():
-    from shrinkjax.kernels import dispatch
-
-    dispatch.register(Tc24)(
-        lambda x, w, **kw: D.packed_linear(tc24_linear, tc24_matmul_ref, x, w, **kw)
-    )
-
-
-_register()
+D.register_packed(Tc24, tc24_linear, tc24_matmul_ref)

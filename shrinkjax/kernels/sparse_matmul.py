@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from shrinkjax.kernels import dequant, dispatch
+from shrinkjax.kernels import dequant
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import Packed24
 from shrinkjax.kernels.reference import sparse24_matmul_ref
@@ -137,6 +137,4 @@ def sparse24_matmul(
     )
 
 
-dispatch.register(Packed24)(
-    lambda x, w, **kw: D.packed_linear(sparse24_matmul, sparse24_matmul_ref, x, w, **kw)
-)
+D.register_packed(Packed24, sparse24_matmul, sparse24_matmul_ref)
