@@ -62,8 +62,8 @@ def default_config() -> ConfigDict:
             blocksize=128,  # sparsegpt lazy-update block (rows of K)
             damp=0.01,  # sparsegpt dampening, fraction of mean(diag H)
             evaluate=False,  # perplexity of the pruned model on config.data, in the results
-            save=False,  # save the pruned model (shrinkjax checkpoint) to save_dir
-            save_dir="",  # default: <workdir>/pruned_model
+            save=False,  # one-shot methods: save the pruned model (checkpoint) to save_dir
+            save_dir="",  # default: <workdir>/pruned_model (minitron always saves there)
             calib=ConfigDict(
                 dict(
                     source="file",
@@ -407,6 +407,11 @@ def prune_stage(ctx: RunContext) -> dict:
         "bytes_before": stored_nbytes(flat_params(model)),
     }
     if pcfg.method == "gradual":
+        if pcfg.save:
+            raise ValueError(
+                "prune.save: gradual pruning happens in the distill stage; save its model "
+                "through distill's checkpoints, or use a one-shot method"
+            )
         return _gradual(ctx, pcfg, res)
     tokens = None
     if pcfg.method != "magnitude":
@@ -439,7 +444,7 @@ def prune_stage(ctx: RunContext) -> dict:
             },
             kept_layers=plan.layers,
         )
-        res.update(_hand_to_distill(ctx, new, tok))
+        res.update(_hand_to_distill(ctx, _save_pruned(ctx, pcfg, new, tok, res)))
     else:
         res["pattern"] = str(parse_pattern(pcfg.pattern))
         if pcfg.quant:
@@ -453,12 +458,7 @@ def prune_stage(ctx: RunContext) -> dict:
         res.update(summarize(model, reports))
         res["layers"] = reports
         if pcfg.save:  # e.g. for scripts/evaluate.py --kernels (the 2:4 kernels)
-            from shrinkjax.io.checkpoint import save_checkpoint
-
-            out = pcfg.save_dir or ctx.path("pruned_model")
-            meta = {k: v for k, v in res.items() if k != "layers"}
-            save_checkpoint(out, model, tok, meta={"prune": meta})
-            res["saved_to"] = out
+            res["saved_to"] = _save_pruned(ctx, pcfg, model, tok, res)
     res["seconds"] = time.perf_counter() - t0
     if pcfg.evaluate:
         from shrinkjax.eval.perplexity import perplexity
@@ -471,18 +471,25 @@ def prune_stage(ctx: RunContext) -> dict:
     return res
 
 
-def _hand_to_distill(ctx: RunContext, model, tokenizer) -> dict:
-    """Save the pruned model; when a later ``distill`` stage loads its student
-    (``student.init="load"``) with no ``student.spec``, point it at this checkpoint."""
+def _save_pruned(ctx: RunContext, pcfg, model, tokenizer, res: dict) -> str:
+    """Save the pruned model as a checkpoint (``prune.save_dir`` or ``<workdir>/pruned_model``),
+    the stage's results so far in its metadata; returns the directory."""
     from shrinkjax.io.checkpoint import save_checkpoint
 
-    path = ctx.path("pruned_model")
-    save_checkpoint(path, model, tokenizer, meta={"stage": "prune"})
+    path = pcfg.save_dir or ctx.path("pruned_model")
+    meta = {k: v for k, v in res.items() if k != "layers"}
+    save_checkpoint(path, model, tokenizer, meta={"prune": meta})
+    return path
+
+
+def _hand_to_distill(ctx: RunContext, path: str) -> dict:
+    """When a later ``distill`` stage loads its student (``student.init="load"``) with no
+    ``student.spec``, point it at the saved pruned model ``path``."""
     out = {"checkpoint": path}
     student = ctx.config.get("student")
     if student is not None and student.get("init") == "load" and not student.get("spec"):
-        student.spec = out["checkpoint"]
-        out["student_spec"] = out["checkpoint"]
+        student.spec = path
+        out["student_spec"] = path
     return out
 
 

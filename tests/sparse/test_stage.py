@@ -73,6 +73,11 @@ def test_sparsegpt_24_int4_stage_compresses_and_keeps_teacher(tmp_path):
     assert stored_nbytes(flat_params(m2)) == p["bytes"] and tok is not None
 
 
+def test_save_is_refused_for_gradual_pruning(tmp_path):
+    with pytest.raises(ValueError, match="prune.save: gradual pruning happens in the distill"):
+        _run("gradual", tmp_path, save=True)
+
+
 def test_magnitude_global_stage(tmp_path):
     res = _run("magnitude", tmp_path, scope="global", pattern="70%")
     p = res["prune"]
