@@ -92,13 +92,24 @@ def split_combine(acc_SxBxKxGxH, m_SxBxKxG, l_SxBxKxG):
     return acc / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]
 
 
+def _heads_problem(n: int, kh: int, h: int) -> str | None:
+    """Why :func:`decode_attention` cannot take N query heads on K KV heads of width H, or
+    None."""
+    if not kh or n % kh:
+        return f"{n} query heads are not a multiple of {kh} KV heads"
+    if n // kh > ROWS:
+        return f"at most {ROWS} query heads per KV head (got {n // kh})"
+    if h < 16 or h & (h - 1):
+        return f"a power-of-two head width >= 16 (got {h})"
+    return None
+
+
 def supports(q_BxLxNxH, k_BxSxKxH) -> bool:
     """Whether :func:`decode_attention` takes these heads (what the model checks before
     choosing it; quantized caches are dequantized to q's dtype before attention)."""
     n, h = q_BxLxNxH.shape[-2:]
-    kh = k_BxSxKxH.shape[2]
-    g = n // kh if kh and n % kh == 0 else ROWS + 1
-    return g <= ROWS and h >= 16 and h & (h - 1) == 0 and k_BxSxKxH.dtype == q_BxLxNxH.dtype
+    ok = _heads_problem(n, k_BxSxKxH.shape[2], h) is None
+    return ok and k_BxSxKxH.dtype == q_BxLxNxH.dtype
 
 
 SPLIT_SLOTS = 512  # slots per program before the cache is split (flash-decoding)
@@ -125,12 +136,12 @@ def decode_attention(
         )
     if valid_BxS.shape != (b, s_len):
         raise ValueError(f"valid must be [B, S] = {(b, s_len)}, got {valid_BxS.shape}")
+    problem = _heads_problem(n, kh, h)
+    if problem:
+        raise ValueError(f"decode_attention takes {problem}")
     g = n // kh
-    if g > ROWS or block_s < 16 or block_s & (block_s - 1) or h & (h - 1) or h < 16:
-        raise ValueError(
-            f"decode_attention takes at most {ROWS} query heads per KV head (got {g}), a "
-            f"power-of-two head width >= 16 (got {h}) and block_s (got {block_s})"
-        )
+    if block_s < 16 or block_s & (block_s - 1):
+        raise ValueError(f"block_s must be a power of two >= 16, got {block_s}")
     if split_s < block_s or split_s % block_s:
         raise ValueError(f"split_s ({split_s}) must be a multiple of block_s ({block_s})")
     interpret = D.resolve_interpret(interpret)

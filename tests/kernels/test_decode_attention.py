@@ -101,7 +101,9 @@ def test_clear_errors():
         DA.decode_attention(q[:, :7], k, v, valid, interpret=True)
     with pytest.raises(ValueError, match="at most 16 query heads per KV head"):
         DA.decode_attention(jnp.tile(q, (1, 5, 1)), k, v, valid, interpret=True)
-    with pytest.raises(ValueError, match="block_s"):
+    with pytest.raises(ValueError, match=r"power-of-two head width >= 16 \(got 24\)"):
+        DA.decode_attention(q[..., :24], k[..., :24], v[..., :24], valid, interpret=True)
+    with pytest.raises(ValueError, match="block_s must be a power of two >= 16, got 24"):
         DA.decode_attention(q, k, v, valid, block_s=24, interpret=True)
     with pytest.raises(ValueError, match="split_s"):
         DA.decode_attention(q, k, v, valid, block_s=32, split_s=48, interpret=True)
