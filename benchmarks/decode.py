@@ -373,6 +373,13 @@ def main(argv=None):
         "(shrinkjax.kernels.decode_attention; LlamaConfig.attention_impl)",
     )
     ap.add_argument(
+        "--norm",
+        default="plain",
+        choices=("plain", "deferred"),
+        help="RMSNorm as written, or with its 1/rms applied after the next linears "
+        "(LlamaConfig.deferred_norm, FlashNorm)",
+    )
+    ap.add_argument(
         "--profile",
         default="",
         help="trace one more call per cell into this directory; print device time by kernel",
@@ -385,7 +392,11 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else LLAMA3_8B
-    cfg = cfg.replace(fused_projections=args.projections == "fused", attention_impl=args.attention)
+    cfg = cfg.replace(
+        fused_projections=args.projections == "fused",
+        attention_impl=args.attention,
+        deferred_norm=args.norm == "deferred",
+    )
     if args.quick:
         args.steps, args.reps, args.prompt = min(args.steps, 4), 1, min(args.prompt, 8)
     saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM
@@ -408,6 +419,7 @@ def main(argv=None):
         "lm_head": args.lm_head,
         "projections": args.projections,
         "attention": args.attention,
+        "norm": args.norm,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,
         "decode_steps": args.steps,

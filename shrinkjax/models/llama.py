@@ -62,6 +62,9 @@ class LlamaConfig:
     # q/k/v as one qkv_proj [D, (N+2K)H], gate/up as one gate_up_proj [D, 2F] (inference;
     # shrinkjax.models.fuse.fuse_projections builds it from an unfused model)
     fused_projections: bool = False
+    # Inference: each RMSNorm's 1/rms factor applied to the next linears' outputs instead of
+    # their input (FlashNorm; RMSNorm.deferred): the norm needs no reduce-then-scale pass
+    deferred_norm: bool = False
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -123,8 +126,12 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(_init(rngs, (d_in, d_out)))
         self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if use_bias else None
 
-    def __call__(self, x):
+    def __call__(self, x, row_scale=None):
+        """``row_scale`` [..., 1] f32 (a deferred norm's 1/rms, :meth:`RMSNorm.deferred`)
+        multiplies the product before the bias is added."""
         y = dispatch.linear(x, self.kernel.value)
+        if row_scale is not None:
+            y = (y.astype(jnp.float32) * row_scale).astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias.value.astype(y.dtype)
         return y
@@ -139,6 +146,20 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (xf * self.scale.value).astype(x.dtype)
+
+    def deferred(self, x):
+        """``(x * scale, 1/rms(x))``: the norm with its per-row factor left for the caller.
+
+        FlashNorm (Graef et al. 2024, arXiv:2407.09577): ``1/rms(x)`` is one number per row, so
+        it commutes with a following linear, ``(x r γ) W = r ((x γ) W)``. The caller scales the
+        linears' outputs by ``r`` [..., 1] (f32) where XLA fuses it into their consumers, so
+        the norm costs no reduce-then-broadcast pass between the residual add and the matmul
+        (two XLA kernels per norm in an 8B decode step). ``x γ`` is rounded to x's dtype as
+        the plain norm's output is; the products then round once more (bf16: a relative
+        2^-9 per element, as the plain path's own rounding of ``x r γ``)."""
+        xf = x.astype(jnp.float32)
+        r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale.value).astype(x.dtype), r
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
@@ -224,15 +245,17 @@ class Attention(nnx.Module):
             self.v_proj = Linear(cfg.dim, nkv, rngs=rngs, use_bias=bias)
         self.o_proj = Linear(nq, cfg.dim, rngs=rngs)
 
-    def __call__(self, x_BxLxD, rope, mask_BxLxS, layer_cache=None, taps=None):
+    def __call__(self, x_BxLxD, rope, mask_BxLxS, layer_cache=None, taps=None, row_scale=None):
+        """``row_scale``: a deferred norm's 1/rms [B, L, 1] for the q/k/v products."""
         cfg, (b, l, _) = self.cfg, x_BxLxD.shape
         h = cfg.head_width
+        r = row_scale
         if cfg.fused_projections:  # one matmul; its output columns are [q | k | v]
             nq, nkv = cfg.n_heads * h, cfg.n_kv_heads * h
-            qkv = self.qkv_proj(x_BxLxD)
+            qkv = self.qkv_proj(x_BxLxD, r)
             q, k, v = qkv[..., :nq], qkv[..., nq : nq + nkv], qkv[..., nq + nkv :]
         else:
-            q, k, v = self.q_proj(x_BxLxD), self.k_proj(x_BxLxD), self.v_proj(x_BxLxD)
+            q, k, v = self.q_proj(x_BxLxD, r), self.k_proj(x_BxLxD, r), self.v_proj(x_BxLxD, r)
         q = q.reshape(b, l, cfg.n_heads, h)
         k = k.reshape(b, l, cfg.n_kv_heads, h)
         v = v.reshape(b, l, cfg.n_kv_heads, h)
@@ -258,11 +281,13 @@ class MLP(nnx.Module):
             self.up_proj = Linear(cfg.dim, cfg.hidden_dim, rngs=rngs)
         self.down_proj = Linear(cfg.hidden_dim, cfg.dim, rngs=rngs)
 
-    def __call__(self, x_BxLxD, taps=None):
+    def __call__(self, x_BxLxD, taps=None, row_scale=None):
+        """``row_scale``: a deferred norm's 1/rms [B, L, 1] for the gate/up products."""
+        r = row_scale
         if self.fused:  # one matmul; its output columns are [gate | up]
-            gate, up = jnp.split(self.gate_up_proj(x_BxLxD), 2, axis=-1)
+            gate, up = jnp.split(self.gate_up_proj(x_BxLxD, r), 2, axis=-1)
         else:
-            gate, up = self.gate_proj(x_BxLxD), self.up_proj(x_BxLxD)
+            gate, up = self.gate_proj(x_BxLxD, r), self.up_proj(x_BxLxD, r)
         a_BxLxF = jax.nn.silu(gate) * up
         if taps is not None:
             taps["down_in"] = a_BxLxF
@@ -275,10 +300,18 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.deferred_norm = cfg.deferred_norm
 
     def __call__(self, h_BxLxD, rope, mask_BxLxS, layer_cache=None, taps=None):
         """One decoder block. ``taps`` (a dict) receives each linear's input, for calibration:
-        attn_in (q/k/v), o_in, mlp_in (gate/up), down_in."""
+        attn_in (q/k/v), o_in, mlp_in (gate/up), down_in (the plain norms' outputs: taps turn
+        ``deferred_norm`` off)."""
+        if self.deferred_norm and taps is None:
+            x, r = self.attn_norm.deferred(h_BxLxD)
+            a, layer_cache = self.attn(x, rope, mask_BxLxS, layer_cache, row_scale=r)
+            h_BxLxD = h_BxLxD + a
+            x, r = self.mlp_norm.deferred(h_BxLxD)
+            return h_BxLxD + self.mlp(x, row_scale=r), layer_cache
         x = self.attn_norm(h_BxLxD)
         if taps is not None:
             taps["attn_in"] = x
@@ -337,11 +370,15 @@ class Llama(nnx.Module):
         return mask_BxLxS, rope
 
     def logits(self, h_BxLxD):
-        x = self.norm(h_BxLxD)
+        if self.cfg.deferred_norm:
+            x, r = self.norm.deferred(h_BxLxD)
+        else:
+            x, r = self.norm(h_BxLxD), None
         if self.lm_head is not None:
-            return self.lm_head(x).astype(jnp.float32)
+            return self.lm_head(x, r).astype(jnp.float32)
         emb = self.embed.embedding.value.astype(x.dtype)
-        return dispatch.dense_matmul(x, emb.T, jnp.float32)  # f32 logits
+        y = dispatch.dense_matmul(x, emb.T, jnp.float32)  # f32 logits
+        return y if r is None else y * r
 
     def __call__(self, tokens_BxL, *, mask_BxL=None, cache: KVCache | None = None):
         """Logits [B, L, V] (f32) and the updated cache (None without one).

@@ -76,7 +76,7 @@ def test_decode_benchmark_quick(tmp_path, kernels):
     args = ["--quick", "--out", str(out), "--batches", "2"]
     if kernels:  # packed weights through the Pallas kernels; the prefill (M = 16) dequant_dot
         args += ["--interpret-kernels", "--formats", "int4_g128", "--attention", "pallas_decode"]
-        args += ["--prefill-tokens", "8", "--prefill-min-m", "16"]
+        args += ["--prefill-tokens", "8", "--prefill-min-m", "16", "--norm", "deferred"]
     else:  # the reference path (what CPU dispatch does); rows also go into a kernels.json
         args += ["--formats", "bf16,2:4_bf16", "--kernels-json", str(tmp_path / "k.json")]
         args += ["--projections", "separate", "--profile", str(tmp_path / "prof")]
@@ -93,6 +93,7 @@ def test_decode_benchmark_quick(tmp_path, kernels):
     assert len(rows) == (1 if kernels else 2) and all("error" not in r for r in rows)
     assert res["projections"] == ("fused" if kernels else "separate")
     assert res["attention"] == ("pallas_decode" if kernels else "einsum")
+    assert res["norm"] == ("deferred" if kernels else "plain")
     if not kernels:  # one trace per cell, summarised per decode step
         assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["24_bf16_b2", "bf16_b2"]
         assert all(r["profile"]["busy_ms_per_step"] > 0 for r in rows)

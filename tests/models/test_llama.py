@@ -69,3 +69,48 @@ def test_param_count_matches_config(smollm2):
     from shrinkjax.models.params import param_count
 
     assert param_count(smollm2.model) == smollm2.model.cfg.param_count() == 134_515_008
+
+
+def _deferred(model):
+    """The same weights with ``deferred_norm`` on."""
+    from shrinkjax.models.params import flat_params, model_from_params
+
+    return model_from_params(model.cfg.replace(deferred_norm=True), flat_params(model))
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_deferred_norm_matches_transformers(name):
+    """FlashNorm's 1/rms after the linears (bias added after it: Qwen2) is exact in f32."""
+    loaded = load_model(os.path.join(GOLDEN, name), progress=False)
+    g = np.load(os.path.join(GOLDEN, name, "golden_logits.npz"))
+    logits = np.asarray(_deferred(loaded.model)(jnp.asarray(g["tokens"]))[0])
+    assert np.abs(logits - g["logits"]).max() <= 1e-4
+
+
+def test_deferred_norm_bf16_close_to_plain():
+    """In bf16 the deferred path differs from the plain one by roundings only; non-unit norm
+    scales, a cache and a decode step included."""
+    from shrinkjax.models.kv_cache import init_cache
+
+    cfg = LlamaConfig(
+        vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+        tie_embeddings=False, dtype="bfloat16",
+    )  # fmt: skip
+    m = init_model(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    for blk in m.layers:
+        for norm in (blk.attn_norm, blk.mlp_norm):
+            norm.scale.value = jnp.asarray(rng.uniform(0.5, 2.0, cfg.dim), jnp.float32)
+    d = _deferred(m)
+    toks = jnp.asarray(rng.integers(0, 64, (2, 9)))
+    outs = []
+    for model in (m, d):
+        cache = init_cache(model.cfg, 2, 12)
+        pre, cache = model(toks[:, :8], cache=cache)
+        step, _ = model(toks[:, 8:], cache=cache)
+        outs.append(np.concatenate([np.asarray(pre), np.asarray(step)], 1))
+    ref = outs[0]
+    rel = np.linalg.norm(outs[1] - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 2e-2
+    # and the two paths pick the same next token almost everywhere
+    assert (outs[1].argmax(-1) == ref.argmax(-1)).mean() >= 0.9
