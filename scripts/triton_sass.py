@@ -22,8 +22,8 @@ Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
 ``SCALE_MODE``, ``XPREFETCH=0``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`;
 env ``SPLIT``, ``VALUES=int4``), at K = N = 8192; env ``M``: rows of x (default 1);
-``decode_attention`` (:mod:`shrinkjax.kernels.decode_attention`, the 8B heads, env ``S``
-cache slots).
+``decode_attention`` and ``decode_attention_update`` (:mod:`shrinkjax.kernels.decode_attention`,
+the 8B heads, env ``S`` cache slots).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGS_PER_SM = 65536
 KINDS = (
-    "int4_gemv", "int4_fused", "int4_tc", "mxfp4_tc", "nvfp4_tc", "sparse24_tc", "decode_attention"
+    "int4_gemv", "int4_fused", "int4_tc", "mxfp4_tc", "nvfp4_tc", "sparse24_tc", "decode_attention",
+    "decode_attention_update",
 )  # fmt: skip
 
 
@@ -92,6 +93,18 @@ def lower(kind: str, late: bool, out: str, warps: int, stages: int, block_n: int
         kv = jnp.ones((1, s_len, 8, 128), jnp.bfloat16)
         f = functools.partial(decode_attention, num_warps=warps, num_stages=stages, interpret=False)
         args = (q, kv, kv, jnp.ones((1, s_len), bool))
+    elif kind == "decode_attention_update":  # the same with RoPE and the cache write fused
+        from shrinkjax.kernels.decode_attention import decode_attention_update
+
+        s_len = int(os.environ.get("S", 128))
+        q = jnp.ones((1, 32, 128), jnp.bfloat16)
+        new = jnp.ones((1, 8, 128), jnp.bfloat16)
+        kv = jnp.ones((1, s_len, 8, 128), jnp.bfloat16)
+        cs = jnp.ones((1, 64), jnp.float32)
+        f = functools.partial(
+            decode_attention_update, num_warps=warps, num_stages=stages, interpret=False
+        )
+        args = (q, new, new, cs, cs, kv, kv, jnp.int32(5), jnp.ones((1, s_len), bool))
     elif kind == "int4_fused":
         from shrinkjax.kernels.int_matmul import int_matmul
 

@@ -50,26 +50,112 @@ def _kernel(q_ref, k_ref, v_ref, valid_ref, *out_refs, g, s_len, block_s, scale)
     row = jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
 
     def body(i, carry):
-        acc, m_prev, l_prev = carry
         s0 = i * block_s
         in_s = base + s0 + row < s_len  # the last block may run past S
         k = plgpu.load(k_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
         v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
-        in_c = base + s0 + col < s_len
-        ok = plgpu.load(valid_ref.at[pl.ds(s0, block_s)], mask=in_c, other=0) != 0
+        ok = _slots_ok(valid_ref, s0, base + s0 + col < s_len)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)  # [16, block_s]
-        s = jnp.where(ok[None, :], s * scale, _NEG)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        p = jnp.where(ok[None, :], jnp.exp(s - m_next[:, None]), 0.0)
-        corr = jnp.exp(m_prev - m_next)
-        l_next = corr * l_prev + jnp.sum(p, axis=1)
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return corr[:, None] * acc + pv, m_next, l_next
+        return _online_softmax_step(carry, s * scale, ok, v)
 
-    acc0 = jnp.zeros((ROWS, h), jnp.float32)
-    m0 = jnp.full((ROWS,), _NEG, jnp.float32)
-    l0 = jnp.zeros((ROWS,), jnp.float32)
-    acc, m_i, l_sum = jax.lax.fori_loop(0, span // block_s, body, (acc0, m0, l0))
+    acc, m_i, l_sum = jax.lax.fori_loop(0, span // block_s, body, _softmax_init(h))
+    _store_out(out_refs, acc, m_i, l_sum, g)
+
+
+def _rope_halves(x1, x2, c, s_, dtype):
+    """Rotate-half RoPE of the two halves of a head (f32 math, rounded to ``dtype`` as
+    :func:`shrinkjax.models.llama.apply_rope` does): ``(x1 c - x2 s, x2 c + x1 s)``."""
+    x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    return (x1 * c - x2 * s_).astype(dtype), (x2 * c + x1 * s_).astype(dtype)
+
+
+def _update_kernel(
+    q_ref, kn_ref, vn_ref, cos_ref, sin_ref, idx_ref, k_ref, v_ref, valid_ref, *out_refs,
+    g, s_len, block_s, scale,
+):  # fmt: skip
+    """:func:`_kernel` for a token not yet rotated or cached: q_ref [16, H] and kn_ref /
+    vn_ref [H] (this KV head's new k, v) before RoPE, cos_ref / sin_ref [H/2] (f32), idx_ref
+    [1] (the token's slot). RoPE is applied to q and the new k here; the program whose slot
+    range holds the slot writes the rotated k and v into its rows of the cache (ko_ref / vo_ref,
+    the last two outputs, alias k_ref / v_ref) and reads them from registers in place of the
+    cache's old content. The score is two half-width dots (``q1 k1 + q2 k2``): the rotated
+    halves are never joined."""
+    *out_refs, ko_ref, vo_ref = out_refs
+    h = q_ref.shape[-1]
+    h2 = h // 2
+    span = k_ref.shape[0]
+    base = pl.program_id(2) * span if len(out_refs) == 3 else 0
+    dt = k_ref.dtype
+    c, s_ = cos_ref[...], sin_ref[...]  # [H/2] f32
+    head = jax.lax.broadcasted_iota(jnp.int32, (ROWS, h2), 0)
+    q1 = plgpu.load(q_ref.at[:, pl.ds(0, h2)], mask=head < g, other=0.0)
+    q2 = plgpu.load(q_ref.at[:, pl.ds(h2, h2)], mask=head < g, other=0.0)
+    q1, q2 = _rope_halves(q1, q2, c[None, :], s_[None, :], q_ref.dtype)  # [16, H/2]
+    k1n, k2n = _rope_halves(kn_ref[pl.ds(0, h2)], kn_ref[pl.ds(h2, h2)], c, s_, dt)  # [H/2]
+    vn = vn_ref[...].astype(dt)  # [H]
+
+    index = idx_ref[0]
+    local = index - base  # the new slot's row in this program's range (if it is in it)
+    mine = (local >= 0) & (local < span)
+    at = jnp.where(mine, local, 0)
+    half_mask = jnp.broadcast_to(mine, (1, h2))
+    plgpu.store(ko_ref.at[pl.ds(at, 1), pl.ds(0, h2)], k1n[None, :], mask=half_mask)
+    plgpu.store(ko_ref.at[pl.ds(at, 1), pl.ds(h2, h2)], k2n[None, :], mask=half_mask)
+    plgpu.store(vo_ref.at[pl.ds(at, 1), :], vn[None, :], mask=jnp.broadcast_to(mine, (1, h)))
+
+    col = jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0)
+    row2 = jax.lax.broadcasted_iota(jnp.int32, (block_s, h2), 0)
+    row = jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
+
+    def body(i, carry):
+        s0 = i * block_s
+        slot2, slot = base + s0 + row2, base + s0 + row
+        k1 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(0, h2)], mask=slot2 < s_len, other=0)
+        k2 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(h2, h2)], mask=slot2 < s_len, other=0)
+        v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=slot < s_len, other=0.0)
+        k1 = jnp.where(slot2 == index, k1n[None, :], k1)  # the new token, from registers
+        k2 = jnp.where(slot2 == index, k2n[None, :], k2)
+        v = jnp.where(slot == index, vn[None, :], v)
+        ok = _slots_ok(valid_ref, s0, base + s0 + col < s_len)
+        s = jnp.dot(q1, k1.T, preferred_element_type=jnp.float32)
+        s = s + jnp.dot(q2, k2.T, preferred_element_type=jnp.float32)  # [16, block_s]
+        return _online_softmax_step(carry, s * scale, ok, v)
+
+    acc, m_i, l_sum = jax.lax.fori_loop(0, span // block_s, body, _softmax_init(h))
+    _store_out(out_refs, acc, m_i, l_sum, g)
+
+
+def _slots_ok(valid_ref, s0, in_c):
+    """[block_s] bool: the block's slots that exist (``in_c``) and are valid."""
+    n = in_c.shape[0]
+    return plgpu.load(valid_ref.at[pl.ds(s0, n)], mask=in_c, other=0) != 0
+
+
+def _softmax_init(h):
+    """(acc [16, H], running max [16], running sum [16]) before the first block."""
+    return (
+        jnp.zeros((ROWS, h), jnp.float32),
+        jnp.full((ROWS,), _NEG, jnp.float32),
+        jnp.zeros((ROWS,), jnp.float32),
+    )
+
+
+def _online_softmax_step(carry, s, ok, v):
+    """One block of FlashAttention-2's recurrence: scaled scores ``s`` [16, block_s], the
+    slots that count ``ok`` [block_s], values ``v`` [block_s, H]."""
+    acc, m_prev, l_prev = carry
+    s = jnp.where(ok[None, :], s, _NEG)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    p = jnp.where(ok[None, :], jnp.exp(s - m_next[:, None]), 0.0)
+    corr = jnp.exp(m_prev - m_next)
+    l_next = corr * l_prev + jnp.sum(p, axis=1)
+    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return corr[:, None] * acc + pv, m_next, l_next
+
+
+def _store_out(out_refs, acc, m_i, l_sum, g):
+    """The normalized output [16, H] (rows < G), or a split's f32 partials acc, m, l."""
+    head = jax.lax.broadcasted_iota(jnp.int32, acc.shape, 0)
     if len(out_refs) == 3:  # a split: partials, combined in XLA (split_combine)
         o_ref, m_ref, l_ref = out_refs
         plgpu.store(o_ref, acc, mask=head < g)
@@ -112,21 +198,19 @@ def supports(q_BxLxNxH, k_BxSxKxH) -> bool:
     return ok and k_BxSxKxH.dtype == q_BxLxNxH.dtype
 
 
+def supports_update(q_BxLxNxH, cache_k) -> bool:
+    """Whether :func:`decode_attention_update` takes these heads and this cache entry (a
+    dense array of q's dtype: quantized caches keep the XLA write + dequantize path)."""
+    if not isinstance(cache_k, jax.Array) or q_BxLxNxH.shape[-1] < 32:
+        return False
+    return supports(q_BxLxNxH, cache_k)
+
+
 SPLIT_SLOTS = 512  # slots per program before the cache is split (flash-decoding)
+_STATIC = ("block_s", "split_s", "num_warps", "num_stages", "interpret")
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_s", "split_s", "num_warps", "num_stages", "interpret")
-)
-def decode_attention(
-    q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, *, block_s=64, split_s=SPLIT_SLOTS, num_warps=4,
-    num_stages=2, interpret=None,
-):  # fmt: skip
-    """``softmax(q k^T / sqrt(H)) v`` per query head over the valid cache slots: ``[B, N, H]``
-    in q's dtype (module docstring). Caches longer than ``split_s`` slots (a multiple of
-    ``block_s``) are split into ranges of ``split_s`` slots, one program each, whose f32
-    partials :func:`split_combine` merges (flash-decoding); shorter ones take one program per
-    (sequence, KV head) and no combine step (the measured 8B decode: 128 slots)."""
+def _check(q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, block_s, split_s):
     b, n, h = q_BxNxH.shape
     _, s_len, kh, h2 = k_BxSxKxH.shape
     if h2 != h or v_BxSxKxH.shape != k_BxSxKxH.shape or n % kh:
@@ -139,11 +223,21 @@ def decode_attention(
     problem = _heads_problem(n, kh, h)
     if problem:
         raise ValueError(f"decode_attention takes {problem}")
-    g = n // kh
     if block_s < 16 or block_s & (block_s - 1):
         raise ValueError(f"block_s must be a power of two >= 16, got {block_s}")
     if split_s < block_s or split_s % block_s:
         raise ValueError(f"split_s ({split_s}) must be a multiple of block_s ({block_s})")
+
+
+def _attend(
+    q_BxNxH, k, v, valid_BxS, update, *, block_s, split_s, num_warps, num_stages, interpret
+):
+    """The pallas_call of :func:`_kernel` (``update`` None) or :func:`_update_kernel`
+    (``update`` = its extra inputs: new k / v [B, K, H], cos / sin [B, H/2], slot [1]):
+    ``[B, N, H]`` (and, with ``update``, the two caches written in place)."""
+    b, n, h = q_BxNxH.shape
+    _, s_len, kh, _ = k.shape
+    g = n // kh
     interpret = D.resolve_interpret(interpret)
     q = q_BxNxH.reshape(b, kh, g, h)
     valid = valid_BxS.astype(jnp.int8)
@@ -151,12 +245,12 @@ def decode_attention(
     sp = -(-s_len // block_s) * block_s  # blocks past the arrays' ends are masked in-kernel
     ns = 1 if sp <= split_s else -(-s_len // split_s)
     span = sp if ns == 1 else split_s  # slots per program
-    kern = functools.partial(_kernel, g=g, s_len=s_len, block_s=block_s, scale=1.0 / math.sqrt(h))
+    static = dict(g=g, s_len=s_len, block_s=block_s, scale=1.0 / math.sqrt(h))
     head_spec = pl.BlockSpec((squeezed, squeezed, ROWS, h), lambda i, j, s: (i, j, 0, 0))
     kv_spec = pl.BlockSpec((squeezed, span, squeezed, h), lambda i, j, s: (i, s, j, 0))
     if ns == 1:
-        out_shape = jax.ShapeDtypeStruct((b, kh, g, h), q_BxNxH.dtype)
-        out_specs = head_spec
+        out_shape = [jax.ShapeDtypeStruct((b, kh, g, h), q_BxNxH.dtype)]
+        out_specs = [head_spec]
     else:  # per split: acc [B, K, G, H], m and l [B, K, G] (f32)
         out_shape = [
             jax.ShapeDtypeStruct((ns, b, kh, g, h), jnp.float32),
@@ -169,26 +263,88 @@ def decode_attention(
             pl.BlockSpec(part, lambda i, j, s: (s, i, j, 0)),
             pl.BlockSpec(part, lambda i, j, s: (s, i, j, 0)),
         ]
+    args, in_specs, aliases, kern = [q], [head_spec], {}, functools.partial(_kernel, **static)
+    if update is not None:
+        kn, vn, cos, sin, slot = update
+        new_spec = pl.BlockSpec((squeezed, squeezed, h), lambda i, j, s: (i, j, 0))
+        rope_spec = pl.BlockSpec((squeezed, h // 2), lambda i, j, s: (i, 0))
+        args += [kn, vn, cos, sin, slot]
+        in_specs += [new_spec, new_spec, rope_spec, rope_spec]
+        in_specs.append(pl.BlockSpec((1,), lambda i, j, s: (0,)))
+        aliases = {len(args): len(out_shape), len(args) + 1: len(out_shape) + 1}
+        out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
+        out_specs += [kv_spec, kv_spec]
+        kern = functools.partial(_update_kernel, **static)
+    args += [k, v, valid]
+    in_specs += [kv_spec, kv_spec, pl.BlockSpec((squeezed, span), lambda i, j, s: (i, s))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        out = pl.pallas_call(
+        outs = pl.pallas_call(
             kern,
             out_shape=out_shape,
             grid=(b, kh, ns),
-            in_specs=[
-                head_spec,
-                kv_spec,
-                kv_spec,
-                pl.BlockSpec((squeezed, span), lambda i, j, s: (i, s)),
-            ],
+            in_specs=in_specs,
             out_specs=out_specs,
+            input_output_aliases=aliases,
             interpret=interpret,
             compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name=f"decode_attention_s{s_len}x{ns}_k{kh}g{g}h{h}",
-        )(q, k_BxSxKxH, v_BxSxKxH, valid)
-    if ns > 1:
-        out = split_combine(*out).astype(q_BxNxH.dtype)
-    return out.reshape(b, n, h)
+            name=f"decode_attention{'_update' if update else ''}_s{s_len}x{ns}_k{kh}g{g}h{h}",
+        )(*args)
+    out = outs[0] if ns == 1 else split_combine(*outs[:3]).astype(q_BxNxH.dtype)
+    caches = tuple(outs[len(out_shape) - 2 :]) if update is not None else ()
+    return (out.reshape(b, n, h), *caches)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def decode_attention(
+    q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, *, block_s=64, split_s=SPLIT_SLOTS, num_warps=4,
+    num_stages=2, interpret=None,
+):  # fmt: skip
+    """``softmax(q k^T / sqrt(H)) v`` per query head over the valid cache slots: ``[B, N, H]``
+    in q's dtype (module docstring). Caches longer than ``split_s`` slots (a multiple of
+    ``block_s``) are split into ranges of ``split_s`` slots, one program each, whose f32
+    partials :func:`split_combine` merges (flash-decoding); shorter ones take one program per
+    (sequence, KV head) and no combine step (the measured 8B decode: 128 slots)."""
+    _check(q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, block_s, split_s)
+    (out,) = _attend(
+        q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, None, block_s=block_s, split_s=split_s,
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+    )  # fmt: skip
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(5, 6))
+def decode_attention_update(
+    q_BxNxH, k_new_BxKxH, v_new_BxKxH, cos_BxH2, sin_BxH2, k_BxSxKxH, v_BxSxKxH, index,
+    valid_BxS, *, block_s=64, split_s=SPLIT_SLOTS, num_warps=4, num_stages=2, interpret=None,
+):  # fmt: skip
+    """One decode token's attention with its RoPE and cache write in the same kernel:
+    ``(out [B, N, H], k cache, v cache)``.
+
+    q and the new k / v are the projections' outputs *before* RoPE; ``cos`` / ``sin``
+    ``[B, H/2]`` (f32) the token's rotation (:func:`shrinkjax.models.llama.rope_tables`);
+    ``index`` (int32 scalar) the slot it takes in every sequence; ``valid`` the slots it may
+    attend, its own included. Equals ``apply_rope`` + ``cache_write`` + :func:`decode_attention`
+    (the rotated k and q rounded to the cache dtype, as there), and replaces their three XLA
+    kernels per layer (RoPE, two cache updates): the caches are updated in place (donated;
+    under ``jit`` XLA aliases them as it does for ``dynamic_update_slice``)."""
+    _check(q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, block_s, split_s)
+    b, n, h = q_BxNxH.shape
+    kh = k_BxSxKxH.shape[2]
+    if k_new_BxKxH.shape != (b, kh, h) or v_new_BxKxH.shape != (b, kh, h):
+        raise ValueError(
+            f"new k {k_new_BxKxH.shape} and v {v_new_BxKxH.shape} must be [B, K, H] = {(b, kh, h)}"
+        )
+    if cos_BxH2.shape != (b, h // 2) or sin_BxH2.shape != (b, h // 2):
+        raise ValueError(f"cos / sin must be [B, H/2] = {(b, h // 2)}, got {cos_BxH2.shape}")
+    if h < 32:
+        raise ValueError(f"decode_attention_update takes a head width >= 32 (got {h})")
+    slot = jnp.reshape(index, (1,)).astype(jnp.int32)
+    update = (k_new_BxKxH, v_new_BxKxH, cos_BxH2.astype(jnp.float32), sin_BxH2.astype(jnp.float32))
+    return _attend(
+        q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, (*update, slot), block_s=block_s,
+        split_s=split_s, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+    )  # fmt: skip
 
 
 def decode_attention_ref(q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS):

@@ -231,6 +231,29 @@ def attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, impl: str = "einsum")
     return out.reshape(b, l, n * h).astype(q_BxLxNxH.dtype)
 
 
+def _fused_decode_attention(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, rope, mask_BxLxS, layer_cache):
+    """``attention_impl="pallas_decode"`` on one new token with a dense cache on a GPU:
+    :func:`shrinkjax.kernels.decode_attention.decode_attention_update` (RoPE, the cache write
+    and attention in one kernel) -> (out [B, 1, N*H], updated layer cache); else None."""
+    if cfg.attention_impl != "pallas_decode" or layer_cache is None or mask_BxLxS is None:
+        return None
+    b, l, n, h = q_BxLxNxH.shape
+    k_all, v_all, index = layer_cache
+    if l != 1 or not isinstance(v_all, jax.Array):
+        return None
+    from shrinkjax.kernels import decode_attention as DA
+    from shrinkjax.kernels import driver
+
+    if not (driver.use_kernel_backend() and DA.supports_update(q_BxLxNxH, k_all)):
+        return None
+    cos, sin = rope
+    out, k_all, v_all = DA.decode_attention_update(
+        q_BxLxNxH[:, 0], k_BxLxKxH[:, 0], v_BxLxKxH[:, 0], cos[:, 0], sin[:, 0], k_all, v_all,
+        index, mask_BxLxS[:, 0],
+    )  # fmt: skip
+    return out.reshape(b, 1, n * h), (k_all, v_all, index)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         h = cfg.head_width
@@ -259,6 +282,12 @@ class Attention(nnx.Module):
         q = q.reshape(b, l, cfg.n_heads, h)
         k = k.reshape(b, l, cfg.n_kv_heads, h)
         v = v.reshape(b, l, cfg.n_kv_heads, h)
+        fused = _fused_decode_attention(cfg, q, k, v, rope, mask_BxLxS, layer_cache)
+        if fused is not None:  # RoPE, cache write and attention in one kernel
+            o_in, layer_cache = fused
+            if taps is not None:
+                taps["o_in"] = o_in
+            return self.o_proj(o_in), layer_cache
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layer_cache is not None:
             k_all, v_all, index = layer_cache

@@ -110,6 +110,63 @@ def test_clear_errors():
     assert DA.supports(q[:, None], k) and not DA.supports(q[:, None, :, :24], k[..., :24])
 
 
+@pytest.mark.parametrize(
+    "b,n,kh,h,s,index,block_s,split_s",
+    [
+        (1, 32, 8, 128, 128, 100, 64, 512),  # the 8B heads
+        (2, 8, 2, 64, 100, 99, 64, 512),  # the last slot of a ragged cache
+        (3, 4, 4, 32, 40, 0, 16, 512),  # G = 1, the first slot
+        (2, 8, 2, 64, 1000, 600, 64, 256),  # split: the slot in the third of four ranges
+    ],
+)
+def test_update_equals_rope_write_then_attend(b, n, kh, h, s, index, block_s, split_s):
+    """decode_attention_update = apply_rope + cache_write + attention: the output against
+    float64 on the rotated inputs, the caches bit-exact (the written slot and all others)."""
+    _check_update(b, n, kh, h, s, index, block_s, split_s, interpret=True)
+
+
+def _check_update(b, n, kh, h, s, index, block_s, split_s, interpret):
+    from shrinkjax.models.kv_cache import cache_write
+    from shrinkjax.models.llama import apply_rope
+
+    rng = np.random.default_rng([b, n, h, s, index])
+    q, k, v, valid = _inputs(rng, b, n, kh, h, s)
+    valid = valid.at[:, index].set(True)
+    kn = jnp.asarray(rng.standard_normal((b, kh, h)), jnp.bfloat16)
+    vn = jnp.asarray(rng.standard_normal((b, kh, h)), jnp.bfloat16)
+    ang = rng.uniform(0, 50, (b, h // 2)).astype(np.float32)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    rope = (cos[:, None], sin[:, None])  # [B, L=1, H/2]
+    q_rot = apply_rope(q[:, None], *rope)[:, 0]
+    k_want = cache_write(k, apply_rope(kn[:, None], *rope), index)
+    v_want = cache_write(v, vn[:, None], index)
+    want = _f64(q_rot, k_want, v_want, valid)
+    k_want, v_want = np.asarray(k_want), np.asarray(v_want)  # (k, v are donated below)
+    y, k2, v2 = DA.decode_attention_update(
+        q, kn, vn, cos, sin, k, v, jnp.int32(index), valid, block_s=block_s, split_s=split_s,
+        interpret=interpret,
+    )  # fmt: skip
+    assert y.shape == (b, n, h) and y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(k2), k_want)
+    np.testing.assert_array_equal(np.asarray(v2), v_want)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, atol=3e-2, rtol=0)
+
+
+def test_update_errors():
+    rng = np.random.default_rng(4)
+    q, k, v, valid = _inputs(rng, 1, 8, 2, 32, 16)
+    kn = vn = jnp.zeros((1, 2, 32), jnp.bfloat16)
+    cs = jnp.zeros((1, 16), jnp.float32)
+    with pytest.raises(ValueError, match=r"new k \(1, 3, 32\) .* must be \[B, K, H\]"):
+        DA.decode_attention_update(q, kn[:, [0, 1, 1]], vn, cs, cs, k, v, 3, valid)
+    with pytest.raises(ValueError, match=r"cos / sin must be \[B, H/2\]"):
+        DA.decode_attention_update(q, kn, vn, cs[:, :8], cs, k, v, 3, valid)
+    with pytest.raises(ValueError, match="head width >= 32"):
+        q16, k16 = q[..., :16], k[..., :16]
+        DA.decode_attention_update(q16, kn[..., :16], vn[..., :16], cs[:, :8], cs[:, :8], k16,
+                                   k16, 3, valid)  # fmt: skip
+
+
 def test_model_decodes_the_same_tokens(tiny_llama, monkeypatch):
     """Greedy generation from left-padded prompts (masked cache slots) with
     ``attention_impl="pallas_decode"`` (the kernel, interpret mode on CPU) gives the einsum
@@ -132,6 +189,35 @@ def test_model_decodes_the_same_tokens(tiny_llama, monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("deferred_norm", [False, True])
+def test_model_fused_update_decodes_the_same_tokens(monkeypatch, deferred_norm):
+    """Head width 32: the model's decode steps take decode_attention_update (RoPE + cache
+    write + attention in one kernel; interpret mode on CPU) and greedy generation from
+    left-padded prompts gives the einsum path's tokens."""
+    from shrinkjax.kernels import driver
+    from shrinkjax.models.generate import generate, left_pad
+    from shrinkjax.models.llama import LlamaConfig, init_model
+    from shrinkjax.models.params import flat_params, model_from_params
+
+    cfg = LlamaConfig(
+        vocab_size=96, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
+        deferred_norm=deferred_norm,
+    )  # fmt: skip
+    base = init_model(cfg, seed=5)
+    toks, mask = left_pad([[5, 17, 3, 9, 11], [7, 2]])
+    want = generate(base, toks, 6, prompt_mask_BxP=mask)
+    model = model_from_params(cfg.replace(attention_impl="pallas_decode"), flat_params(base))
+    calls = []
+    real = DA.decode_attention_update
+    monkeypatch.setattr(driver, "use_kernel_backend", lambda: True)  # interpret mode off-GPU
+    monkeypatch.setattr(
+        DA, "decode_attention_update", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    got = generate(model, toks, 6, prompt_mask_BxP=mask)
+    assert calls  # the decode steps went through the fused kernel
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("s", [128, 100, 1000, 4000])  # 1000, 4000: split (512 slots each)
 def test_gpu_native_matches_float64(s):
@@ -139,3 +225,10 @@ def test_gpu_native_matches_float64(s):
     q, k, v, valid = _inputs(rng, 2, 32, 8, 128, s)
     y = DA.decode_attention(q, k, v, valid, interpret=False)
     np.testing.assert_allclose(np.asarray(y, np.float64), _f64(q, k, v, valid), atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s,index", [(128, 100), (1000, 700)])
+def test_gpu_native_update_matches(s, index):
+    """The real lowering of the fused RoPE + cache write + attention (8B heads)."""
+    _check_update(2, 32, 8, 128, s, index, 64, 512, interpret=False)
