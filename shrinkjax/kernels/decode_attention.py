@@ -77,9 +77,10 @@ def _update_kernel(
     vn_ref [H] (this KV head's new k, v) before RoPE, cos_ref / sin_ref [H/2] (f32), idx_ref
     [1] (the token's slot). RoPE is applied to q and the new k here; the program whose slot
     range holds the slot writes the rotated k and v into its rows of the cache (ko_ref / vo_ref,
-    the last two outputs, alias k_ref / v_ref) and reads them from registers in place of the
-    cache's old content. The score is two half-width dots (``q1 k1 + q2 k2``): the rotated
-    halves are never joined."""
+    the last two outputs, alias k_ref / v_ref). That program starts the online softmax from the
+    new token itself, computed from registers (score ``q1 k1 + q2 k2`` on the rotated halves,
+    which are never joined; weight 1, value v), and masks the slot in the cache blocks, whose
+    old content it never reads; the other ranges' programs start empty."""
     *out_refs, ko_ref, vo_ref = out_refs
     h = q_ref.shape[-1]
     h2 = h // 2
@@ -103,25 +104,34 @@ def _update_kernel(
     plgpu.store(ko_ref.at[pl.ds(at, 1), pl.ds(h2, h2)], k2n[None, :], mask=half_mask)
     plgpu.store(vo_ref.at[pl.ds(at, 1), :], vn[None, :], mask=jnp.broadcast_to(mine, (1, h)))
 
+    # the new token opens the recurrence (if it is this range's and a valid slot)
+    f32 = jnp.float32
+    s_new = jnp.sum(q1.astype(f32) * k1n.astype(f32)[None, :], axis=1)
+    s_new = (s_new + jnp.sum(q2.astype(f32) * k2n.astype(f32)[None, :], axis=1)) * scale
+    new_ok = mine & (plgpu.load(valid_ref.at[pl.ds(at, 1)])[0] != 0)
+    ok_r = jnp.broadcast_to(new_ok, (ROWS,))  # (Triton's select takes no scalar condition)
+    m0 = jnp.where(ok_r, s_new, _NEG)  # [16]
+    l0 = jnp.where(ok_r, 1.0, 0.0).astype(f32)
+    vn_rows = jnp.broadcast_to(vn.astype(f32)[None, :], (ROWS, h))
+    acc0 = jnp.where(jnp.broadcast_to(new_ok, (ROWS, h)), vn_rows, 0.0)
+
     col = jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0)
     row2 = jax.lax.broadcasted_iota(jnp.int32, (block_s, h2), 0)
     row = jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
 
     def body(i, carry):
         s0 = i * block_s
-        slot2, slot = base + s0 + row2, base + s0 + row
-        k1 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(0, h2)], mask=slot2 < s_len, other=0)
-        k2 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(h2, h2)], mask=slot2 < s_len, other=0)
-        v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=slot < s_len, other=0.0)
-        k1 = jnp.where(slot2 == index, k1n[None, :], k1)  # the new token, from registers
-        k2 = jnp.where(slot2 == index, k2n[None, :], k2)
-        v = jnp.where(slot == index, vn[None, :], v)
-        ok = _slots_ok(valid_ref, s0, base + s0 + col < s_len)
+        in2, in_s = base + s0 + row2 < s_len, base + s0 + row < s_len
+        k1 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(0, h2)], mask=in2, other=0.0)
+        k2 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(h2, h2)], mask=in2, other=0.0)
+        v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
+        slot = base + s0 + col
+        ok = _slots_ok(valid_ref, s0, slot < s_len) & (slot != index)  # (the new slot: above)
         s = jnp.dot(q1, k1.T, preferred_element_type=jnp.float32)
         s = s + jnp.dot(q2, k2.T, preferred_element_type=jnp.float32)  # [16, block_s]
         return _online_softmax_step(carry, s * scale, ok, v)
 
-    acc, m_i, l_sum = jax.lax.fori_loop(0, span // block_s, body, _softmax_init(h))
+    acc, m_i, l_sum = jax.lax.fori_loop(0, span // block_s, body, (acc0, m0, l0))
     _store_out(out_refs, acc, m_i, l_sum, g)
 
 

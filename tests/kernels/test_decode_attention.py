@@ -125,13 +125,22 @@ def test_update_equals_rope_write_then_attend(b, n, kh, h, s, index, block_s, sp
     _check_update(b, n, kh, h, s, index, block_s, split_s, interpret=True)
 
 
-def _check_update(b, n, kh, h, s, index, block_s, split_s, interpret):
+@pytest.mark.parametrize("s,split_s", [(40, 512), (300, 128)])
+def test_update_with_the_new_slot_masked(s, split_s):
+    """A row whose new token is padding (its slot not valid) attends only to the others, but
+    the token is still written to the cache."""
+    _check_update(2, 8, 2, 64, s, s - 7, 32, split_s, interpret=True, new_valid=False)
+
+
+def _check_update(b, n, kh, h, s, index, block_s, split_s, interpret, new_valid=True):
     from shrinkjax.models.kv_cache import cache_write
     from shrinkjax.models.llama import apply_rope
 
     rng = np.random.default_rng([b, n, h, s, index])
     q, k, v, valid = _inputs(rng, b, n, kh, h, s)
     valid = valid.at[:, index].set(True)
+    if not new_valid:
+        valid = valid.at[0, index].set(False)
     kn = jnp.asarray(rng.standard_normal((b, kh, h)), jnp.bfloat16)
     vn = jnp.asarray(rng.standard_normal((b, kh, h)), jnp.bfloat16)
     ang = rng.uniform(0, 50, (b, h // 2)).astype(np.float32)
