@@ -369,9 +369,10 @@ def main(argv=None):
     ap.add_argument(
         "--attention",
         default="einsum",
-        choices=("einsum", "pallas_decode"),
-        help="decode attention: XLA einsums or one Pallas kernel per layer "
-        "(shrinkjax.kernels.decode_attention; LlamaConfig.attention_impl)",
+        choices=("einsum", "pallas_decode", "pallas_decode_fused"),
+        help="decode attention: XLA einsums, one Pallas kernel per layer after XLA's RoPE and "
+        "cache writes, or one kernel doing all three (shrinkjax.kernels.decode_attention; "
+        "LlamaConfig.attention_impl)",
     )
     ap.add_argument(
         "--norm",

@@ -37,7 +37,7 @@ from flax import nnx
 from shrinkjax.kernels import dispatch
 from shrinkjax.models.kv_cache import KVCache, cache_read, cache_write
 
-ATTENTION_IMPLS = ("einsum", "cudnn", "pallas_decode")
+ATTENTION_IMPLS = ("einsum", "cudnn", "pallas_decode", "pallas_decode_fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,8 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     # einsum (exact, any mask) | cudnn (flash, no cache, bf16) | pallas_decode (one-token decode
     # steps with a bf16 cache through shrinkjax.kernels.decode_attention on a GPU; else einsum)
+    # | pallas_decode_fused (the same with RoPE and the cache write inside the kernel:
+    # decode_attention_update)
     attention_impl: str = "einsum"
     # q/k/v as one qkv_proj [D, (N+2K)H], gate/up as one gate_up_proj [D, 2F] (inference;
     # shrinkjax.models.fuse.fuse_projections builds it from an unfused model)
@@ -220,7 +222,7 @@ def attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, impl: str = "einsum")
     (lets cuDNN's flash kernel skip the mask tensor)."""
     b, l, n, h = q_BxLxNxH.shape
     kh = k_BxSxKxH.shape[2]
-    if impl == "pallas_decode" and l == 1 and mask_BxLxS is not None:
+    if impl.startswith("pallas_decode") and l == 1 and mask_BxLxS is not None:
         from shrinkjax.kernels import decode_attention as DA
         from shrinkjax.kernels import driver
 
@@ -251,10 +253,10 @@ def attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, impl: str = "einsum")
 
 
 def _fused_decode_attention(cfg, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, rope, mask_BxLxS, layer_cache):
-    """``attention_impl="pallas_decode"`` on one new token with a dense cache on a GPU:
+    """``attention_impl="pallas_decode_fused"`` on one new token with a dense cache on a GPU:
     :func:`shrinkjax.kernels.decode_attention.decode_attention_update` (RoPE, the cache write
     and attention in one kernel) -> (out [B, 1, N*H], updated layer cache); else None."""
-    if cfg.attention_impl != "pallas_decode" or layer_cache is None or mask_BxLxS is None:
+    if cfg.attention_impl != "pallas_decode_fused" or layer_cache is None or mask_BxLxS is None:
         return None
     b, l, n, h = q_BxLxNxH.shape
     k_all, v_all, index = layer_cache

@@ -5,6 +5,8 @@ the real Triton lowering on a GPU."""
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 
 import jax.numpy as jnp
@@ -198,11 +200,18 @@ def test_model_decodes_the_same_tokens(tiny_llama, monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("deferred_norm", [False, True])
-def test_model_fused_update_decodes_the_same_tokens(monkeypatch, deferred_norm):
-    """Head width 32: the model's decode steps take decode_attention_update (RoPE + cache
-    write + attention in one kernel; interpret mode on CPU) and greedy generation from
-    left-padded prompts gives the einsum path's tokens."""
+@pytest.mark.parametrize(
+    "impl,deferred_norm,entry",
+    [
+        ("pallas_decode_fused", False, "decode_attention_update"),
+        ("pallas_decode_fused", True, "decode_attention_update"),
+        ("pallas_decode", True, "decode_attention"),
+    ],
+)
+def test_model_kernel_paths_decode_the_same_tokens(monkeypatch, impl, deferred_norm, entry):
+    """Head width 32: the model's decode steps take the kernel ``impl`` names (interpret mode
+    on CPU; "pallas_decode_fused": RoPE + cache write + attention in one kernel) and greedy
+    generation from left-padded prompts gives the einsum path's tokens."""
     from shrinkjax.kernels import driver
     from shrinkjax.models.generate import generate, left_pad
     from shrinkjax.models.llama import LlamaConfig, init_model
@@ -215,15 +224,15 @@ def test_model_fused_update_decodes_the_same_tokens(monkeypatch, deferred_norm):
     base = init_model(cfg, seed=5)
     toks, mask = left_pad([[5, 17, 3, 9, 11], [7, 2]])
     want = generate(base, toks, 6, prompt_mask_BxP=mask)
-    model = model_from_params(cfg.replace(attention_impl="pallas_decode"), flat_params(base))
-    calls = []
-    real = DA.decode_attention_update
+    model = model_from_params(cfg.replace(attention_impl=impl), flat_params(base))
+    calls = collections.Counter()
     monkeypatch.setattr(driver, "use_kernel_backend", lambda: True)  # interpret mode off-GPU
-    monkeypatch.setattr(
-        DA, "decode_attention_update", lambda *a, **k: calls.append(1) or real(*a, **k)
-    )
+    for name in ("decode_attention", "decode_attention_update"):
+        real = getattr(DA, name)
+        spy = functools.partial(lambda n, r, *a, **k: calls.update([n]) or r(*a, **k), name, real)
+        monkeypatch.setattr(DA, name, spy)
     got = generate(model, toks, 6, prompt_mask_BxP=mask)
-    assert calls  # the decode steps went through the fused kernel
+    assert set(calls) == {entry}  # the decode steps went through that kernel only
     np.testing.assert_array_equal(got, want)
 
 
