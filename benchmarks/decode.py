@@ -43,7 +43,6 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from shrinkjax.kernels import dispatch, driver, fp4_tc, int4_tc, layouts, sparse24_tc  # noqa: E402
-from shrinkjax.models import llama  # noqa: E402
 from shrinkjax.models.kv_cache import init_cache  # noqa: E402
 from shrinkjax.models.llama import LlamaConfig  # noqa: E402
 from shrinkjax.models.params import model_from_params  # noqa: E402
@@ -382,13 +381,6 @@ def main(argv=None):
         "(LlamaConfig.deferred_norm, FlashNorm)",
     )
     ap.add_argument(
-        "--sum-sq-group",
-        type=int,
-        default=None,
-        help="deferred norms' sum of squares per group of this many columns "
-        "(llama.SUM_SQ_GROUP; 0: one row reduction)",
-    )
-    ap.add_argument(
         "--profile",
         default="",
         help="trace one more call per cell into this directory; print device time by kernel",
@@ -409,9 +401,6 @@ def main(argv=None):
     if args.quick:
         args.steps, args.reps, args.prompt = min(args.steps, 4), 1, min(args.prompt, 8)
     saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM
-    saved_group = llama.SUM_SQ_GROUP
-    if args.sum_sq_group is not None:
-        llama.SUM_SQ_GROUP = args.sum_sq_group
     if args.int4_xsum:
         int4_tc.DEFAULT_XSUM = args.int4_xsum
     if args.prefill_min_m is not None:
@@ -423,7 +412,6 @@ def main(argv=None):
         prefill_min_m = dispatch.PREFILL_MIN_M
     finally:
         dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM = saved
-        sum_sq_group, llama.SUM_SQ_GROUP = llama.SUM_SQ_GROUP, saved_group
     print_table(rows)
     result = {
         "device": jax.devices()[0].device_kind,
@@ -433,7 +421,6 @@ def main(argv=None):
         "projections": args.projections,
         "attention": args.attention,
         "norm": args.norm,
-        "sum_sq_group": sum_sq_group,
         "model": "llama3-8b-shape" if not args.quick else "quick",
         "prompt": args.prompt,
         "decode_steps": args.steps,

@@ -114,14 +114,3 @@ def test_deferred_norm_bf16_close_to_plain():
     assert 0 < rel < 2e-2
     # and the two paths pick the same next token almost everywhere
     assert (outs[1].argmax(-1) == ref.argmax(-1)).mean() >= 0.9
-
-
-@pytest.mark.parametrize("d", [256, 200])  # groups of 128; a width they do not divide
-def test_grouped_sum_of_squares_equals_the_row_sum(d, monkeypatch):
-    from shrinkjax.models import llama
-
-    x = jnp.asarray(np.random.default_rng(d).standard_normal((3, 2, d)), jnp.float32)
-    want = np.sum(np.asarray(x, np.float64) ** 2, axis=-1, keepdims=True)
-    for group in (128, 0):
-        monkeypatch.setattr(llama, "SUM_SQ_GROUP", group)
-        np.testing.assert_allclose(np.asarray(llama._sum_sq(x)), want, rtol=1e-5)
