@@ -440,6 +440,9 @@ def main(argv=None):
             for r in rows
         ]
         doc["decode_model"] = result["model"]
+        doc["decode_settings"] = {
+            k: result[k] for k in ("device", "lm_head", "projections", "attention", "norm")
+        }
         with open(args.kernels_json, "w") as f:
             json.dump(doc, f, indent=1)
     return result
