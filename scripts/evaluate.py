@@ -45,6 +45,18 @@ flags.DEFINE_bool(
     "Pack compressed linears into the Pallas kernels' layouts (shrinkjax.kernels.convert): "
     "on a GPU they run through the kernels, elsewhere through the same reference math.",
 )
+flags.DEFINE_enum(
+    "attention",
+    "",
+    ["", "einsum", "cudnn", "pallas_decode", "pallas_decode_fused"],
+    "Override the model's attention_impl (the pallas_decode paths run decode steps only, on a "
+    "GPU; empty: as loaded).",
+)
+flags.DEFINE_bool(
+    "deferred_norm",
+    False,
+    "Apply each RMSNorm's 1/rms after the next linears (LlamaConfig.deferred_norm, FlashNorm).",
+)
 flags.DEFINE_string("out", "", "Write results JSON here.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -69,6 +81,13 @@ def main(argv):
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise app.UsageError(f"{loaded.source}: no tokenizer.json beside the model")
+    changes = {"deferred_norm": True} if FLAGS.deferred_norm else {}
+    if FLAGS.attention:
+        changes["attention_impl"] = FLAGS.attention
+    if changes:
+        from shrinkjax.models.params import flat_params, model_from_params
+
+        model = model_from_params(model.cfg.replace(**changes), flat_params(model))
     if FLAGS.fuse_projections:
         from shrinkjax.models.fuse import fuse_projections
 
@@ -100,6 +119,8 @@ def main(argv):
             "dtype": FLAGS.dtype,
             "device": jax.devices()[0].device_kind,
             "fused_projections": FLAGS.fuse_projections,
+            "attention": model.cfg.attention_impl,
+            "deferred_norm": model.cfg.deferred_norm,
             "kernels": None if packed is None else len(packed["converted"]),
         }
         try:

@@ -46,9 +46,16 @@ def test_evaluate_script_bad_input(tmp_path):
 
 
 def test_evaluate_script_fused_projections_same_perplexity(tmp_path):
+    """Fused projections (+ kernel packing), and deferred norms with another attention path,
+    leave an f32 model's perplexity unchanged."""
     res = []
-    for extra in ([], ["--fuse_projections", "--kernels"]):
-        out = tmp_path / f"r{len(extra)}.json"
+    variants = (
+        [],
+        ["--fuse_projections", "--kernels"],
+        ["--deferred_norm", "--attention=pallas_decode"],
+    )
+    for extra in variants:
+        out = tmp_path / f"r{len(res)}.json"
         r = _evaluate(
             f"--model={GOLDEN}/tiny_llama",
             "--corpus=pydoc",
@@ -62,3 +69,6 @@ def test_evaluate_script_fused_projections_same_perplexity(tmp_path):
         res.append(json.loads(out.read_text()))
     assert res[1]["fused_projections"] and res[1]["kernels"] == 0  # a float model: none packed
     assert abs(res[0]["ppl"] - res[1]["ppl"]) < 1e-4 * res[0]["ppl"]
+    assert not res[0]["deferred_norm"] and res[0]["attention"] == "einsum"
+    assert res[2]["deferred_norm"] and res[2]["attention"] == "pallas_decode"
+    assert abs(res[0]["ppl"] - res[2]["ppl"]) < 1e-4 * res[0]["ppl"]

@@ -75,18 +75,23 @@ def _update_kernel(
 ):  # fmt: skip
     """:func:`_kernel` for a token not yet rotated or cached: q_ref [16, H] and kn_ref /
     vn_ref [H] (this KV head's new k, v) before RoPE, cos_ref / sin_ref [H/2] (f32), idx_ref
-    [1] (the token's slot). RoPE is applied to q and the new k here; the program whose slot
-    range holds the slot writes the rotated k and v into its rows of the cache (ko_ref / vo_ref,
-    the last two outputs, alias k_ref / v_ref). That program starts the online softmax from the
-    new token itself, computed from registers (score ``q1 k1 + q2 k2`` on the rotated halves,
-    which are never joined; weight 1, value v), and masks the slot in the cache blocks, whose
-    old content it never reads; the other ranges' programs start empty."""
+    [1] (the token's slot). RoPE is applied to q and the new k here; the score is two
+    half-width dots (``q1 k1 + q2 k2``), so the rotated halves are never joined.
+
+    The cache blocks are attended with the new slot masked (its old content is never read);
+    the program whose slot range holds the slot then merges the new token from registers into
+    the online softmax (if the slot is valid: its bit comes with the blocks' mask loads) and
+    writes the rotated k and v into its cache rows (ko_ref / vo_ref, the last two outputs,
+    alias k_ref / v_ref). Nothing before the loop waits on a load's value, so the slot index,
+    the new token and the first cache blocks are all in flight at once (H100: a first version
+    that read the new slot's validity and wrote the cache before the loop took 5.9 µs per
+    8B layer against 3.6 µs for the plain kernel)."""
     *out_refs, ko_ref, vo_ref = out_refs
     h = q_ref.shape[-1]
     h2 = h // 2
     span = k_ref.shape[0]
     base = pl.program_id(2) * span if len(out_refs) == 3 else 0
-    dt = k_ref.dtype
+    dt, f32 = k_ref.dtype, jnp.float32
     c, s_ = cos_ref[...], sin_ref[...]  # [H/2] f32
     head = jax.lax.broadcasted_iota(jnp.int32, (ROWS, h2), 0)
     q1 = plgpu.load(q_ref.at[:, pl.ds(0, h2)], mask=head < g, other=0.0)
@@ -94,8 +99,39 @@ def _update_kernel(
     q1, q2 = _rope_halves(q1, q2, c[None, :], s_[None, :], q_ref.dtype)  # [16, H/2]
     k1n, k2n = _rope_halves(kn_ref[pl.ds(0, h2)], kn_ref[pl.ds(h2, h2)], c, s_, dt)  # [H/2]
     vn = vn_ref[...].astype(dt)  # [H]
-
     index = idx_ref[0]
+
+    col = jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0)
+    row2 = jax.lax.broadcasted_iota(jnp.int32, (block_s, h2), 0)
+    row = jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
+
+    def body(i, carry):
+        *soft, new_ok = carry
+        s0 = i * block_s
+        in2, in_s = base + s0 + row2 < s_len, base + s0 + row < s_len
+        k1 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(0, h2)], mask=in2, other=0.0)
+        k2 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(h2, h2)], mask=in2, other=0.0)
+        v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
+        slot = base + s0 + col
+        ok = _slots_ok(valid_ref, s0, slot < s_len)
+        new_ok = new_ok | jnp.max(jnp.where(ok & (slot == index), 1, 0))
+        s = jnp.dot(q1, k1.T, preferred_element_type=jnp.float32)
+        s = s + jnp.dot(q2, k2.T, preferred_element_type=jnp.float32)  # [16, block_s]
+        return (*_online_softmax_step(soft, s * scale, ok & (slot != index), v), new_ok)
+
+    init = (*_softmax_init(h), jnp.int32(0))
+    acc, m_i, l_sum, new_ok = jax.lax.fori_loop(0, span // block_s, body, init)
+
+    # the new token: score from registers, merged into the recurrence if it is valid here
+    s_new = jnp.sum(q1.astype(f32) * k1n.astype(f32)[None, :], axis=1)
+    s_new = (s_new + jnp.sum(q2.astype(f32) * k2n.astype(f32)[None, :], axis=1)) * scale
+    take = jnp.broadcast_to(new_ok != 0, (ROWS,))  # (Triton's select takes no scalar condition)
+    m_new = jnp.where(take, jnp.maximum(m_i, s_new), m_i)
+    w_old = jnp.exp(m_i - m_new)
+    w_new = jnp.where(take, jnp.exp(s_new - m_new), 0.0)
+    acc = w_old[:, None] * acc + w_new[:, None] * vn.astype(f32)[None, :]
+    _store_out(out_refs, acc, m_new, w_old * l_sum + w_new, g)
+
     local = index - base  # the new slot's row in this program's range (if it is in it)
     mine = (local >= 0) & (local < span)
     at = jnp.where(mine, local, 0)
@@ -103,36 +139,6 @@ def _update_kernel(
     plgpu.store(ko_ref.at[pl.ds(at, 1), pl.ds(0, h2)], k1n[None, :], mask=half_mask)
     plgpu.store(ko_ref.at[pl.ds(at, 1), pl.ds(h2, h2)], k2n[None, :], mask=half_mask)
     plgpu.store(vo_ref.at[pl.ds(at, 1), :], vn[None, :], mask=jnp.broadcast_to(mine, (1, h)))
-
-    # the new token opens the recurrence (if it is this range's and a valid slot)
-    f32 = jnp.float32
-    s_new = jnp.sum(q1.astype(f32) * k1n.astype(f32)[None, :], axis=1)
-    s_new = (s_new + jnp.sum(q2.astype(f32) * k2n.astype(f32)[None, :], axis=1)) * scale
-    new_ok = mine & (plgpu.load(valid_ref.at[pl.ds(at, 1)])[0] != 0)
-    ok_r = jnp.broadcast_to(new_ok, (ROWS,))  # (Triton's select takes no scalar condition)
-    m0 = jnp.where(ok_r, s_new, _NEG)  # [16]
-    l0 = jnp.where(ok_r, 1.0, 0.0).astype(f32)
-    vn_rows = jnp.broadcast_to(vn.astype(f32)[None, :], (ROWS, h))
-    acc0 = jnp.where(jnp.broadcast_to(new_ok, (ROWS, h)), vn_rows, 0.0)
-
-    col = jax.lax.broadcasted_iota(jnp.int32, (block_s,), 0)
-    row2 = jax.lax.broadcasted_iota(jnp.int32, (block_s, h2), 0)
-    row = jax.lax.broadcasted_iota(jnp.int32, (block_s, h), 0)
-
-    def body(i, carry):
-        s0 = i * block_s
-        in2, in_s = base + s0 + row2 < s_len, base + s0 + row < s_len
-        k1 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(0, h2)], mask=in2, other=0.0)
-        k2 = plgpu.load(k_ref.at[pl.ds(s0, block_s), pl.ds(h2, h2)], mask=in2, other=0.0)
-        v = plgpu.load(v_ref.at[pl.ds(s0, block_s), :], mask=in_s, other=0.0)
-        slot = base + s0 + col
-        ok = _slots_ok(valid_ref, s0, slot < s_len) & (slot != index)  # (the new slot: above)
-        s = jnp.dot(q1, k1.T, preferred_element_type=jnp.float32)
-        s = s + jnp.dot(q2, k2.T, preferred_element_type=jnp.float32)  # [16, block_s]
-        return _online_softmax_step(carry, s * scale, ok, v)
-
-    acc, m_i, l_sum = jax.lax.fori_loop(0, span // block_s, body, (acc0, m0, l0))
-    _store_out(out_refs, acc, m_i, l_sum, g)
 
 
 def _slots_ok(valid_ref, s0, in_c):
