@@ -83,9 +83,10 @@ def _update_kernel(
     the online softmax (if the slot is valid: its bit comes with the blocks' mask loads) and
     writes the rotated k and v into its cache rows (ko_ref / vo_ref, the last two outputs,
     alias k_ref / v_ref). Nothing before the loop waits on a load's value, so the slot index,
-    the new token and the first cache blocks are all in flight at once (H100: a first version
-    that read the new slot's validity and wrote the cache before the loop took 5.9 µs per
-    8B layer against 3.6 µs for the plain kernel)."""
+    the new token and the first cache blocks are all in flight at once. (A first version read
+    the new slot's validity and wrote the cache before the loop; on the H100 both took
+    5.6-5.7 µs at 128 slots, so those waits were not what makes this kernel slower than
+    XLA's RoPE + cache writes + :func:`_kernel`, 5.2 µs.)"""
     *out_refs, ko_ref, vo_ref = out_refs
     h = q_ref.shape[-1]
     h2 = h // 2
@@ -349,9 +350,9 @@ def decode_attention_update(
     kernels per layer (RoPE, two cache updates): the caches are updated in place (donated;
     under ``jit`` XLA aliases them as it does for ``dynamic_update_slice``).
 
-    Measured (``scripts/probe_decode_attention.py``, H100, 8B heads, B = 1): 5.7 µs at 128
+    Measured (``scripts/probe_decode_attention.py``, H100, 8B heads, B = 1): 5.6 µs at 128
     slots, against 5.2 µs for XLA's RoPE and cache writes + :func:`decode_attention`; at 1000
-    slots 13.4 (``block_s`` 64) / 10.9 µs (128, 3 stages) against 11.6. The model's default
+    slots 11.3 µs (``block_s`` 128, 3 stages) against 11.4. The model's default pallas
     decode attention (``"pallas_decode"``) is therefore the unfused one."""
     _check(q_BxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS, block_s, split_s)
     b, n, h = q_BxNxH.shape
