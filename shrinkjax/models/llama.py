@@ -65,7 +65,7 @@ class LlamaConfig:
     # shrinkjax.models.fuse.fuse_projections builds it from an unfused model)
     fused_projections: bool = False
     # Inference: each RMSNorm's 1/rms factor applied to the next linears' outputs instead of
-    # their input (FlashNorm; RMSNorm.deferred): the norm needs no reduce-then-scale pass
+    # their input (FlashNorm; RMSNorm.deferred), so the matmuls need not wait on the reduction
     deferred_norm: bool = False
 
     def __post_init__(self):
