@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -294,19 +293,18 @@ def _attend(
         kern = functools.partial(_update_kernel, **static)
     args += [k, v, valid]
     in_specs += [kv_spec, kv_spec, pl.BlockSpec((squeezed, span), lambda i, j, s: (i, s))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        outs = pl.pallas_call(
-            kern,
-            out_shape=out_shape,
-            grid=(b, kh, ns),
-            in_specs=in_specs,
-            out_specs=out_specs,
-            input_output_aliases=aliases,
-            interpret=interpret,
-            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name=f"decode_attention{'_update' if update else ''}_s{s_len}x{ns}_k{kh}g{g}h{h}",
-        )(*args)
+    outs = D.pallas_gpu_call(
+        kern,
+        out_shape=out_shape,
+        grid=(b, kh, ns),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        input_output_aliases=aliases,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name=f"decode_attention{'_update' if update else ''}_s{s_len}x{ns}_k{kh}g{g}h{h}",
+    )(*args)
     out = outs[0] if ns == 1 else split_combine(*outs[:3]).astype(q_BxNxH.dtype)
     caches = tuple(outs[len(out_shape) - 2 :]) if update is not None else ()
     return (out.reshape(b, n, h), *caches)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable
 
 import jax
@@ -125,18 +124,17 @@ def dequantize_padded(
     else:
         out_shape = jax.ShapeDtypeStruct((kp, np_), jnp.bfloat16)
         out_spec = pl.BlockSpec((bk, bn), lambda i, j: (i, j))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        w = pl.pallas_call(
-            kernel,
-            out_shape=out_shape,
-            grid=(kp // bk, np_ // bn),
-            in_specs=in_specs,
-            out_specs=out_spec,
-            interpret=interpret,
-            compiler_params=D.compiler_params(num_warps, 1, interpret),
-            name=dec.name,
-        )(*arrays)
+    w = D.pallas_gpu_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(kp // bk, np_ // bn),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=1,
+        name=dec.name,
+    )(*arrays)
     return w.reshape(kp, np_)
 
 

@@ -349,6 +349,23 @@ def compiler_params(cfg_warps: int, cfg_stages: int, interpret: bool):
     return plgpu.CompilerParams(num_warps=cfg_warps, num_stages=cfg_stages)
 
 
+def pallas_gpu_call(kernel, *, num_warps: int, num_stages: int, interpret: bool, **kw):
+    """``pl.pallas_call(kernel, **kw)`` for the Triton lowering (``num_warps`` / ``num_stages``;
+    none in interpret mode), as a function of the kernel's arrays. Every GPU kernel here goes
+    through it. jax's DeprecationWarnings are silenced while it is built and traced: the
+    ``None`` block dims that older jax needs for squeezed axes (``pl.squeezed`` is newer) warn
+    on newer jax."""
+
+    def run(*args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            params = compiler_params(num_warps, num_stages, interpret)
+            call = pl.pallas_call(kernel, interpret=interpret, compiler_params=params, **kw)
+            return call(*args)
+
+    return run
+
+
 def run_tiled_matmul(
     chunk_fn,
     x_arr,
@@ -471,18 +488,17 @@ def run_tiled_matmul(
     else:
         out_shape = jax.ShapeDtypeStruct((mrows, np_), out_dt)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        out = pl.pallas_call(
-            kernel,
-            out_shape=out_shape,
-            grid=(nm, nn, nsplit),
-            in_specs=in_specs,
-            out_specs=out_spec,
-            interpret=interpret,
-            compiler_params=compiler_params(cfg.num_warps, cfg.num_stages, interpret),
-            name=f"{name}_k{kp}n{np_}m{mrows}",  # shape: per-shape traces
-        )(x_arr, *w_arrs)
+    out = pallas_gpu_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(nm, nn, nsplit),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        interpret=interpret,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        name=f"{name}_k{kp}n{np_}m{mrows}",  # shape: per-shape traces
+    )(x_arr, *w_arrs)
     return out[..., :m, :] if mrows != m else out
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -350,23 +349,22 @@ def _fp4_tc_2d(
         x_prefetch=x_prefetch,
     )  # fmt: skip
     chunks, gs = kw // CHUNK, t.scales.shape[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        out = pl.pallas_call(
-            kern,
-            out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
-            grid=(np_ // bn, split_k),
-            in_specs=[
-                x_spec,
-                pl.BlockSpec((1, 1), lambda j, s: (0, 0)),
-                pl.BlockSpec((squeezed, chunks, bn, 16), lambda j, s: (j, 0, 0, 0)),
-                pl.BlockSpec((squeezed, gs, bn, GROUPS), lambda j, s: (j, 0, 0, 0)),
-            ],
-            out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
-            interpret=interpret,
-            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name=f"{t.fmt}_tc_{'col' if columns else 'late'}_s{split_k}_k{kw}n{np_}m{mp}",
-        )(xh, ts, t.words, t.scales)
+    out = D.pallas_gpu_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
+        grid=(np_ // bn, split_k),
+        in_specs=[
+            x_spec,
+            pl.BlockSpec((1, 1), lambda j, s: (0, 0)),
+            pl.BlockSpec((squeezed, chunks, bn, 16), lambda j, s: (j, 0, 0, 0)),
+            pl.BlockSpec((squeezed, gs, bn, GROUPS), lambda j, s: (j, 0, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name=f"{t.fmt}_tc_{'col' if columns else 'late'}_s{split_k}_k{kw}n{np_}m{mp}",
+    )(xh, ts, t.words, t.scales)
     y = out[0] if split_k == 1 else out.sum(axis=0)
     return y if np_ == t.n else y[:, : t.n]
 
@@ -485,22 +483,21 @@ def dequantize_fp4_tc(t: TcFP4, interpret=False):
     gs = t.scales.shape[1]
     squeezed = getattr(pl, "squeezed", None)
     ts = jnp.reshape(t.tensor_scale.astype(jnp.float32), (1, 1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pl.pallas_call(
-            functools.partial(_dequant_kernel, group=t.group, interpret=interpret),
-            out_shape=jax.ShapeDtypeStruct((t.kw, t.np_), jnp.bfloat16),
-            grid=(chunks, nt),
-            in_specs=[
-                pl.BlockSpec((1, 1), lambda c, i: (0, 0)),
-                pl.BlockSpec((squeezed, squeezed, bn, 16), lambda c, i: (i, c, 0, 0)),
-                pl.BlockSpec((squeezed, gs, bn, GROUPS), lambda c, i: (i, 0, 0, 0)),
-            ],
-            out_specs=pl.BlockSpec((CHUNK, bn), lambda c, i: (c, i)),
-            interpret=interpret,
-            compiler_params=D.compiler_params(4, 1, interpret),
-            name=f"{t.fmt}_tc_dequant",
-        )(ts, t.words, t.scales)
+    return D.pallas_gpu_call(
+        functools.partial(_dequant_kernel, group=t.group, interpret=interpret),
+        out_shape=jax.ShapeDtypeStruct((t.kw, t.np_), jnp.bfloat16),
+        grid=(chunks, nt),
+        in_specs=[
+            pl.BlockSpec((1, 1), lambda c, i: (0, 0)),
+            pl.BlockSpec((squeezed, squeezed, bn, 16), lambda c, i: (i, c, 0, 0)),
+            pl.BlockSpec((squeezed, gs, bn, GROUPS), lambda c, i: (i, 0, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((CHUNK, bn), lambda c, i: (c, i)),
+        interpret=interpret,
+        num_warps=4,
+        num_stages=1,
+        name=f"{t.fmt}_tc_dequant",
+    )(ts, t.words, t.scales)
 
 
 def fp4_tc_linear(x, t: TcFP4, *, path="auto", interpret=None, **tuning):

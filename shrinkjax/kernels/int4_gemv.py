@@ -41,7 +41,6 @@ offsets are read as f32 ``[4, Kp/g, Np/4]`` (column ``4i + c`` at ``[c, :, i]``)
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -198,18 +197,17 @@ def gemv_padded(
         late=late,
         load_only=load_only,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        out = pl.pallas_call(
-            kern,
-            out_shape=jax.ShapeDtypeStruct((split_k, m, 4, np_ // 4), jnp.float32),
-            grid=(np_ // block_n, split_k),
-            in_specs=in_specs,
-            out_specs=pl.BlockSpec((squeezed, m, 4, bn4), lambda j, si: (si, 0, 0, j)),
-            interpret=interpret,
-            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name="int4_gemv",
-        )(*arrays)
+    out = D.pallas_gpu_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct((split_k, m, 4, np_ // 4), jnp.float32),
+        grid=(np_ // block_n, split_k),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((squeezed, m, 4, bn4), lambda j, si: (si, 0, 0, j)),
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name="int4_gemv",
+    )(*arrays)
     y = jnp.transpose(out.sum(axis=0), (0, 2, 1)).reshape(m, np_)  # column 4i + c
     return y[:, :n]
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -294,18 +293,17 @@ def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xl
         z_ref = w_refs[2] if len(w_refs) == 3 else None
         _kernel(x_ref, xs_ref, w_refs[0], w_refs[1], z_ref, o_ref, **static)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        out = pl.pallas_call(
-            kern,
-            out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
-            grid=(np_ // block_n, split_k),
-            in_specs=in_specs + w_specs,
-            out_specs=pl.BlockSpec((squeezed, mp, block_n), lambda j, s: (s, 0, j)),
-            interpret=interpret,
-            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name=f"int4_tc_{xsum}_s{split_k}_k{kw}n{np_}m{mp}",  # shape: per-shape traces
-        )(*args, *w_args)
+    out = D.pallas_gpu_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
+        grid=(np_ // block_n, split_k),
+        in_specs=in_specs + w_specs,
+        out_specs=pl.BlockSpec((squeezed, mp, block_n), lambda j, s: (s, 0, j)),
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name=f"int4_tc_{xsum}_s{split_k}_k{kw}n{np_}m{mp}",  # shape: per-shape traces
+    )(*args, *w_args)
     y = out[0] if split_k == 1 else out.sum(axis=0)
     return y if np_ == t.n else y[:, : t.n]
 
@@ -401,18 +399,17 @@ def dequantize_tc(t: TcInt4, interpret=False):
         z_ref = refs[2] if len(refs) == 4 else None
         _dequant_kernel(refs[0], refs[1], z_ref, refs[-1], group=t.group, interpret=interpret)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return pl.pallas_call(
-            kern,
-            out_shape=jax.ShapeDtypeStruct((t.kw, t.np_), jnp.bfloat16),
-            grid=(chunks, nt),
-            in_specs=specs,
-            out_specs=pl.BlockSpec((CHUNK, bn), lambda c, i: (c, i)),
-            interpret=interpret,
-            compiler_params=D.compiler_params(4, 1, interpret),
-            name="int4_tc_dequant",
-        )(*w_args)
+    return D.pallas_gpu_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct((t.kw, t.np_), jnp.bfloat16),
+        grid=(chunks, nt),
+        in_specs=specs,
+        out_specs=pl.BlockSpec((CHUNK, bn), lambda c, i: (c, i)),
+        interpret=interpret,
+        num_warps=4,
+        num_stages=1,
+        name="int4_tc_dequant",
+    )(*w_args)
 
 
 def tc_linear(x, t: TcInt4, *, path="auto", interpret=None, **tuning):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -349,18 +348,17 @@ def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtyp
         s_ref = rest[2] if t.is_int4 else None
         _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, rest[-1], **static)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        out = pl.pallas_call(
-            kern,
-            out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
-            grid=(np_ // bn, split_k),
-            in_specs=specs,
-            out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
-            interpret=interpret,
-            compiler_params=D.compiler_params(num_warps, num_stages, interpret),
-            name=f"sparse24_tc{'_int4' if t.is_int4 else ''}_s{split_k}_k{kw}n{np_}m{mp}",
-        )(*args)
+    out = D.pallas_gpu_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
+        grid=(np_ // bn, split_k),
+        in_specs=specs,
+        out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
+        interpret=interpret,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        name=f"sparse24_tc{'_int4' if t.is_int4 else ''}_s{split_k}_k{kw}n{np_}m{mp}",
+    )(*args)
     y = out[0] if split_k == 1 else out.sum(axis=0)
     return y if np_ == t.n else y[:, : t.n]
 
@@ -466,18 +464,17 @@ def dequantize_24_tc(t: Tc24, interpret=False):
         s_ref = refs[2] if t.is_int4 else None
         _dequant_kernel(refs[0], refs[1], s_ref, refs[-1], group=t.group, interpret=interpret)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        w4 = pl.pallas_call(
-            kern,
-            out_shape=jax.ShapeDtypeStruct((t.kw // 4, 4, t.np_), jnp.bfloat16),
-            grid=(t.kw // SUPER, nt),
-            in_specs=specs,
-            out_specs=pl.BlockSpec((SUPER // 4, 4, bn), lambda s, i: (s, 0, i)),
-            interpret=interpret,
-            compiler_params=D.compiler_params(4, 1, interpret),
-            name="sparse24_tc_dequant",
-        )(*args)
+    w4 = D.pallas_gpu_call(
+        kern,
+        out_shape=jax.ShapeDtypeStruct((t.kw // 4, 4, t.np_), jnp.bfloat16),
+        grid=(t.kw // SUPER, nt),
+        in_specs=specs,
+        out_specs=pl.BlockSpec((SUPER // 4, 4, bn), lambda s, i: (s, 0, i)),
+        interpret=interpret,
+        num_warps=4,
+        num_stages=1,
+        name="sparse24_tc_dequant",
+    )(*args)
     return w4.reshape(t.kw, t.np_)
 
 
