@@ -589,9 +589,21 @@ def call_2d(kernel_2d, x, t, *, interpret=None, **kw):
 
 
 class TcLayout:
-    """Mixin of the tensor-core decode layouts (``TcInt4``, ``TcFP4``, ``Tc24``): the logical
-    ``shape`` (K, N) and ``kp``, the padded-K name the other layouts use, from each one's
-    ``kw``."""
+    """Mixin of the tensor-core decode layouts (``TcInt4``, ``TcFP4``, ``Tc24``): padded sizes
+    from the streamed array ``STREAM`` ``[Np/bn, Kw/STEP_ROWS, bn, 16]`` (``kw``: K padded,
+    ``np_``: N padded), the logical ``shape`` (K, N) and ``kp``, the padded-K name the other
+    layouts use."""
+
+    STREAM = "words"  # the data field streamed one K step per block
+    STEP_ROWS = 128  # dense K rows per block of STREAM
+
+    @property
+    def kw(self) -> int:
+        return getattr(self, self.STREAM).shape[1] * self.STEP_ROWS
+
+    @property
+    def np_(self) -> int:
+        return getattr(self, self.STREAM).shape[0] * self.block_n
 
     @property
     def kp(self) -> int:

@@ -87,6 +87,8 @@ _SIGN_MASK = 0x80008000
 class TcFP4(D.TcLayout):
     """MXFP4 / NVFP4 weight in :mod:`fp4_tc`'s layout (module docstring)."""
 
+    STREAM, STEP_ROWS = "words", CHUNK  # (driver.TcLayout: kw, np_)
+
     words: jax.Array  # uint32 [Np/bn, Kw/128, bn, 16]
     scales: jax.Array  # uint8 [Np/bn, Gw, bn, 1]: E8M0 (mxfp4) or E4M3 bits (nvfp4)
     tensor_scale: jax.Array  # f32 scalar (1.0 for mxfp4)
@@ -103,14 +105,6 @@ class TcFP4(D.TcLayout):
     def step_rows(self) -> int:
         """K rows per scale step (eight groups): 128 (NVFP4) or 256 (MXFP4)."""
         return GROUPS * self.group
-
-    @property
-    def kw(self) -> int:
-        return self.words.shape[1] * CHUNK
-
-    @property
-    def np_(self) -> int:
-        return self.words.shape[0] * self.block_n
 
 
 def word_bits(i: int, b: int) -> tuple[int, int]:

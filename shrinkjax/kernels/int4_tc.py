@@ -76,6 +76,8 @@ XSUM_MODES = ("none", "xla", "sum", "mma")
 class TcInt4(D.TcLayout):
     """int4 weight in :mod:`int4_tc`'s layout (module docstring)."""
 
+    STREAM, STEP_ROWS = "words", CHUNK  # (driver.TcLayout: kw, np_)
+
     words: jax.Array  # uint32 [Np/bn, Kw/128, bn, 16]
     scales: jax.Array  # bf16 [Np/bn, Gw, bn, 1]
     zeros: jax.Array | None  # uint8 [Np/bn, Gw, bn, 1]; None = symmetric (8)
@@ -83,14 +85,6 @@ class TcInt4(D.TcLayout):
     n: int
     group: int
     block_n: int  # weight rows (output columns) per program
-
-    @property
-    def kw(self) -> int:
-        return self.words.shape[1] * CHUNK
-
-    @property
-    def np_(self) -> int:
-        return self.words.shape[0] * self.block_n
 
 
 def supports(p: PackedInt) -> bool:

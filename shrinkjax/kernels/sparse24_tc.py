@@ -69,6 +69,8 @@ class Tc24(D.TcLayout):
     """2:4-sparse weight in :mod:`sparse24_tc`'s layout (module docstring): bf16 values, or
     symmetric int4 codes with per-group scales (``group`` > 0)."""
 
+    STREAM, STEP_ROWS = "keep", SUPER  # (driver.TcLayout: kw, np_)
+
     values: jax.Array  # uint32 bf16: [Np/bn, Kw/64, bn, 16]; int4: [Np/bn, Kw/256, bn, 16]
     keep: jax.Array  # uint16 [Np/bn, Kw/256, bn, 16]
     scales: jax.Array | None  # int4: bf16 [Np/bn, Kw/group, bn, 1]
@@ -80,14 +82,6 @@ class Tc24(D.TcLayout):
     @property
     def is_int4(self) -> bool:
         return self.group > 0
-
-    @property
-    def kw(self) -> int:
-        return self.keep.shape[1] * SUPER
-
-    @property
-    def np_(self) -> int:
-        return self.keep.shape[0] * self.block_n
 
 
 def supports(p: Packed24) -> bool:
