@@ -342,8 +342,10 @@ def decode_attention_update(
 
     q and the new k / v are the projections' outputs *before* RoPE; ``cos`` / ``sin``
     ``[B, H/2]`` (f32) the token's rotation (:func:`shrinkjax.models.llama.rope_tables`);
-    ``index`` (int32 scalar) the slot it takes in every sequence; ``valid`` the slots it may
-    attend, its own included. Equals ``apply_rope`` + ``cache_write`` + :func:`decode_attention`
+    ``index`` (int32 scalar) the slot it takes in every sequence, below S (traced, so not
+    checked here: a slot past the end is written nowhere, where ``dynamic_update_slice`` would
+    clamp it; ``generate`` sizes its cache for every token); ``valid`` the slots it may attend,
+    its own included. Equals ``apply_rope`` + ``cache_write`` + :func:`decode_attention`
     (the rotated k and q rounded to the cache dtype, as there), and replaces their three XLA
     kernels per layer (RoPE, two cache updates): the caches are updated in place (donated;
     under ``jit`` XLA aliases them as it does for ``dynamic_update_slice``).
