@@ -351,6 +351,21 @@ def main(argv=None):
         help="int4_tc's sum-of-x mode (default: int4_tc.DEFAULT_XSUM)",
     )
     ap.add_argument(
+        "--int4-opaque-xsum",
+        default=None,
+        choices=("xla", "sum", "mma"),
+        help="int4_tc's sum-of-x mode for o_proj, whose input XLA cannot fuse a reduction "
+        "into (default: int4_tc.OPAQUE_XSUM)",
+    )
+    ap.add_argument(
+        "--int4-tiles",
+        default="default",
+        choices=("default", "wgmma"),
+        help="int4_tc's tiles: the defaults (M <= int4_tc.FEW_TOKENS: 64-row programs, 2 warps "
+        "(mma.sync)) or the earlier ones (128-row programs, 4 warps (wgmma), about two per SM "
+        "at every M)",
+    )
+    ap.add_argument(
         "--projections",
         default="fused",
         choices=("fused", "separate"),
@@ -401,8 +416,13 @@ def main(argv=None):
     if args.quick:
         args.steps, args.reps, args.prompt = min(args.steps, 4), 1, min(args.prompt, 8)
     saved = dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM
+    few_tokens, opaque_xsum = int4_tc.FEW_TOKENS, int4_tc.OPAQUE_XSUM
+    if args.int4_opaque_xsum:
+        int4_tc.OPAQUE_XSUM = args.int4_opaque_xsum
     if args.int4_xsum:
         int4_tc.DEFAULT_XSUM = args.int4_xsum
+    if args.int4_tiles == "wgmma":  # whole tiles, 4 warps, two programs per SM at every M
+        int4_tc.FEW_TOKENS = 0
     if args.prefill_min_m is not None:
         dispatch.PREFILL_MIN_M = args.prefill_min_m
     if args.interpret_kernels:
@@ -412,10 +432,13 @@ def main(argv=None):
         prefill_min_m = dispatch.PREFILL_MIN_M
     finally:
         dispatch.PREFILL_MIN_M, driver.use_kernel_backend, int4_tc.DEFAULT_XSUM = saved
+        int4_tc.FEW_TOKENS, int4_tc.OPAQUE_XSUM = few_tokens, opaque_xsum
     print_table(rows)
     result = {
         "device": jax.devices()[0].device_kind,
         "int4_xsum": args.int4_xsum or int4_tc.DEFAULT_XSUM,
+        "int4_tiles": args.int4_tiles,
+        "int4_opaque_xsum": args.int4_opaque_xsum or int4_tc.OPAQUE_XSUM,
         **{f"{kind}_layout": getattr(args, f"{kind}_layout") for kind in LAYOUT_FLAGS},
         "lm_head": args.lm_head,
         "projections": args.projections,

@@ -20,7 +20,9 @@ where one exists (``torch._weight_int4pack_mm`` for int4, ``to_sparse_semi_struc
 random inputs (checked before timing) and ``bw_frac``, the fraction of the copy bandwidth
 measured in the same run achieved on the bytes the kernel must move (packed weight + x + y).
 int4_g128 runs the tensor-core decode layout (``shrinkjax.kernels.int4_tc``: its kernel for
-M <= 128, its Pallas dequantize + cuBLAS above; no ``fused_us`` there), and so do mxfp4 and
+M <= 128, its Pallas dequantize + cuBLAS above; no ``fused_us`` there; ``--x-context``: traced
+inside ``dispatch.opaque_input()`` by default, so its ``sum_k x`` per group is computed in the
+kernel, as for any x no XLA fusion produces), and so do mxfp4 and
 nvfp4 (``shrinkjax.kernels.fp4_tc``; ``--fp4-layout split_half`` runs their split-half kernels)
 and both 2:4 kinds (``shrinkjax.kernels.sparse24_tc``; ``--sparse-layout split_half``); int8 runs
 the split-half kernel. Cells run in priority order (8192x8192 first; M = 1,
@@ -511,7 +513,17 @@ def bf16_dot(x, w):
     return jnp.dot(x, w)  # bf16 output; XLA/cuBLAS accumulate in f32
 
 
+X_CONTEXT = "opaque"  # --x-context
+
+
 def path_fn(fn, path):
+    if X_CONTEXT == "opaque":  # x is an argument of the executable: no producer to fuse into
+
+        def call(x, w):
+            with dispatch.opaque_input():
+                return fn(x, w, path=path)
+
+        return call
     return lambda x, w: fn(x, w, path=path)
 
 
@@ -596,7 +608,11 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         p = pr["p"]
         row["bytes"] = int(pr["nbytes"] + m * k * 2 + m * n * 2)
         if auto == "fused" and isinstance(p, TC.TcInt4):
-            row["cfg"] = ["int4_tc", p.block_n, TC.default_split(p), 4, 3]
+            rows, split = TC.default_rows(p, m), TC.default_split(p, m)
+            opaque = X_CONTEXT == "opaque" and m <= TC.FEW_TOKENS
+            xsum = TC.OPAQUE_XSUM if opaque else TC.DEFAULT_XSUM
+            warps, stages = TC.default_warps(m, xsum), TC.default_stages(p, split, xsum)
+            row["cfg"] = ["int4_tc", rows, split, warps, stages, xsum]
         elif auto == "fused" and isinstance(p, FT.TcFP4):
             cols = FT.use_columns("auto", m, p.fmt)
             mode = "columns" if cols else "late"
@@ -895,7 +911,7 @@ def decode_from_rows(rows):
 
 
 def main(argv=None):
-    global MAX_CALLS, FP4_LAYOUT, SPARSE_LAYOUT
+    global MAX_CALLS, FP4_LAYOUT, SPARSE_LAYOUT, X_CONTEXT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="kernels_bench.json")
     ap.add_argument("--quick", action="store_true")
@@ -933,8 +949,17 @@ def main(argv=None):
         help="2:4 weights (bf16 and int4 values) as sparse24_tc.Tc24 (tensor-core decode "
         "kernel, default) or Packed24 (a sweep implies split_half)",
     )
+    ap.add_argument(
+        "--x-context",
+        default="opaque",
+        choices=("opaque", "fusible"),
+        help="trace our kernels inside dispatch.opaque_input() (default: x is an argument of "
+        "the timed executable, so no XLA fusion can host a reduction of x; int4 then sums x "
+        "per group in its kernel) or as a linear whose x an XLA fusion produces (int4: XLA "
+        "sums x as a kernel of its own, which a model fuses away)",
+    )
     args = ap.parse_args(argv)
-    MAX_CALLS = args.max_calls
+    MAX_CALLS, X_CONTEXT = args.max_calls, args.x_context
     FP4_LAYOUT = "split_half" if args.sweep or args.sweep_only else args.fp4_layout
     SPARSE_LAYOUT = "split_half" if args.sweep or args.sweep_only else args.sparse_layout
     if args.seed is None:
@@ -956,6 +981,7 @@ def main(argv=None):
         num_sms=getattr(dev, "core_count", None),
         seed=args.seed,
         prefill_min_m=dispatch.PREFILL_MIN_M,
+        x_context=args.x_context,
     )
     log("device", info)
     bw = copy_bandwidth()

@@ -1,10 +1,13 @@
-"""GPU probe: the tensor-core decode kernels for MXFP4 / NVFP4 (:mod:`shrinkjax.kernels.fp4_tc`)
-and 2:4 with bf16 or int4 values (:mod:`shrinkjax.kernels.sparse24_tc`) against their
-split-half kernels (:mod:`~shrinkjax.kernels.fp4_matmul`, :mod:`~shrinkjax.kernels.sparse_matmul`,
-tuned tiles) and cuBLAS bf16, same run, device time (one profiler trace per cell).
+"""GPU probe: the tensor-core decode kernels for int4 g128 (:mod:`shrinkjax.kernels.int4_tc`),
+MXFP4 / NVFP4 (:mod:`shrinkjax.kernels.fp4_tc`) and 2:4 with bf16 or int4 values
+(:mod:`shrinkjax.kernels.sparse24_tc`) against their split-half kernels
+(:mod:`~shrinkjax.kernels.int_matmul`, :mod:`~shrinkjax.kernels.fp4_matmul`,
+:mod:`~shrinkjax.kernels.sparse_matmul`, tuned tiles) and cuBLAS bf16, same run, device time
+(one profiler trace per cell).
 
     python scripts/probe_tc.py --out probe_tc.json
     python scripts/probe_tc.py --kinds 2:4_bf16 --shapes 8192x8192 --ms 1,16 --full-grid 2
+    python scripts/probe_tc.py --kinds int4_g128,mxfp4 --warps 2,4 --ms 1,4,16   # mma.sync
 
 For each kind, K x N and M: the split-half kernel at its tuned tiles, torch's bf16 matmul,
 then tensor-core kernel configs (block_n, num_stages, split_k as a multiple of the default,
@@ -33,19 +36,49 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 KEYS = ("block_n", "num_stages", "split", "scale_mode", "num_warps", "x_prefetch")
 
 
-def adapter(kind, block_ns=(64, 128, 256)):
+def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None):
     """(pack(w, bn), matmul(x, t, **kw), split-half fn, grid, default(t, m), kwargs(cfg, t, m)
-    -> the matmul's keywords, or None where the config does not apply)."""
+    -> the matmul's keywords, or None where the config does not apply). ``warps``: the
+    num_warps values of the grid (None: the kind's own; 2 makes Triton emit ``mma.sync``
+    instead of Hopper's ``wgmma``, which needs 4 warps per warpgroup); ``xsums``: int4's
+    ``sum_k x`` modes (None: ``"xla"``)."""
     from shrinkjax.kernels import fp4_tc as F
+    from shrinkjax.kernels import int4_tc as T
     from shrinkjax.kernels import sparse24_tc as S
     from shrinkjax.kernels.fp4_matmul import fp4_matmul
+    from shrinkjax.kernels.int_matmul import int_matmul
     from shrinkjax.kernels.sparse_matmul import sparse24_matmul
 
+    if kind == "int4_g128":  # packs the split-half PackedInt (probe: ws = the source layout);
+        # block_n is the program's rows: 64 runs half tiles of the default 128-row packing
+        # (scale_mode's place holds xsum: "xla" (XLA's reduction) or "sum" (in the kernel))
+        grid = itertools.product(
+            block_ns, (2, 3, 4), (0.5, 1, 2), xsums or ("xla",), warps or (2, 4), (True,)
+        )
+        grid = list(grid)
+
+        def kwargs(cfg, t, m):
+            bn, stages, mult, xsum, nw, _ = cfg
+            split = max(1, int(T.default_split(t, m, bn) * mult))
+            if (t.kw // T.CHUNK) % split:
+                return None
+            return dict(split_k=split, num_stages=stages, num_warps=nw, rows=bn, xsum=xsum)
+
+        def default(t, m):
+            rows = T.default_rows(t, m)
+            split = T.default_split(t, m, rows)
+            stages = T.default_stages(t, split)
+            return (rows, stages, 1, T.DEFAULT_XSUM, T.default_warps(m), True)
+
+        def pack(w, bn):
+            return T.pack_tc(w, max(bn, T.DEFAULT_BLOCK_N))
+
+        return pack, T.int4_tc_matmul, int_matmul, grid, default, kwargs
     if kind in ("mxfp4", "nvfp4"):
         grid = itertools.product(
-            block_ns, (2, 3, 4), (0.5, 1, 2), ("columns", "late"), (4, 8), (True, False)
+            block_ns, (2, 3, 4), (0.5, 1, 2), ("columns", "late"), warps or (4, 8), (True, False)
         )  # 8 warps and x slabs loaded at use: the wide MMA's
-        grid = [c for c in grid if (c[4] == 4 and c[5]) or c[3] == "columns"]
+        grid = [c for c in grid if (c[4] in (2, 4) and c[5]) or c[3] == "columns"]
 
         def kwargs(cfg, t, m):
             bn, stages, mult, mode, warps, x_prefetch = cfg
@@ -67,21 +100,23 @@ def adapter(kind, block_ns=(64, 128, 256)):
 
         return F.pack_fp4_tc, F.fp4_tc_matmul, fp4_matmul, grid, default, kwargs
     if kind in ("2:4_bf16", "2:4_int4"):
-        grid = list(itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",), (4,), (True,)))
+        grid = list(
+            itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",), warps or (4,), (True,))
+        )
 
         def kwargs(cfg, t, m):
-            bn, stages, mult, _, _, _ = cfg
+            bn, stages, mult, _, nw, _ = cfg
             split = max(1, int(S.default_split(t, m) * mult))
             if (t.kw // S.SUPER) % split:
                 return None
-            return dict(split_k=split, num_stages=stages)
+            return dict(split_k=split, num_stages=stages, num_warps=nw)
 
         def default(t, m):
             bn = S.DEFAULT_BLOCK_N_INT4 if t.is_int4 else S.DEFAULT_BLOCK_N
             return (bn, S.default_stages(t, m), 1, "-", 4, True)
 
         return S.pack_24_tc, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
-    raise SystemExit(f"unknown kind {kind!r}: mxfp4 | nvfp4 | 2:4_bf16 | 2:4_int4")
+    raise SystemExit(f"unknown kind {kind!r}: int4_g128 | mxfp4 | nvfp4 | 2:4_bf16 | 2:4_int4")
 
 
 def main(argv=None):
@@ -93,6 +128,8 @@ def main(argv=None):
     ap.add_argument("--full-grid", type=int, default=2, help="cells that try the whole grid")
     ap.add_argument("--block-ns", default="64,128,256", help="block_n values of the grid")
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting cells after")
+    ap.add_argument("--warps", default="", help="num_warps values of the grid (default: per kind)")
+    ap.add_argument("--xsums", default="xla", help="int4_g128: xsum modes of the grid (xla,sum)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -115,11 +152,14 @@ def main(argv=None):
             break
         sh = KB.Shape(k, n, [kind], seed=ci)
         pr = sh.probs[kind]
-        ws, xs = pr["ws"], sh.x(m, KB.n_calls(m, len(pr["ws"])))
+        ws = pr["src_ws"] if kind == "int4_g128" else pr["ws"]  # (int4: ws are TcInt4)
+        xs = sh.x(m, KB.n_calls(m, len(ws)))
         x = xs[0]
         ref = np.asarray(R.matmul_ref(x, ws[0]).astype(jnp.float32))
         bns = tuple(int(v) for v in a.block_ns.split(","))
-        pack, matmul, split_half, grid, default, kwargs = adapter(kind, bns)
+        warps = tuple(int(v) for v in a.warps.split(",")) if a.warps else None
+        xsums = tuple(a.xsums.split(","))
+        pack, matmul, split_half, grid, default, kwargs = adapter(kind, bns, warps, xsums)
         tcs = {bn: [pack(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
         nbytes = int(KB.L.packed_nbytes(tcs[128][0]) + m * k * 2 + m * n * 2)
         row = dict(kind=kind, K=k, N=n, M=m, bytes=nbytes, copy_tbps=copy)

@@ -67,6 +67,29 @@ def low_precision_backward(on: bool = True):
         _LOW_PRECISION_BACKWARD[0] = old
 
 
+_OPAQUE_INPUT = [False]  # set by opaque_input(), read at trace time
+
+
+@contextlib.contextmanager
+def opaque_input(on: bool = True):
+    """Trace-time hint for the linears called inside: their x comes from a kernel XLA cannot
+    fuse into (a Pallas attention kernel, a custom call), so a reduction of x that a format
+    needs (int4's ``sum_k x`` per group) would run as an XLA kernel of its own. Kernels that
+    can do it themselves then do (:data:`shrinkjax.kernels.int4_tc.OPAQUE_XSUM`). The Llama
+    attention enters it around ``o_proj``."""
+    old = _OPAQUE_INPUT[0]
+    _OPAQUE_INPUT[0] = bool(on)
+    try:
+        yield
+    finally:
+        _OPAQUE_INPUT[0] = old
+
+
+def input_is_opaque() -> bool:
+    """True inside :func:`opaque_input` (at trace time)."""
+    return _OPAQUE_INPUT[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def mixed_matmul(x_MxK, w_KxN, out_dtype):
     """``x @ w`` for low-precision (bf16/f16) operands of one dtype, f32 accumulation, the

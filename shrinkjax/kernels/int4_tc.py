@@ -12,22 +12,27 @@ The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layou
   one ``shr`` serves four codes. No int->float conversion, no subtraction per weight: the dot
   takes ``128 + q`` and the zero point and scale are applied once per group to the f32
   ``[bn, mp]`` result, ``s * sum_k x (128 + q) - (128 + z) s * sum_k x``, with ``sum_k x`` per
-  group from a small XLA reduction (``xsum="xla"``; in-kernel variants, and ``"none"``, which
-  subtracts the zero point in the decode instead, measured slower).
+  group from a small XLA reduction (``xsum="xla"``, which a model's XLA fuses into x's
+  producer), or from the kernel itself (``"sum"``) where no XLA fusion produces x
+  (:func:`shrinkjax.kernels.dispatch.opaque_input`); ``"none"`` subtracts the zero point in the
+  decode instead (slower).
 * **Scales prefetched**: Triton pipelines only tensor-core operands (``cp.async``); the scale and
   zero loads are issued one chunk ahead by hand. **Chained dots** through
   :func:`shrinkjax.kernels.triton_ext.dot_acc` (``tt.dot(a, b, acc)``: no FADD per dot).
 
-Measured (one H100, device time, ``benchmarks/RESULTS.md``): 8192 x 8192 g128 at M = 1 in
-19.0 µs (0.62 of the copy bandwidth; the kernel alone ~16.6 µs), 4096 x 4096 in 9.3 µs, against
-27.3 / 10.7 µs for ``torch._weight_int4pack_mm`` (faster at every M measured); Llama-3-8B-shaped
-W4 decode 2.08x bf16 at batch 1 with fused projections (2.36x with 7 linears per block). The
-small weights (4096 x 4096: 4 chunks per program) run at ~0.4 of the bandwidth in a model.
+Measured (one H100, device time, ``benchmarks/RESULTS.md``, seventh session): 8192 x 8192 g128
+at M = 1 in 18.1 µs (0.65 of the copy bandwidth), 4096 x 4096 in 7.3 µs, against 26.5 / 11.2 µs
+for ``torch._weight_int4pack_mm`` (faster at every M measured); Llama-3-8B-shaped W4 decode
+2.51x bf16 at batch 1 (every linear and the lm_head in int4). For M <= ``FEW_TOKENS`` a program
+runs 64 of a tile's 128 rows with 2 warps (``mma.sync``; module constants below); above, whole
+tiles with 4 (``wgmma``).
 
-Layout (:class:`TcInt4`, built once per weight by :func:`pack_tc`, jit-able; the program tile
-``block_n`` is fixed at packing). ``words`` is uint32 ``[Np/bn, Kw/128, bn, 16]`` (``Kw`` = K padded
-to 128): tile ``i`` of ``bn`` weight rows (output columns), K chunk ``t`` of 128 rows is one
-contiguous ``bn * 64``-byte block, so each loop step of a program reads one contiguous stream.
+Layout (:class:`TcInt4`, built once per weight by :func:`pack_tc`, jit-able; the tile
+``block_n`` is fixed at packing, a program runs all of a tile or a 64-row multiple of it).
+``words`` is uint32 ``[Np/bn, Kw/128, bn, 16]`` (``Kw`` = K padded to 128): tile ``i`` of ``bn``
+weight rows (output columns), K chunk ``t`` of 128 rows is one contiguous ``bn * 64``-byte
+block (a 64-row program reads its contiguous half), so each loop step of a program reads one
+contiguous stream.
 Within a chunk, K offset ``16 j + 2 u + b`` (slab ``j`` of 8, pair ``u`` of 8, ``b`` in {0, 1}) of
 weight row ``n`` is word ``2 u + e`` of row ``n`` with ``e = j // 4``, nibble ``(j % 4) + 4 b``
 (bits ``4 (j % 4) + 16 b``). So for the word pair ``(2u, 2u+1)`` one decode instance holds,
@@ -41,11 +46,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedInt, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
@@ -58,8 +65,19 @@ except ImportError:  # pragma: no cover - very old jax
 
 CHUNK = 128  # K rows per loop step (16 words of 8 nibbles per weight row)
 SLAB = 16  # K rows per MMA (bf16 k-step)
-DEFAULT_BLOCK_N = 128  # H100 sweep (scripts/probe_int4_tc.py): 128 or 256 within 3%
+DEFAULT_BLOCK_N = 128  # packing tile: programs run it whole or in 64-row halves (rows)
+# Up to FEW_TOKENS rows of x (decode at batch <= 4): 64-row programs, about 4 per SM, and 2
+# warps, for which Triton emits mma.sync (HMMA) instead of Hopper's wgmma (4 warps per
+# warpgroup), which here waits and fences (MEMBAR + fence.proxy.async) after every K=16 dot:
+# ~1.7x fewer SASS instructions per weight (scripts/triton_sass.py int4_tc --warps 2). H100:
+# 5-9% faster kernels, 8B decode at batch 1 +5%; at batch 16 wgmma stayed faster in the model.
+FEW_TOKENS, FEW_TOKENS_ROWS, FEW_TOKENS_WARPS = 4, 64, 2
 DEFAULT_XSUM = "xla"  # int4_tc_matmul's default xsum mode (benchmarks/decode.py --int4-xsum)
+# ... and inside dispatch.opaque_input() (x from a kernel XLA cannot fuse the reduction into)
+# for M <= FEW_TOKENS: in-kernel, which saves XLA's reduction kernel (H100, M = 1: 4096² 7.2
+# against 8.7 µs; 8B decode +1.5%, o_proj only). Not elsewhere: a model's XLA fuses the
+# reduction into x's producer for free, and at M >= 16 (wgmma) the in-kernel sum was slower.
+OPAQUE_XSUM = "sum"
 MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
 _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
@@ -84,7 +102,7 @@ class TcInt4(D.TcLayout):
     k: int
     n: int
     group: int
-    block_n: int  # weight rows (output columns) per program
+    block_n: int  # weight rows (output columns) per packed tile; a program runs all or part
 
 
 def supports(p: PackedInt) -> bool:
@@ -96,8 +114,10 @@ def supports(p: PackedInt) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("block_n",))
-def pack_tc(p: PackedInt, block_n: int = DEFAULT_BLOCK_N) -> TcInt4:
-    """One-time conversion of an int4 :class:`PackedInt` to :class:`TcInt4` (pure XLA)."""
+def pack_tc(p: PackedInt, block_n: int | None = None) -> TcInt4:
+    """One-time conversion of an int4 :class:`PackedInt` to :class:`TcInt4` (pure XLA);
+    ``block_n`` None: ``DEFAULT_BLOCK_N`` (read at call time)."""
+    block_n = DEFAULT_BLOCK_N if block_n is None else block_n
     if not isinstance(p, PackedInt):
         raise TypeError(f"pack_tc converts a PackedInt, got {type(p).__name__}")
     if p.np_ % block_n or block_n % 64:
@@ -248,14 +268,26 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret"),
-)
-def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xla", out_dtype=None):
-    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass)."""
+    static_argnames=(
+        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows"
+    ),
+)  # fmt: skip
+def _tc_2d(
+    x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xla", out_dtype=None,
+    rows=None,
+):  # fmt: skip
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass).
+    ``rows``: weight rows per program (None: ``t.block_n``; a multiple of 64 dividing it: a
+    program streams its contiguous ``rows * 64``-byte part of each chunk block)."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"int4_tc takes M <= {MAX_M} rows, got {m}")
-    np_, kw, block_n = t.np_, t.kw, t.block_n
+    np_, kw, block_n = t.np_, t.kw, (t.block_n if rows is None else rows)
+    if t.block_n % block_n or block_n % 64:
+        raise ValueError(
+            f"rows {block_n} must be a multiple of 64 dividing the packed block_n {t.block_n}"
+        )
+    parts = t.block_n // block_n  # programs per packed tile
     gw = t.scales.shape[1]
     chunks = kw // CHUNK
     if chunks % split_k:
@@ -277,9 +309,11 @@ def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xl
     static = dict(m=m, steps=chunks // split_k, group=t.group, xsum=xsum, interpret=interpret)
 
     w_args = [t.words, t.scales] + ([] if t.zeros is None else [t.zeros])
-    w_specs = [pl.BlockSpec((squeezed, chunks, block_n, 16), lambda j, s: (j, 0, 0, 0))] + [
-        pl.BlockSpec((squeezed, gw, block_n, 1), lambda j, s: (j, 0, 0, 0))
-    ] * (len(w_args) - 1)
+    w_specs = [
+        pl.BlockSpec((squeezed, chunks, block_n, 16), lambda j, s: (j // parts, 0, j % parts, 0))
+    ] + [pl.BlockSpec((squeezed, gw, block_n, 1), lambda j, s: (j // parts, 0, j % parts, 0))] * (
+        len(w_args) - 1
+    )
 
     def kern(x_ref, *refs):
         xs_ref = refs[0] if xsum == "xla" else None
@@ -302,32 +336,75 @@ def _tc_2d(x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xl
     return y if np_ == t.n else y[:, : t.n]
 
 
-def default_split(t: TcInt4) -> int:
-    """K splits for about two programs per SM (a power of two dividing the chunk count)."""
-    # (and at least 4 chunks per program: H100 sweeps lost at 2 chunks per program)
-    return D.split_for(t.words.shape[0], t.kw // CHUNK, per_sm=2, min_steps=4)
+def default_rows(t: TcInt4, m: int = 1) -> int:
+    """Weight rows per program: ``FEW_TOKENS_ROWS`` (64) for ``m <= FEW_TOKENS`` tokens where
+    the packed tile allows, else the whole tile (H100, 2 warps: 64 won at M = 1 and 4, 128 at
+    M = 16; ``benchmarks/results/probe_int4_warps.json``, ``probe_int4_m16.json``)."""
+    small = FEW_TOKENS_ROWS
+    return small if m <= FEW_TOKENS and t.block_n % small == 0 else t.block_n
+
+
+def default_warps(m: int = 1, xsum: str = DEFAULT_XSUM) -> int:
+    """``FEW_TOKENS_WARPS`` (2: mma.sync) for ``m <= FEW_TOKENS``, else 4 (wgmma). ``xsum="none"``
+    always takes 4: with 2 warps its products were wrong on the H100 at M = 16 and 64 (rel. err
+    0.87; Triton's lowering of the 3-input decode asm; not investigated further)."""
+    return FEW_TOKENS_WARPS if m <= FEW_TOKENS and xsum != "none" else 4
+
+
+def default_stages(t: TcInt4, split_k: int, xsum: str = "xla") -> int:
+    """3 pipeline stages, or 2 where a program runs at most 2 chunks (H100, 4096² at M = 1:
+    8.6 against 9.3 µs) or sums x itself (``"sum"``: 17.9 against 18.8 µs at 8192², 16.3
+    against 17.2 at 14336 x 4096; ``benchmarks/results/probe_int4_xsum.json``)."""
+    return 2 if t.kw // CHUNK <= 2 * split_k or xsum == "sum" else 3
+
+
+def default_split(t: TcInt4, m: int = 1, rows: int | None = None) -> int:
+    """K splits (a power of two dividing the chunk count) for ``rows``-row programs (None:
+    :func:`default_rows`): about four programs per SM and at least 2 chunks each at
+    ``m <= FEW_TOKENS`` tokens, two per SM and 4 chunks above (H100, 2 warps: at M = 1 these
+    won on all five Llama-3-8B shapes, ``benchmarks/results/probe_int4_warps.json``)."""
+    rows = default_rows(t, m) if rows is None else rows
+    programs = t.np_ // rows
+    if m <= FEW_TOKENS:
+        return D.split_for(programs, t.kw // CHUNK, per_sm=4, min_steps=2)
+    return D.split_for(programs, t.kw // CHUNK, per_sm=2, min_steps=4)
 
 
 def int4_tc_matmul(
-    x, t: TcInt4, *, split_k=None, num_warps=4, num_stages=3, xsum=None, interpret=None
-):
+    x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
+    interpret=None,
+):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
 
-    ``xsum``: where ``sum_k x`` per scale group (the zero-point term) comes from: ``"xla"`` a
+    ``xsum``: where ``sum_k x`` per scale group (the zero-point term) comes from (None:
+    ``DEFAULT_XSUM``, or ``OPAQUE_XSUM`` inside :func:`.dispatch.opaque_input` at M <=
+    ``FEW_TOKENS``): ``"xla"`` a
     small XLA reduction before the kernel (one more launch, ~1.4 µs), ``"sum"`` a reduction of
     the x tile inside the kernel (issued one chunk ahead, like the scales), or ``"mma"`` an extra
     tensor-core dot with a ones operand inside the kernel (H100: 4-5 µs slower at 8192²); or
     ``"none"``: no ``sum_k x`` at all, the decode makes ``q - z`` exactly with one more
     ``fma.rn.bf16x2`` per two weights (H100: ~1 µs slower per call in the 8B decode).
+    ``rows`` / ``split_k`` / ``num_warps``: None for :func:`default_rows` /
+    :func:`default_split` / :func:`default_warps`; ``num_stages`` None: :func:`default_stages`.
     """
+    m = math.prod(x.shape[:-1])
+    rows = default_rows(t, m) if rows is None else rows
+    if xsum is None:
+        opaque = dispatch.input_is_opaque() and m <= FEW_TOKENS
+        xsum = OPAQUE_XSUM if opaque else DEFAULT_XSUM
+    if xsum == "none" and num_warps == 2:
+        raise ValueError('xsum="none" needs num_warps >= 4 (wrong products with 2 on the H100)')
+    split_k = default_split(t, m, rows) if split_k is None else split_k
+    num_stages = default_stages(t, split_k, xsum) if num_stages is None else num_stages
     return D.call_2d(
         _tc_2d,
         x,
         t,
-        split_k=default_split(t) if split_k is None else split_k,
-        num_warps=num_warps,
+        rows=rows,
+        split_k=split_k,
+        num_warps=default_warps(m, xsum) if num_warps is None else num_warps,
         num_stages=num_stages,
-        xsum=DEFAULT_XSUM if xsum is None else xsum,
+        xsum=xsum,
         interpret=interpret,
     )
 

@@ -292,7 +292,7 @@ class Attention(nnx.Module):
             o_in, layer_cache = fused
             if taps is not None:
                 taps["o_in"] = o_in
-            return self.o_proj(o_in), layer_cache
+            return self._o(o_in), layer_cache
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layer_cache is not None:
             k_all, v_all, index = layer_cache
@@ -302,7 +302,13 @@ class Attention(nnx.Module):
         o_in = attention(q, k, v, mask_BxLxS, cfg.attention_impl)
         if taps is not None:
             taps["o_in"] = o_in
-        return self.o_proj(o_in), layer_cache
+        return self._o(o_in), layer_cache
+
+    def _o(self, o_in):
+        """``o_proj`` of the attention output, which no XLA fusion produces (a dot or a Pallas
+        kernel): its linear is told so (:func:`~shrinkjax.kernels.dispatch.opaque_input`)."""
+        with dispatch.opaque_input():
+            return self.o_proj(o_in)
 
 
 class MLP(nnx.Module):

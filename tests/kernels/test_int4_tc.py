@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shrinkjax.kernels import driver as D
 from shrinkjax.kernels import int4_tc as T
 from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
@@ -122,6 +123,8 @@ def test_clear_errors():
     check_tc_errors(T.pack_tc, p, T.int4_tc_matmul, t)
     with pytest.raises(ValueError, match="xsum"):
         T.int4_tc_matmul(jnp.ones((1, 256), jnp.bfloat16), t, xsum="host", interpret=True)
+    with pytest.raises(ValueError, match='xsum="none" needs num_warps >= 4'):
+        T.int4_tc_matmul(jnp.ones((1, 256), jnp.bfloat16), t, xsum="none", num_warps=2)
 
 
 @pytest.mark.gpu
@@ -141,3 +144,82 @@ def test_gpu_native_matches_float64(xsum, m, k, n, group):
         np.testing.assert_array_equal(
             w.view(np.uint16), np.asarray(R.dequantize(p)).view(np.uint16)
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [2, 4], ids=["mma_sync", "wgmma"])
+@pytest.mark.parametrize("rows", [64, 128])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_gpu_warps_and_rows(warps, rows, m):
+    """Both MMA paths Triton picks on Hopper (2 warps: mma.sync; 4: wgmma), programs over a
+    whole 128-row packed tile or half of it, at the split-K of either M regime, against
+    float64 on a K that is not a multiple of 128."""
+    rng = np.random.default_rng([warps, rows, m])
+    p, t, w64 = _problem(rng, 1088, 768, 64, True, block_n=128)
+    x = jnp.asarray(rng.standard_normal((m, 1088)), jnp.bfloat16)
+    y = T.int4_tc_matmul(x, t, num_warps=warps, rows=rows)
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) < TOL
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_half_tile_programs_match_whole_tile(split):
+    """rows=64 on a 128-row packing reads each program's half of every chunk block: the same
+    product as whole-tile programs (interpret mode, ragged N), and a clear error otherwise."""
+    rng = np.random.default_rng(11 + split)
+    p, t, w64 = _problem(rng, 384, 200, 128, True, block_n=128)
+    x = jnp.asarray(rng.standard_normal((3, 384)), jnp.bfloat16)
+    kw = dict(split_k=split, num_warps=4, num_stages=1, interpret=True)
+    half = T._tc_2d(x, t, rows=64, **kw)
+    whole = T._tc_2d(x, t, rows=None, **kw)
+    np.testing.assert_allclose(np.asarray(half), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    assert rel_err(half, np.asarray(x, np.float64) @ w64) < TOL
+    with pytest.raises(ValueError, match="rows 96 must be a multiple of 64 dividing"):
+        T._tc_2d(x, t, rows=96, **kw)
+
+
+@pytest.mark.parametrize(
+    "k,n,m,want,stages",
+    [(8192, 8192, 1, 8, 3), (4096, 28672, 1, 2, 3), (14336, 4096, 1, 16, 3)]
+    + [(4096, 6144, 4, 8, 3), (4096, 4096, 1, 16, 2), (8192, 8192, 16, 8, 3)]
+    + [(4096, 4096, 16, 8, 3)],
+)
+def test_default_split_is_the_measured_rule(monkeypatch, k, n, m, want, stages):
+    """128-row packing on an H100's 132 SMs: the rows and splits that won at M = 1 on the five
+    Llama-3-8B shapes (64-row programs, probe_int4_warps.json) and at M = 16 (whole tiles, two
+    programs per SM, >= 4 chunks each; probe_int4_m16.json)."""
+    monkeypatch.setattr(D, "_num_sms", lambda: 132)
+    words = jax.ShapeDtypeStruct((n // 128, k // T.CHUNK, 128, 16), jnp.uint32)
+    t = T.TcInt4(words, None, None, k=k, n=n, group=128, block_n=128)
+    assert T.default_rows(t, m) == (64 if m <= T.FEW_TOKENS else 128)
+    assert T.default_split(t, m) == want
+    assert T.default_stages(t, want) == stages  # 2 where a program runs 2 chunks
+    assert T.default_stages(t, want, "sum") == 2
+    assert T.default_warps(m) == (2 if m <= T.FEW_TOKENS else 4)  # mma.sync / wgmma
+    assert T.default_warps(m, "none") == 4
+
+
+def test_opaque_input_sums_x_in_the_kernel():
+    """Inside ``dispatch.opaque_input`` the default ``sum_k x`` moves into the kernel
+    (``OPAQUE_XSUM``) for up to ``FEW_TOKENS`` rows; the product is the same."""
+    from shrinkjax.kernels import dispatch
+
+    rng = np.random.default_rng(21)
+    p, t, w64 = _problem(rng, 256, 128, 128, True)
+    x = jnp.asarray(rng.standard_normal((2, 256)), jnp.bfloat16)
+
+    def plain(x):
+        return T.int4_tc_matmul(x, t, interpret=True)
+
+    def opaque(x):
+        with dispatch.opaque_input():
+            return T.int4_tc_matmul(x, t, interpret=True)
+
+    assert "int4_tc_xla" in str(jax.make_jaxpr(plain)(x))
+    assert "int4_tc_sum" in str(jax.make_jaxpr(opaque)(x))
+    x16 = jnp.tile(x, (8, 1))  # above FEW_TOKENS the in-kernel sum was slower: XLA's
+    assert "int4_tc_xla" in str(jax.make_jaxpr(opaque)(x16))
+    assert not dispatch.input_is_opaque()
+    np.testing.assert_allclose(
+        np.asarray(opaque(x), np.float32), np.asarray(plain(x), np.float32), rtol=2e-2, atol=2e-2
+    )
+    assert rel_err(opaque(x), np.asarray(x, np.float64) @ w64) < TOL

@@ -114,3 +114,24 @@ def test_deferred_norm_bf16_close_to_plain():
     assert 0 < rel < 2e-2
     # and the two paths pick the same next token almost everywhere
     assert (outs[1].argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_only_o_proj_is_told_its_input_is_opaque(tiny_llama, monkeypatch):
+    """The attention output reaches o_proj from a dot or a Pallas kernel (no XLA fusion to
+    host int4's sum of x): exactly the o_proj linears trace inside ``opaque_input``."""
+    from shrinkjax.kernels import dispatch
+
+    seen = []
+    real = dispatch.linear
+
+    def spy(x, w, **kw):
+        seen.append((w.shape, dispatch.input_is_opaque()))
+        return real(x, w, **kw)
+
+    monkeypatch.setattr(dispatch, "linear", spy)
+    cfg = tiny_llama.model.cfg
+    tiny_llama.model(jnp.zeros((1, 4), jnp.int32))
+    o_shape = (cfg.n_heads * cfg.head_width, cfg.dim)
+    opaque = [shape for shape, flag in seen if flag]
+    assert len(opaque) == cfg.n_layers and all(s == o_shape for s in opaque)
+    assert len(seen) > len(opaque) and not dispatch.input_is_opaque()
