@@ -1,6 +1,10 @@
 """GPU probe: the swapped-operand tensor-core int4 decode kernel (:mod:`shrinkjax.kernels.int4_tc`)
 against the fused int4 kernel, ``torch._weight_int4pack_mm`` and cuBLAS bf16, same run.
 
+Wall-clock timing and 4 warps (wgmma) only. Its successor for this kernel is
+``scripts/probe_tc.py --kinds int4_g128`` (device time, 2 or 4 warps, 64-row programs, the
+in-kernel sum of x), which found the current defaults.
+
     python scripts/probe_int4_tc.py --budget-s 300 --out probe_tc.json
     python scripts/probe_int4_tc.py --shapes 8192x8192 --ms 1,16
     python scripts/probe_int4_tc.py --shapes 4096x28672,14336x4096,4096x6144,4096x4096 --ms 1 \

@@ -50,39 +50,36 @@ def choose_path(path: str, m: int) -> str:
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _LOW_PRECISION_BACKWARD = [False]  # set by low_precision_backward(), read at trace time
+_OPAQUE_INPUT = [False]  # set by opaque_input(), read at trace time
 
 
 @contextlib.contextmanager
+def _trace_flag(cell: list, on: bool):
+    """Set ``cell[0]`` to ``on`` while the context is open (flags read at trace time)."""
+    old = cell[0]
+    cell[0] = bool(on)
+    try:
+        yield
+    finally:
+        cell[0] = old
+
+
 def low_precision_backward(on: bool = True):
     """Dense low-precision linears traced inside this context use :func:`mixed_matmul`
     (backward GEMMs in bf16/f16 instead of f32, as PyTorch autocast). The train step enters it
     when ``StepConfig.low_precision_backward`` is set (on in ``configs/distill``): on an H100 the
     8 x 2048 logit-KD step ran 1.40x faster with it, at the same distilled quality
     (``benchmarks/RESULTS.md``)."""
-    old = _LOW_PRECISION_BACKWARD[0]
-    _LOW_PRECISION_BACKWARD[0] = bool(on)
-    try:
-        yield
-    finally:
-        _LOW_PRECISION_BACKWARD[0] = old
+    return _trace_flag(_LOW_PRECISION_BACKWARD, on)
 
 
-_OPAQUE_INPUT = [False]  # set by opaque_input(), read at trace time
-
-
-@contextlib.contextmanager
 def opaque_input(on: bool = True):
     """Trace-time hint for the linears called inside: their x comes from a kernel XLA cannot
     fuse into (a Pallas attention kernel, a custom call), so a reduction of x that a format
     needs (int4's ``sum_k x`` per group) would run as an XLA kernel of its own. Kernels that
     can do it themselves then do (:data:`shrinkjax.kernels.int4_tc.OPAQUE_XSUM`). The Llama
     attention enters it around ``o_proj``."""
-    old = _OPAQUE_INPUT[0]
-    _OPAQUE_INPUT[0] = bool(on)
-    try:
-        yield
-    finally:
-        _OPAQUE_INPUT[0] = old
+    return _trace_flag(_OPAQUE_INPUT, on)
 
 
 def input_is_opaque() -> bool:
