@@ -99,23 +99,30 @@ def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None):
             return (F.DEFAULT_BLOCK_N, F.default_stages(t, cols), 1, mode, 4, True)
 
         return F.pack_fp4_tc, F.fp4_tc_matmul, fp4_matmul, grid, default, kwargs
-    if kind in ("2:4_bf16", "2:4_int4"):
+    if kind in ("2:4_bf16", "2:4_int4"):  # block_n: the program's rows (packed at least at
+        # the kind's default tile: 64 on the int4 values' 128-row packing runs half tiles)
         grid = list(
             itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",), warps or (4,), (True,))
         )
 
+        def packed_bn(is_int4):
+            return S.DEFAULT_BLOCK_N_INT4 if is_int4 else S.DEFAULT_BLOCK_N
+
         def kwargs(cfg, t, m):
             bn, stages, mult, _, nw, _ = cfg
-            split = max(1, int(S.default_split(t, m) * mult))
+            split = max(1, int(S.default_split(t, m, bn) * mult))
             if (t.kw // S.SUPER) % split:
                 return None
-            return dict(split_k=split, num_stages=stages, num_warps=nw)
+            return dict(split_k=split, num_stages=stages, num_warps=nw, rows=bn)
 
         def default(t, m):
-            bn = S.DEFAULT_BLOCK_N_INT4 if t.is_int4 else S.DEFAULT_BLOCK_N
-            return (bn, S.default_stages(t, m), 1, "-", 4, True)
+            rows = 64 if S._few(t, m) else packed_bn(t.is_int4)
+            return (rows, S.default_stages(t, m), 1, "-", S.default_warps(t, m), True)
 
-        return S.pack_24_tc, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
+        def pack(w, bn):
+            return S.pack_24_tc(w, max(bn, packed_bn(w.is_int4)))
+
+        return pack, S.tc24_matmul, sparse24_matmul, grid, default, kwargs
     raise SystemExit(f"unknown kind {kind!r}: int4_g128 | mxfp4 | nvfp4 | 2:4_bf16 | 2:4_int4")
 
 

@@ -588,6 +588,26 @@ def call_2d(kernel_2d, x, t, *, interpret=None, **kw):
     return y.astype(x.dtype).reshape(*lead, t.n)
 
 
+def program_rows(t, rows: int | None) -> tuple[int, int]:
+    """``(rows, parts)`` for programs of ``rows`` weight rows (None: the packed tile
+    ``t.block_n``) over a tensor-core layout: ``parts`` programs share a packed tile, each
+    streaming its contiguous ``rows``-row part of every block. ``rows`` must be a multiple of 64
+    dividing ``t.block_n``."""
+    rows = t.block_n if rows is None else rows
+    if t.block_n % rows or rows % 64:
+        raise ValueError(
+            f"rows {rows} must be a multiple of 64 dividing the packed block_n {t.block_n}"
+        )
+    return rows, t.block_n // rows
+
+
+def row_part_spec(steps: int, rows: int, width: int, parts: int):
+    """BlockSpec of a ``[tiles, steps, block_n, width]`` weight array for grid ``(j, s)``:
+    program ``j`` reads rows ``(j % parts) * rows ...`` of tile ``j // parts``, all steps."""
+    squeezed = getattr(pl, "squeezed", None)
+    return pl.BlockSpec((squeezed, steps, rows, width), lambda j, s: (j // parts, 0, j % parts, 0))
+
+
 class TcLayout:
     """Mixin of the tensor-core decode layouts (``TcInt4``, ``TcFP4``, ``Tc24``): padded sizes
     from the streamed array ``STREAM`` ``[Np/bn, Kw/STEP_ROWS, bn, 16]`` (``kw``: K padded,

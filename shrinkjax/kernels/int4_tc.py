@@ -282,12 +282,8 @@ def _tc_2d(
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"int4_tc takes M <= {MAX_M} rows, got {m}")
-    np_, kw, block_n = t.np_, t.kw, (t.block_n if rows is None else rows)
-    if t.block_n % block_n or block_n % 64:
-        raise ValueError(
-            f"rows {block_n} must be a multiple of 64 dividing the packed block_n {t.block_n}"
-        )
-    parts = t.block_n // block_n  # programs per packed tile
+    np_, kw = t.np_, t.kw
+    block_n, parts = D.program_rows(t, rows)  # rows per program, programs per packed tile
     gw = t.scales.shape[1]
     chunks = kw // CHUNK
     if chunks % split_k:
@@ -309,11 +305,8 @@ def _tc_2d(
     static = dict(m=m, steps=chunks // split_k, group=t.group, xsum=xsum, interpret=interpret)
 
     w_args = [t.words, t.scales] + ([] if t.zeros is None else [t.zeros])
-    w_specs = [
-        pl.BlockSpec((squeezed, chunks, block_n, 16), lambda j, s: (j // parts, 0, j % parts, 0))
-    ] + [pl.BlockSpec((squeezed, gw, block_n, 1), lambda j, s: (j // parts, 0, j % parts, 0))] * (
-        len(w_args) - 1
-    )
+    w_specs = [D.row_part_spec(chunks, block_n, 16, parts)]
+    w_specs += [D.row_part_spec(gw, block_n, 1, parts)] * (len(w_args) - 1)
 
     def kern(x_ref, *refs):
         xs_ref = refs[0] if xsum == "xla" else None

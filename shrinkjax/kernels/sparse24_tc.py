@@ -56,6 +56,10 @@ SUPER = 256  # dense K rows per keep-mask block (4 chunks): one loop step
 DEFAULT_BLOCK_N = 64  # H100 probe (scripts/probe_tc.py): 64 beat 128 at 8192² and 4096x14336
 # H200 probe, int4 values, 8192²: 24.7 / 28.0 µs at M = 1 / 16 with 128, 28.5 / 34.9 with 64
 DEFAULT_BLOCK_N_INT4 = 128
+# int4 values, M up to this: 64-row programs (halves of the 128-row tiles), 2 warps (Triton's
+# mma.sync instead of wgmma; see int4_tc), twice the K splits, 2 stages. H100 probe at 8192²
+# (native 64-row packing): M = 1 22.5 against 23.5 µs, M = 4 24.4 against 25.7.
+INT4_FEW_TOKENS = 4
 MAX_M = 128
 
 
@@ -304,16 +308,22 @@ def x_by_position(x2, kw: int):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("split_k", "num_warps", "num_stages", "out_dtype", "interpret")
+    jax.jit,
+    static_argnames=("split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows"),
 )
-def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None):
+def _tc24_2d(
+    x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None, rows=None
+):  # fmt: skip
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1). ``rows``: weight rows per program
+    (None: ``t.block_n``; a multiple of 64 dividing it, :func:`.driver.program_rows`)."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"sparse24_tc takes M <= {MAX_M} rows, got {m}")
     supers = t.kw // SUPER
     if supers % split_k:
         raise ValueError(f"split_k {split_k} must divide the {supers} K steps of {SUPER} rows")
-    np_, bn, kw = t.np_, t.block_n, t.kw
+    np_, kw = t.np_, t.kw
+    bn, parts = D.program_rows(t, rows)  # rows per program, programs per packed tile
     mp = max(16, 1 << (m - 1).bit_length())
     squeezed = getattr(pl, "squeezed", None)
     out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
@@ -326,14 +336,13 @@ def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtyp
         xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, 0), (0, kw - x2.shape[1])))
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
         specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
-    vspec = (squeezed, t.values.shape[1], bn, 16)
     args += [t.values, t.keep] + ([t.scales] if t.is_int4 else [])
     specs += [
-        pl.BlockSpec(vspec, lambda j, s: (j, 0, 0, 0)),
-        pl.BlockSpec((squeezed, supers, bn, 16), lambda j, s: (j, 0, 0, 0)),
+        D.row_part_spec(t.values.shape[1], bn, 16, parts),
+        D.row_part_spec(supers, bn, 16, parts),
     ]
     if t.is_int4:
-        specs.append(pl.BlockSpec((squeezed, kw // t.group, bn, 1), lambda j, s: (j, 0, 0, 0)))
+        specs.append(D.row_part_spec(kw // t.group, bn, 1, parts))
 
     def kern(*refs):
         x_ref, rest = refs[0], list(refs[1:])
@@ -357,32 +366,57 @@ def _tc24_2d(x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtyp
     return y if np_ == t.n else y[:, : t.n]
 
 
-def default_split(t: Tc24, m: int = 1) -> int:
-    """K splits for at most two programs per SM (H100 probe at block_n 64, M = 1: 8192² 33.5 µs
-    at 256 programs, 37.7 at 512); twice that for int4 values at M = 1 (see
+def _few(t: Tc24, m: int) -> bool:
+    """int4 values at ``m <= INT4_FEW_TOKENS`` rows: the 64-row, 2-warp (``mma.sync``) regime."""
+    return t.is_int4 and m <= INT4_FEW_TOKENS
+
+
+def default_rows(t: Tc24, m: int = 1) -> int:
+    """Weight rows per program: 64 for int4 values at ``m <= INT4_FEW_TOKENS`` (where the packed
+    tile allows), else the packed tile."""
+    return 64 if _few(t, m) and t.block_n % 64 == 0 else t.block_n
+
+
+def default_warps(t: Tc24, m: int = 1) -> int:
+    """2 (``mma.sync``) for int4 values at ``m <= INT4_FEW_TOKENS``, else 4 (``wgmma``)."""
+    return 2 if _few(t, m) else 4
+
+
+def default_split(t: Tc24, m: int = 1, rows: int | None = None) -> int:
+    """K splits for at most two ``rows``-row programs per SM (None: :func:`default_rows`; H100
+    probe at block_n 64, M = 1: 8192² 33.5 µs at 256 programs, 37.7 at 512); twice that for
+    int4 values at M = 1, and at M <= ``INT4_FEW_TOKENS`` with 64-row programs (see
     :func:`default_stages`)."""
-    split = D.split_for(t.keep.shape[0], t.kw // SUPER, per_sm=2, at_most=True)
-    if t.is_int4 and m == 1 and (t.kw // SUPER) % (2 * split) == 0:
+    rows = default_rows(t, m) if rows is None else rows
+    split = D.split_for(t.np_ // rows, t.kw // SUPER, per_sm=2, at_most=True)
+    double = t.is_int4 and (m == 1 or (_few(t, m) and rows == 64))
+    if double and (t.kw // SUPER) % (2 * split) == 0:
         return 2 * split
     return split
 
 
 def default_stages(t: Tc24, m: int = 1) -> int:
     """Pipeline stages: 2 for int4 values at M = 1 (with twice the K splits: 8192² 23.9 µs
-    against 25.2 at 3 stages, H100 and H200 probes agreeing), else 3."""
-    return 2 if t.is_int4 and m == 1 else 3
+    against 25.2 at 3 stages, H100 and H200 probes agreeing) and up to ``INT4_FEW_TOKENS``,
+    else 3."""
+    return 2 if _few(t, m) else 3
 
 
-def tc24_matmul(x, t: Tc24, *, split_k=None, num_warps=4, num_stages=None, interpret=None):
+def tc24_matmul(
+    x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, interpret=None
+):
     """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
-    ``split_k`` / ``num_stages``: None for :func:`default_split` / :func:`default_stages`."""
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages``: None for :func:`default_rows` /
+    :func:`default_split` / :func:`default_warps` / :func:`default_stages`."""
     m = math.prod(x.shape[:-1])
+    rows = default_rows(t, m) if rows is None else rows
     return D.call_2d(
         _tc24_2d,
         x,
         t,
-        split_k=default_split(t, m) if split_k is None else split_k,
-        num_warps=num_warps,
+        rows=rows,
+        split_k=default_split(t, m, rows) if split_k is None else split_k,
+        num_warps=default_warps(t, m) if num_warps is None else num_warps,
         num_stages=default_stages(t, m) if num_stages is None else num_stages,
         interpret=interpret,
     )

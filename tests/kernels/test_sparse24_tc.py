@@ -5,10 +5,12 @@ shapes, dispatch, and errors."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shrinkjax.kernels import driver as D
 from shrinkjax.kernels import layouts as L
 from shrinkjax.kernels import reference as R
 from shrinkjax.kernels import sparse24_tc as S
@@ -128,16 +130,47 @@ def test_dispatch_routes_tc24_weights(kind, m):
     check_tc_dispatch(rng, p, t, w64, S.tc24_linear, S.MAX_M, m)
 
 
-def test_defaults_take_more_splits_and_fewer_stages_for_int4_at_one_token():
-    """int4 values at M = 1: twice the K splits and 2 stages (H100 and H200 probes); bf16 values
-    and M > 1 keep the base split and 3 stages."""
+@pytest.mark.parametrize(
+    "m,rows,warps,split,stages",
+    [(1, 64, 2, 4, 2), (4, 64, 2, 4, 2), (16, 128, 4, 4, 3)],
+)
+def test_int4_value_defaults_are_the_measured_rule(monkeypatch, m, rows, warps, split, stages):
+    """int4 values on the 128-row packing, an H100's 132 SMs, 8192²: up to INT4_FEW_TOKENS
+    rows 64-row programs, 2 warps, twice the two-per-SM split and 2 stages (the probe's
+    winners at M = 1 and 4); above, whole tiles, 4 warps, the base split, 3 stages."""
+    monkeypatch.setattr(D, "_num_sms", lambda: 132)
+    tiles, supers = 8192 // 128, 8192 // S.SUPER
+    keep = jax.ShapeDtypeStruct((tiles, supers, 128, 16), jnp.uint16)
+    t = S.Tc24(keep, keep, None, k=8192, n=8192, block_n=128, group=128)
+    assert S.default_rows(t, m) == rows and S.default_warps(t, m) == warps
+    assert S.default_split(t, m) == split and S.default_stages(t, m) == stages
+
+
+def test_bf16_value_defaults_do_not_depend_on_m():
+    """bf16 values: whole tiles, 4 warps, 3 stages and the same split at every M."""
     rng = np.random.default_rng(9)
-    _, t4, _ = _problem(rng, 4096, 4096, block_n=128, kind="int4")  # 32 programs, 16 steps
     _, tb, _ = _problem(rng, 4096, 4096, block_n=64)
-    base = S.default_split(t4, 16)
-    assert S.default_split(t4, 1) == 2 * base and S.default_stages(t4, 1) == 2
-    assert S.default_stages(t4, 16) == 3 and S.default_stages(tb, 1) == 3
+    for m in (1, 4, 16):
+        assert S.default_rows(tb, m) == 64 and S.default_warps(tb, m) == 4
+        assert S.default_stages(tb, m) == 3
     assert S.default_split(tb, 1) == S.default_split(tb, 16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_tile_programs_match_whole_tile(kind):
+    """rows=64 on a 128-row packing (each program streams its half of every block): the same
+    product as whole-tile programs, interpret mode, ragged N; a clear error for bad rows."""
+    rng = np.random.default_rng(13)
+    p, t, w64 = _problem(rng, 512, 200, block_n=128, kind=kind)
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
+    kw = dict(split_k=2, num_warps=4, num_stages=1, interpret=True)
+    half = S._tc24_2d(x, t, rows=64, **kw)
+    np.testing.assert_allclose(
+        np.asarray(half), np.asarray(S._tc24_2d(x, t, **kw)), rtol=1e-6, atol=1e-6
+    )
+    assert rel_err(half, np.asarray(x, np.float64) @ w64) < TOL
+    with pytest.raises(ValueError, match="rows 192 must be a multiple of 64 dividing"):
+        S._tc24_2d(x, t, rows=192, **kw)
 
 
 def test_clear_errors():
@@ -179,4 +212,19 @@ def test_gpu_native_matches_float64(kind, m, k, n):
         np.testing.assert_array_equal(
             w.view(np.uint16), np.asarray(R.dequantize(p)).view(np.uint16)
         )
+    assert rel_err(y, np.asarray(x, np.float64) @ w64) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("warps", [2, 4], ids=["mma_sync", "wgmma"])
+@pytest.mark.parametrize("rows", [64, 128])
+@pytest.mark.parametrize("m", [1, 5])
+def test_gpu_warps_and_rows(kind, warps, rows, m):
+    """Both MMA paths (2 warps: mma.sync; 4: wgmma) over whole 128-row tiles or halves, at the
+    splits of either regime, against float64 on a K that is not a multiple of 256."""
+    rng = np.random.default_rng([warps, rows, m])
+    p, t, w64 = _problem(rng, 1152, 768, block_n=128, kind=kind)
+    x = jnp.asarray(rng.standard_normal((m, 1152)), jnp.bfloat16)
+    y = S.tc24_matmul(x, t, num_warps=warps, rows=rows)
     assert rel_err(y, np.asarray(x, np.float64) @ w64) < TOL
