@@ -619,7 +619,8 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             cfg = [FT.default_split(p, cols, m), 4, FT.default_stages(p, cols), mode]
             row["cfg"] = ["fp4_tc", p.block_n, *cfg]
         elif auto == "fused" and isinstance(p, ST.Tc24):
-            row["cfg"] = ["sparse24_tc", p.block_n, ST.default_split(p, m), 4]
+            rows, warps = ST.default_rows(p, m), ST.default_warps(p, m)
+            row["cfg"] = ["sparse24_tc", rows, ST.default_split(p, m), warps]
             row["cfg"] += [ST.default_stages(p, m)]
         elif auto == "fused":
             c = driver.config_for(p, m)

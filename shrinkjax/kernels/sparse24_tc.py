@@ -58,7 +58,11 @@ DEFAULT_BLOCK_N = 64  # H100 probe (scripts/probe_tc.py): 64 beat 128 at 8192² 
 DEFAULT_BLOCK_N_INT4 = 128
 # int4 values, M up to this: 64-row programs (halves of the 128-row tiles), 2 warps (Triton's
 # mma.sync instead of wgmma; see int4_tc), twice the K splits, 2 stages. H100 probe at 8192²
-# (native 64-row packing): M = 1 22.5 against 23.5 µs, M = 4 24.4 against 25.7.
+# (native 64-row packing): M = 1 22.5 against 23.5 µs, M = 4 24.4 against 25.7; as halves of
+# 128-row tiles, benchmarks/kernels.py: 22.6 against 23.5 and 24.0 against 25.6 (2.61x / 2.44x
+# cuBLAS bf16). The probe_24_warps.json sweep also found 2 warps faster at M = 16 (8192²: 26.7
+# against 28.1 µs) and for bf16 values (up to 8%); those defaults are not changed (unmeasured
+# in the grid).
 INT4_FEW_TOKENS = 4
 MAX_M = 128
 
