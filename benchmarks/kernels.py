@@ -608,20 +608,16 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         p = pr["p"]
         row["bytes"] = int(pr["nbytes"] + m * k * 2 + m * n * 2)
         if auto == "fused" and isinstance(p, TC.TcInt4):
-            rows, split = TC.default_rows(p, m), TC.default_split(p, m)
-            opaque = X_CONTEXT == "opaque" and m <= TC.FEW_TOKENS
-            xsum = TC.OPAQUE_XSUM if opaque else TC.DEFAULT_XSUM
-            warps, stages = TC.default_warps(m, xsum), TC.default_stages(p, split, xsum)
-            row["cfg"] = ["int4_tc", rows, split, warps, stages, xsum]
+            with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
+                c = TC.resolve_tiles(p, m)
+            row["cfg"] = ["int4_tc", *c.values()]  # rows, split_k, warps, stages, xsum
         elif auto == "fused" and isinstance(p, FT.TcFP4):
             cols = FT.use_columns("auto", m, p.fmt)
             mode = "columns" if cols else "late"
             cfg = [FT.default_split(p, cols, m), 4, FT.default_stages(p, cols), mode]
             row["cfg"] = ["fp4_tc", p.block_n, *cfg]
         elif auto == "fused" and isinstance(p, ST.Tc24):
-            rows, warps = ST.default_rows(p, m), ST.default_warps(p, m)
-            row["cfg"] = ["sparse24_tc", rows, ST.default_split(p, m), warps]
-            row["cfg"] += [ST.default_stages(p, m)]
+            row["cfg"] = ["sparse24_tc", *ST.resolve_tiles(p, m).values()]
         elif auto == "fused":
             c = driver.config_for(p, m)
             row["cfg"] = [c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages]

@@ -333,8 +333,7 @@ def default_rows(t: TcInt4, m: int = 1) -> int:
     """Weight rows per program: ``FEW_TOKENS_ROWS`` (64) for ``m <= FEW_TOKENS`` tokens where
     the packed tile allows, else the whole tile (H100, 2 warps: 64 won at M = 1 and 4, 128 at
     M = 16; ``benchmarks/results/probe_int4_warps.json``, ``probe_int4_m16.json``)."""
-    small = FEW_TOKENS_ROWS
-    return small if m <= FEW_TOKENS and t.block_n % small == 0 else t.block_n
+    return FEW_TOKENS_ROWS if m <= FEW_TOKENS else t.block_n  # (block_n: a multiple of 64)
 
 
 def default_warps(m: int = 1, xsum: str = DEFAULT_XSUM) -> int:
@@ -363,24 +362,12 @@ def default_split(t: TcInt4, m: int = 1, rows: int | None = None) -> int:
     return D.split_for(programs, t.kw // CHUNK, per_sm=2, min_steps=4)
 
 
-def int4_tc_matmul(
-    x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
-    interpret=None,
-):  # fmt: skip
-    """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
-
-    ``xsum``: where ``sum_k x`` per scale group (the zero-point term) comes from (None:
-    ``DEFAULT_XSUM``, or ``OPAQUE_XSUM`` inside :func:`.dispatch.opaque_input` at M <=
-    ``FEW_TOKENS``): ``"xla"`` a
-    small XLA reduction before the kernel (one more launch, ~1.4 µs), ``"sum"`` a reduction of
-    the x tile inside the kernel (issued one chunk ahead, like the scales), or ``"mma"`` an extra
-    tensor-core dot with a ones operand inside the kernel (H100: 4-5 µs slower at 8192²); or
-    ``"none"``: no ``sum_k x`` at all, the decode makes ``q - z`` exactly with one more
-    ``fma.rn.bf16x2`` per two weights (H100: ~1 µs slower per call in the 8B decode).
-    ``rows`` / ``split_k`` / ``num_warps``: None for :func:`default_rows` /
-    :func:`default_split` / :func:`default_warps`; ``num_stages`` None: :func:`default_stages`.
-    """
-    m = math.prod(x.shape[:-1])
+def resolve_tiles(
+    t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None
+) -> dict:
+    """:func:`_tc_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
+    (:func:`default_rows` ...) for those left None. ``xsum`` None: ``DEFAULT_XSUM``, or
+    ``OPAQUE_XSUM`` inside :func:`.dispatch.opaque_input` at ``m <= FEW_TOKENS``."""
     rows = default_rows(t, m) if rows is None else rows
     if xsum is None:
         opaque = dispatch.input_is_opaque() and m <= FEW_TOKENS
@@ -388,18 +375,35 @@ def int4_tc_matmul(
     if xsum == "none" and num_warps == 2:
         raise ValueError('xsum="none" needs num_warps >= 4 (wrong products with 2 on the H100)')
     split_k = default_split(t, m, rows) if split_k is None else split_k
-    num_stages = default_stages(t, split_k, xsum) if num_stages is None else num_stages
-    return D.call_2d(
-        _tc_2d,
-        x,
-        t,
+    return dict(
         rows=rows,
         split_k=split_k,
         num_warps=default_warps(m, xsum) if num_warps is None else num_warps,
-        num_stages=num_stages,
+        num_stages=default_stages(t, split_k, xsum) if num_stages is None else num_stages,
         xsum=xsum,
-        interpret=interpret,
     )
+
+
+def int4_tc_matmul(
+    x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
+    interpret=None,
+):  # fmt: skip
+    """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
+
+    ``xsum``: where ``sum_k x`` per scale group (the zero-point term) comes from (None: see
+    :func:`resolve_tiles`): ``"xla"`` a small XLA reduction before the kernel (one more launch,
+    ~1.4 µs), ``"sum"`` a reduction of the x tile inside the kernel (issued one chunk ahead,
+    like the scales), or ``"mma"`` an extra tensor-core dot with a ones operand inside the
+    kernel (H100: 4-5 µs slower at 8192²); or ``"none"``: no ``sum_k x`` at all, the decode
+    makes ``q - z`` exactly with one more ``fma.rn.bf16x2`` per two weights (H100: ~1 µs
+    slower per call in the 8B decode).
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages``: None for the defaults
+    (:func:`resolve_tiles`).
+    """
+    m = math.prod(x.shape[:-1])
+    given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+    kw = resolve_tiles(t, m, xsum=xsum, **given)
+    return D.call_2d(_tc_2d, x, t, interpret=interpret, **kw)
 
 
 # ------------------------------------------------------------------------------------------

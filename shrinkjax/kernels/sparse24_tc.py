@@ -378,7 +378,7 @@ def _few(t: Tc24, m: int) -> bool:
 def default_rows(t: Tc24, m: int = 1) -> int:
     """Weight rows per program: 64 for int4 values at ``m <= INT4_FEW_TOKENS`` (where the packed
     tile allows), else the packed tile."""
-    return 64 if _few(t, m) and t.block_n % 64 == 0 else t.block_n
+    return 64 if _few(t, m) else t.block_n  # (block_n: a multiple of 64)
 
 
 def default_warps(t: Tc24, m: int = 1) -> int:
@@ -406,24 +406,27 @@ def default_stages(t: Tc24, m: int = 1) -> int:
     return 2 if _few(t, m) else 3
 
 
-def tc24_matmul(
-    x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, interpret=None
-):
-    """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
-    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages``: None for :func:`default_rows` /
-    :func:`default_split` / :func:`default_warps` / :func:`default_stages`."""
-    m = math.prod(x.shape[:-1])
+def resolve_tiles(t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None):
+    """:func:`_tc24_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
+    (:func:`default_rows`, :func:`default_split`, ...) for those left None."""
     rows = default_rows(t, m) if rows is None else rows
-    return D.call_2d(
-        _tc24_2d,
-        x,
-        t,
+    return dict(
         rows=rows,
         split_k=default_split(t, m, rows) if split_k is None else split_k,
         num_warps=default_warps(t, m) if num_warps is None else num_warps,
         num_stages=default_stages(t, m) if num_stages is None else num_stages,
-        interpret=interpret,
     )
+
+
+def tc24_matmul(
+    x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, interpret=None
+):
+    """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages``: None for the defaults
+    (:func:`resolve_tiles`)."""
+    given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+    kw = resolve_tiles(t, math.prod(x.shape[:-1]), **given)
+    return D.call_2d(_tc24_2d, x, t, interpret=interpret, **kw)
 
 
 # ------------------------------------------------------------------------------------------
