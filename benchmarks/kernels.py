@@ -617,7 +617,9 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             cfg = [FT.default_split(p, cols, m), 4, FT.default_stages(p, cols), mode]
             row["cfg"] = ["fp4_tc", p.block_n, *cfg]
         elif auto == "fused" and isinstance(p, ST.Tc24):
-            row["cfg"] = ["sparse24_tc", *ST.resolve_tiles(p, m).values()]
+            with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
+                c = ST.resolve_tiles(p, m)
+            row["cfg"] = ["sparse24_tc", *c.values()]  # rows, split_k, warps, stages, x_in
         elif auto == "fused":
             c = driver.config_for(p, m)
             row["cfg"] = [c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages]

@@ -36,12 +36,13 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 KEYS = ("block_n", "num_stages", "split", "scale_mode", "num_warps", "x_prefetch")
 
 
-def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None):
+def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None):
     """(pack(w, bn), matmul(x, t, **kw), split-half fn, grid, default(t, m), kwargs(cfg, t, m)
     -> the matmul's keywords, or None where the config does not apply). ``warps``: the
     num_warps values of the grid (None: the kind's own; 2 makes Triton emit ``mma.sync``
     instead of Hopper's ``wgmma``, which needs 4 warps per warpgroup); ``xsums``: int4's
-    ``sum_k x`` modes (None: ``"xla"``)."""
+    ``sum_k x`` modes (None: ``"xla"``); ``x_ins``: 2:4's sources of x (None: ``"xla"``, XLA's
+    by-position copy; ``"kernel"``: x read in place, ``sparse24_tc.X_IN_MODES``)."""
     from shrinkjax.kernels import fp4_tc as F
     from shrinkjax.kernels import int4_tc as T
     from shrinkjax.kernels import sparse24_tc as S
@@ -100,23 +101,25 @@ def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None):
     if kind in ("2:4_bf16", "2:4_int4"):  # block_n: the program's rows (packed at least at
         # the kind's default tile: 64 on the int4 values' 128-row packing runs half tiles)
         grid = list(
-            itertools.product((64, 128), (2, 3, 4), (0.5, 1, 2), ("-",), warps or (4,), (True,))
-        )
+            itertools.product(
+                (64, 128), (2, 3, 4), (0.5, 1, 2), x_ins or ("xla",), warps or (4,), (True,)
+            )
+        )  # (scale_mode's place holds x_in)
 
         def packed_bn(is_int4):
             return S.DEFAULT_BLOCK_N_INT4 if is_int4 else S.DEFAULT_BLOCK_N
 
         def kwargs(cfg, t, m):
-            bn, stages, mult, _, nw, _ = cfg
+            bn, stages, mult, x_in, nw, _ = cfg
             split = max(1, int(S.default_split(t, m, bn) * mult))
             if (t.kw // S.SUPER) % split:
                 return None
-            return dict(split_k=split, num_stages=stages, num_warps=nw, rows=bn)
+            return dict(split_k=split, num_stages=stages, num_warps=nw, rows=bn, x_in=x_in)
 
         def default(t, m):  # (on the kind's default packing)
             c = S.resolve_tiles(t, m)
             rows = c["rows"] if c["rows"] < t.block_n else packed_bn(t.is_int4)
-            return (rows, c["num_stages"], 1, "-", c["num_warps"], True)
+            return (rows, c["num_stages"], 1, c["x_in"], c["num_warps"], True)
 
         def pack(w, bn):
             return S.pack_24_tc(w, max(bn, packed_bn(w.is_int4)))
@@ -136,6 +139,7 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting cells after")
     ap.add_argument("--warps", default="", help="num_warps values of the grid (default: per kind)")
     ap.add_argument("--xsums", default="xla", help="int4_g128: xsum modes of the grid (xla,sum)")
+    ap.add_argument("--x-ins", default="xla", help="2:4: sources of x of the grid (xla,kernel)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -165,7 +169,8 @@ def main(argv=None):
         bns = tuple(int(v) for v in a.block_ns.split(","))
         warps = tuple(int(v) for v in a.warps.split(",")) if a.warps else None
         xsums = tuple(a.xsums.split(","))
-        pack, matmul, split_half, grid, default, kwargs = adapter(kind, bns, warps, xsums)
+        x_ins = tuple(a.x_ins.split(","))
+        pack, matmul, split_half, grid, default, kwargs = adapter(kind, bns, warps, xsums, x_ins)
         tcs = {bn: [pack(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
         nbytes = int(KB.L.packed_nbytes(tcs[128][0]) + m * k * 2 + m * n * 2)
         row = dict(kind=kind, K=k, N=n, M=m, bytes=nbytes, copy_tbps=copy)

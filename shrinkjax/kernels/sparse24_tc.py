@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import Packed24, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
@@ -65,6 +66,14 @@ DEFAULT_BLOCK_N_INT4 = 128
 # in the grid).
 INT4_FEW_TOKENS = 4
 MAX_M = 128
+# Where the kernel's x comes from (``x_in``): "xla" (default) reads x4, the by-position copy
+# XLA makes of x (and, for int4 values, XLA's sums of x per scale unit); in a model both fuse
+# into x's producer. "kernel" reads x as given, each position tile as a stride-4 slice, and sums
+# x per unit itself: no XLA kernel before the matmul. Taken inside dispatch.opaque_input() (x
+# from a kernel XLA cannot fuse into: the Llama o_proj, or a standalone call) at M up to
+# OPAQUE_MAX_M.
+X_IN_MODES = ("xla", "kernel")
+OPAQUE_MAX_M = 16
 
 
 @functools.partial(
@@ -244,10 +253,12 @@ def _decode_jnp(v, keep, chunk, int4=False):
     ]
 
 
-def _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, o_ref, *, m, steps, group, interpret):
+def _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, o_ref, *, m, steps, group, x_in, interpret):
     """One program: ``bn`` weight rows, ``steps`` 256-row steps. int4 (``group`` > 0): per scale
     unit (``min(group, 256)`` rows) the chained partial ``sum (128 + q) x`` becomes
-    ``s * part - 136 s * sum x`` (``xs_ref``: XLA's sums of x per unit), as in int4_tc."""
+    ``s * part - 136 s * sum x``, as in int4_tc. ``x_in="xla"``: ``x_ref`` is x4 ``[4, mp,
+    Kw/4]`` and ``xs_ref`` XLA's sums of x per unit; ``"kernel"``: ``x_ref`` is x ``[mp, Kw]``
+    (tile ``p`` of a chunk: a stride-4 slice) and the kernel sums each unit's x itself."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
     bn, mp = v_ref.shape[1], o_ref.shape[0]
@@ -263,15 +274,29 @@ def _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, o_ref, *, m, steps, group, inter
         return plgpu.load(view, mask=rows < m, other=0.0)
 
     def x_slab(p, g0):  # x4[p, 0:mp, g0:g0+16]^T: the MMA's right operand (rows >= M read 0)
+        if x_in == "kernel" and interpret:  # (interpret mode loads no strided slices)
+            xc = token_rows(x_ref.at[:, pl.ds(4 * g0, 4 * 16)])
+            return xc.reshape(mp, 16, 4)[:, :, p].T
+        if x_in == "kernel":  # = x[0:mp, 4 g0 + p :: 4][:, :16]
+            return token_rows(x_ref.at[:, pl.ds(4 * g0 + p, 16, stride=4)]).T
         return token_rows(x_ref.at[jnp.int32(p), :, pl.ds(pl.multiple_of(g0, 16), 16)]).T
+
+    def x_total(row0):  # sum x over the unit's K rows row0 .. row0 + unit: [1, mp]
+        if x_in == "xla":
+            return token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T
+        total = None
+        for r in range(0, unit, CHUNK):  # 64-row pieces: a few registers per thread
+            xu = token_rows(x_ref.at[:, pl.ds(pl.multiple_of(row0 + r, CHUNK), CHUNK)])
+            piece = jnp.sum(xu.astype(jnp.float32), axis=1, keepdims=True)
+            total = piece if total is None else total + piece
+        return total.T
 
     def scales(t):  # step t's units: (scale, -136 scale) [bn, 1] and sum x [1, mp]
         out = []
         for u0 in range(0, per, cpu):
             row0 = t * SUPER + u0 * CHUNK
             sc = s_ref[D.idiv(row0, group)].astype(jnp.float32)
-            xs = token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T
-            out.append((sc, -136.0 * sc, xs))
+            out.append((sc, -136.0 * sc, x_total(row0)))
         return out
 
     last = sid * steps + steps - 1
@@ -313,13 +338,17 @@ def x_by_position(x2, kw: int):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows"),
-)
+    static_argnames=(
+        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in"
+    ),
+)  # fmt: skip
 def _tc24_2d(
-    x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None, rows=None
+    x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None, rows=None,
+    x_in="xla",
 ):  # fmt: skip
     """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1). ``rows``: weight rows per program
-    (None: ``t.block_n``; a multiple of 64 dividing it, :func:`.driver.program_rows`)."""
+    (None: ``t.block_n``; a multiple of 64 dividing it, :func:`.driver.program_rows`);
+    ``x_in``: see ``X_IN_MODES``."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"sparse24_tc takes M <= {MAX_M} rows, got {m}")
@@ -331,11 +360,17 @@ def _tc24_2d(
     mp = max(16, 1 << (m - 1).bit_length())
     squeezed = getattr(pl, "squeezed", None)
     out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
-    static = dict(m=m, steps=supers // split_k, group=t.group, interpret=interpret)
-    x4 = x_by_position(x2, kw)
-    args = [x4]
-    specs = [pl.BlockSpec((4, mp, kw // 4), lambda j, s: (0, 0, 0))]  # rows >= M: masked
-    if t.is_int4:  # sum x per scale unit (over all K rows of the unit), by XLA
+    if x_in not in X_IN_MODES:
+        raise ValueError(f"x_in must be one of {X_IN_MODES}, got {x_in!r}")
+    static = dict(m=m, steps=supers // split_k, group=t.group, x_in=x_in, interpret=interpret)
+    if x_in == "kernel":  # x as given (K a multiple of 256 needs no copy)
+        xb = x2.astype(jnp.bfloat16)
+        args = [xb if kw == xb.shape[1] else jnp.pad(xb, ((0, 0), (0, kw - xb.shape[1])))]
+        specs = [pl.BlockSpec((mp, kw), lambda j, s: (0, 0))]  # rows >= M: masked
+    else:
+        args = [x_by_position(x2, kw)]
+        specs = [pl.BlockSpec((4, mp, kw // 4), lambda j, s: (0, 0, 0))]  # rows >= M: masked
+    if t.is_int4 and x_in == "xla":  # sum x per scale unit (over all K rows of the unit)
         unit = min(t.group, SUPER)
         xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, 0), (0, kw - x2.shape[1])))
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
@@ -350,7 +385,7 @@ def _tc24_2d(
 
     def kern(*refs):
         x_ref, rest = refs[0], list(refs[1:])
-        xs_ref = rest.pop(0) if t.is_int4 else None
+        xs_ref = rest.pop(0) if t.is_int4 and x_in == "xla" else None
         v_ref, k_ref = rest[0], rest[1]
         s_ref = rest[2] if t.is_int4 else None
         _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, rest[-1], **static)
@@ -406,25 +441,37 @@ def default_stages(t: Tc24, m: int = 1) -> int:
     return 2 if _few(t, m) else 3
 
 
-def resolve_tiles(t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None):
+def default_x_in(m: int = 1) -> str:
+    """``"kernel"`` inside :func:`.dispatch.opaque_input` at ``m <= OPAQUE_MAX_M``, else
+    ``"xla"`` (``X_IN_MODES``)."""
+    return "kernel" if dispatch.input_is_opaque() and m <= OPAQUE_MAX_M else "xla"
+
+
+def resolve_tiles(
+    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None
+):  # fmt: skip
     """:func:`_tc24_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
-    (:func:`default_rows`, :func:`default_split`, ...) for those left None."""
+    (:func:`default_rows`, :func:`default_split`, :func:`default_x_in` ...) for those left
+    None."""
     rows = default_rows(t, m) if rows is None else rows
     return dict(
         rows=rows,
         split_k=default_split(t, m, rows) if split_k is None else split_k,
         num_warps=default_warps(t, m) if num_warps is None else num_warps,
         num_stages=default_stages(t, m) if num_stages is None else num_stages,
+        x_in=default_x_in(m) if x_in is None else x_in,
     )
 
 
 def tc24_matmul(
-    x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, interpret=None
-):
+    x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, x_in=None,
+    interpret=None,
+):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
-    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages``: None for the defaults
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in``: None for the defaults
     (:func:`resolve_tiles`)."""
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
+    given["x_in"] = x_in
     kw = resolve_tiles(t, math.prod(x.shape[:-1]), **given)
     return D.call_2d(_tc24_2d, x, t, interpret=interpret, **kw)
 
