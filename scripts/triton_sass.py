@@ -21,7 +21,7 @@ Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
 ``SCALE_MODE``, ``XPREFETCH=0``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`;
-env ``SPLIT``, ``VALUES=int4``), at K = N = 8192; env ``M``: rows of x (default 1);
+env ``SPLIT``, ``VALUES=int4``, ``X_IN=kernel``), at K = N = 8192; env ``M``: rows of x (default 1);
 ``decode_attention`` and ``decode_attention_update`` (:mod:`shrinkjax.kernels.decode_attention`,
 the 8B heads, env ``S`` cache slots).
 """
@@ -154,7 +154,8 @@ def _tc_problem(kind, p, rng, k, n, block_n):
             packed = L.pack_24_int4(codes, scales, None, group=128, keep_KxN=keep)
         else:
             packed = L.pack_24(np.where(keep, rng.standard_normal((k, n), dtype=np.float32), 0))
-        return sparse24_tc._tc24_2d, sparse24_tc.pack_24_tc(packed, block_n), {}
+        extra = {"x_in": os.environ.get("X_IN", "xla")}
+        return sparse24_tc._tc24_2d, sparse24_tc.pack_24_tc(packed, block_n), extra
     if kind == "mxfp4_tc":
         packed = L.pack_mxfp4(codes, np.full((k // 32, n), 120, np.uint8))
     else:
