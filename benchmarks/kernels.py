@@ -619,7 +619,7 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         elif auto == "fused" and isinstance(p, ST.Tc24):
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
                 c = ST.resolve_tiles(p, m)
-            row["cfg"] = ["sparse24_tc", *c.values()]  # rows, split, warps, stages, x_in, xsum
+            row["cfg"] = ["sparse24_tc", *c.values()]  # rows, split_k, warps, stages, x_in
         elif auto == "fused":
             c = driver.config_for(p, m)
             row["cfg"] = [c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages]

@@ -67,18 +67,15 @@ DEFAULT_BLOCK_N_INT4 = 128
 INT4_FEW_TOKENS = 4
 MAX_M = 128
 # Where the kernel's x comes from (``x_in``): "xla" (default) reads x4, the by-position copy
-# XLA makes of x (and, for int4 values, XLA's sums of x per scale unit); in a model both fuse
-# into x's producer. "kernel" reads x as given, each position tile as a stride-4 slice, and sums
-# x per unit itself: no XLA kernel before the matmul. Taken inside dispatch.opaque_input() (x
-# from a kernel XLA cannot fuse into: the Llama o_proj, or a standalone call) at M up to
-# OPAQUE_MAX_M.
+# XLA makes of x; in a model it fuses into x's producer. "kernel" reads x as given, one
+# contiguous 64-row load per chunk split by position in registers: no XLA kernel before the
+# matmul (int4 values keep XLA's sums of x per scale unit: summing in the kernel was slower).
+# Taken inside dispatch.opaque_input() (x from a kernel XLA cannot fuse into: the Llama o_proj,
+# or a standalone call) at M up to OPAQUE_MAX_M. H100, benchmarks/RESULTS.md (eighth session):
+# bf16 values 8192² M = 1 / 16 31.1 / 33.0 against 32.8 / 36.5 µs, 4096² 12.4 against 13.5;
+# int4 values 22.0 / 26.9 against 23.0 / 28.8.
 X_IN_MODES = ("xla", "kernel")
 OPAQUE_MAX_M = 16
-# int4 values: where sum_k x per scale unit comes from (``xsum``): "xla" (a small XLA reduction
-# before the kernel) or "sum" (the kernel, x_in="kernel" only). OPAQUE_XSUM: what the opaque
-# rule above takes.
-XSUM_MODES = ("xla", "sum")
-OPAQUE_XSUM = "sum"
 
 
 @functools.partial(
@@ -259,14 +256,13 @@ def _decode_jnp(v, keep, chunk, int4=False):
 
 
 def _kernel(
-    x_ref, xs_ref, v_ref, k_ref, s_ref, o_ref, *, m, steps, group, x_in, xsum, interpret
+    x_ref, xs_ref, v_ref, k_ref, s_ref, o_ref, *, m, steps, group, x_in, interpret
 ):  # fmt: skip
     """One program: ``bn`` weight rows, ``steps`` 256-row steps. int4 (``group`` > 0): per scale
     unit (``min(group, 256)`` rows) the chained partial ``sum (128 + q) x`` becomes
-    ``s * part - 136 s * sum x``, as in int4_tc. ``x_in="xla"``: ``x_ref`` is x4 ``[4, mp,
-    Kw/4]``; ``"kernel"``: ``x_ref`` is x ``[mp, Kw]`` (a chunk's 64 rows split by position in
-    registers). ``xsum="xla"``: ``xs_ref`` holds XLA's sums of x per unit; ``"sum"``: the kernel
-    sums each unit's x itself."""
+    ``s * part - 136 s * sum x`` (``xs_ref``: XLA's sums of x per unit), as in int4_tc.
+    ``x_in="xla"``: ``x_ref`` is x4 ``[4, mp, Kw/4]``; ``"kernel"``: ``x_ref`` is x ``[mp, Kw]``
+    (a chunk's 64 rows loaded at once and split by position in registers)."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
     bn, mp = v_ref.shape[1], o_ref.shape[0]
@@ -292,22 +288,13 @@ def _kernel(
         pos = [*jnp.unstack(even, axis=-1), *jnp.unstack(odd, axis=-1)]  # p = 0, 2, 1, 3
         return [pos[p].T for p in (0, 2, 1, 3)]
 
-    def x_total(row0):  # sum x over the unit's K rows row0 .. row0 + unit: [1, mp]
-        if xsum == "xla":
-            return token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T
-        total = None
-        for r in range(0, unit, CHUNK):  # 64-row pieces: a few registers per thread
-            xu = token_rows(x_ref.at[:, pl.ds(pl.multiple_of(row0 + r, CHUNK), CHUNK)])
-            piece = jnp.sum(xu.astype(jnp.float32), axis=1, keepdims=True)
-            total = piece if total is None else total + piece
-        return total.T
-
     def scales(t):  # step t's units: (scale, -136 scale) [bn, 1] and sum x [1, mp]
         out = []
         for u0 in range(0, per, cpu):
             row0 = t * SUPER + u0 * CHUNK
             sc = s_ref[D.idiv(row0, group)].astype(jnp.float32)
-            out.append((sc, -136.0 * sc, x_total(row0)))
+            xs = token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T
+            out.append((sc, -136.0 * sc, xs))
         return out
 
     last = sid * steps + steps - 1
@@ -350,16 +337,16 @@ def x_by_position(x2, kw: int):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in", "xsum"
+        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in"
     ),
 )  # fmt: skip
 def _tc24_2d(
     x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None, rows=None,
-    x_in="xla", xsum="xla",
+    x_in="xla",
 ):  # fmt: skip
     """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1). ``rows``: weight rows per program
     (None: ``t.block_n``; a multiple of 64 dividing it, :func:`.driver.program_rows`);
-    ``x_in`` / ``xsum`` (int4 values): see ``X_IN_MODES`` / ``XSUM_MODES``."""
+    ``x_in``: see ``X_IN_MODES``."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"sparse24_tc takes M <= {MAX_M} rows, got {m}")
@@ -373,12 +360,7 @@ def _tc24_2d(
     out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
     if x_in not in X_IN_MODES:
         raise ValueError(f"x_in must be one of {X_IN_MODES}, got {x_in!r}")
-    if xsum not in XSUM_MODES or (xsum == "sum" and x_in != "kernel"):
-        raise ValueError(
-            f'xsum must be one of {XSUM_MODES} ("sum" with x_in="kernel"), got {xsum!r}'
-        )
-    static = dict(m=m, steps=supers // split_k, group=t.group, x_in=x_in, xsum=xsum)
-    static["interpret"] = interpret
+    static = dict(m=m, steps=supers // split_k, group=t.group, x_in=x_in, interpret=interpret)
     if x_in == "kernel":  # x as given (K a multiple of 256 needs no copy)
         xb = x2.astype(jnp.bfloat16)
         args = [xb if kw == xb.shape[1] else jnp.pad(xb, ((0, 0), (0, kw - xb.shape[1])))]
@@ -386,7 +368,7 @@ def _tc24_2d(
     else:
         args = [x_by_position(x2, kw)]
         specs = [pl.BlockSpec((4, mp, kw // 4), lambda j, s: (0, 0, 0))]  # rows >= M: masked
-    if t.is_int4 and xsum == "xla":  # sum x per scale unit (over all K rows of the unit)
+    if t.is_int4:  # sum x per scale unit (over all K rows of the unit)
         unit = min(t.group, SUPER)
         xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, 0), (0, kw - x2.shape[1])))
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
@@ -401,7 +383,7 @@ def _tc24_2d(
 
     def kern(*refs):
         x_ref, rest = refs[0], list(refs[1:])
-        xs_ref = rest.pop(0) if t.is_int4 and xsum == "xla" else None
+        xs_ref = rest.pop(0) if t.is_int4 else None
         v_ref, k_ref = rest[0], rest[1]
         s_ref = rest[2] if t.is_int4 else None
         _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, rest[-1], **static)
@@ -463,41 +445,31 @@ def default_x_in(m: int = 1) -> str:
     return "kernel" if dispatch.input_is_opaque() and m <= OPAQUE_MAX_M else "xla"
 
 
-def default_xsum(t: Tc24, x_in: str) -> str:
-    """int4 values: ``OPAQUE_XSUM`` where x is read in place (``x_in="kernel"``), else
-    ``"xla"``; bf16 values: ``"xla"`` (unused)."""
-    return OPAQUE_XSUM if t.is_int4 and x_in == "kernel" else "xla"
-
-
 def resolve_tiles(
-    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None,
-    xsum=None,
+    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None
 ):  # fmt: skip
     """:func:`_tc24_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
     (:func:`default_rows`, :func:`default_split`, :func:`default_x_in` ...) for those left
     None."""
     rows = default_rows(t, m) if rows is None else rows
-    out = dict(
+    return dict(
         rows=rows,
         split_k=default_split(t, m, rows) if split_k is None else split_k,
         num_warps=default_warps(t, m) if num_warps is None else num_warps,
         num_stages=default_stages(t, m) if num_stages is None else num_stages,
+        x_in=default_x_in(m) if x_in is None else x_in,
     )
-    out["x_in"] = default_x_in(m) if x_in is None else x_in
-    out["xsum"] = default_xsum(t, out["x_in"]) if xsum is None else xsum
-    return out
 
 
 def tc24_matmul(
     x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, x_in=None,
-    xsum=None, interpret=None,
+    interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
-    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in`` / ``xsum``: None for the
-    defaults (:func:`resolve_tiles`)."""
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in``: None for the defaults
+    (:func:`resolve_tiles`)."""
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    given.update(x_in=x_in, xsum=xsum)
-    kw = resolve_tiles(t, math.prod(x.shape[:-1]), **given)
+    kw = resolve_tiles(t, math.prod(x.shape[:-1]), x_in=x_in, **given)
     return D.call_2d(_tc24_2d, x, t, interpret=interpret, **kw)
 
 

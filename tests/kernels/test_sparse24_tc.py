@@ -109,18 +109,17 @@ def test_dequantize_is_bit_exact(kind, k, n):
         ("int4", 512, 1024, 256, 17, 2),  # a unit spans two steps
     ],
 )
-@pytest.mark.parametrize("x_in,xsum", [("xla", "xla"), ("kernel", "xla"), ("kernel", "sum")])
-def test_kernel_equals_float64_and_reference(kind, group, k, n, m, split, x_in, xsum):
-    """Every source of x: XLA's by-position copy, or x read in place; int4 values' sums of x by
-    XLA or by the kernel."""
+@pytest.mark.parametrize("x_in", S.X_IN_MODES)
+def test_kernel_equals_float64_and_reference(kind, group, k, n, m, split, x_in):
+    """Both sources of x: XLA's by-position copy, or x read in place and split by position."""
     rng = np.random.default_rng([k, n, m])
     p, t, w64 = _problem(rng, k, n, kind=kind, group=group or 128)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    y = S.tc24_matmul(x, t, split_k=split, x_in=x_in, xsum=xsum, interpret=True)
+    y = S.tc24_matmul(x, t, split_k=split, x_in=x_in, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     r64 = np.asarray(x, np.float64) @ w64
     assert rel_err(y, r64) < TOL
-    kw = dict(split_k=split, num_warps=4, num_stages=1, x_in=x_in, xsum=xsum, interpret=True)
+    kw = dict(split_k=split, num_warps=4, num_stages=1, x_in=x_in, interpret=True)
     y32 = S._tc24_2d(x, t, **kw)
     assert rel_err(y32, r64) < 1e-5  # exact weights (codes, scales in f32) and x, f32 sums
     assert rel_err(y, np.asarray(R.matmul_ref(x, p).astype(jnp.float32), np.float64)) < TOL
@@ -163,7 +162,7 @@ def test_bf16_value_defaults_do_not_depend_on_m():
 @pytest.mark.parametrize("kind", KINDS)
 def test_opaque_input_reads_x_in_the_kernel(kind):
     """Inside ``dispatch.opaque_input`` at M <= OPAQUE_MAX_M the kernel reads x as given (no
-    by-position copy, no XLA sums); above it and outside, XLA's x4; same product."""
+    by-position copy); above it and outside, XLA's x4; same product."""
     from shrinkjax.kernels import dispatch
 
     rng = np.random.default_rng(21)
@@ -184,8 +183,6 @@ def test_opaque_input_reads_x_in_the_kernel(kind):
     assert rel_err(opaque(big), np.asarray(big, np.float64) @ w64) < TOL
     with pytest.raises(ValueError, match="x_in must be one of"):
         S.tc24_matmul(x, t, x_in="strided", interpret=True)
-    with pytest.raises(ValueError, match="xsum must be one of"):
-        S.tc24_matmul(x, t, x_in="xla", xsum="sum", interpret=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -252,15 +249,13 @@ def test_gpu_native_matches_float64(kind, m, k, n):
 @pytest.mark.parametrize("warps", [2, 4], ids=["mma_sync", "wgmma"])
 @pytest.mark.parametrize("rows", [64, 128])
 @pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("x_in,xsum", [("xla", "xla"), ("kernel", "xla"), ("kernel", "sum")])
-def test_gpu_warps_and_rows(kind, warps, rows, m, x_in, xsum):
+@pytest.mark.parametrize("x_in", S.X_IN_MODES)
+def test_gpu_warps_and_rows(kind, warps, rows, m, x_in):
     """Both MMA paths (2 warps: mma.sync; 4: wgmma) over whole 128-row tiles or halves, at the
-    splits of either regime, every source of x (and of int4's sums of x), against float64 on a
-    K that is not a multiple of 256."""
+    splits of either regime, both sources of x, against float64 on a K that is not a multiple
+    of 256."""
     rng = np.random.default_rng([warps, rows, m])
     p, t, w64 = _problem(rng, 1152, 768, block_n=128, kind=kind)
     x = jnp.asarray(rng.standard_normal((m, 1152)), jnp.bfloat16)
-    if kind == "bf16" and xsum == "sum":
-        pytest.skip("bf16 values take no sums of x")
-    y = S.tc24_matmul(x, t, num_warps=warps, rows=rows, x_in=x_in, xsum=xsum)
+    y = S.tc24_matmul(x, t, num_warps=warps, rows=rows, x_in=x_in)
     assert rel_err(y, np.asarray(x, np.float64) @ w64) < TOL
