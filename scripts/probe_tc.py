@@ -111,7 +111,7 @@ def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None):
 
         def kwargs(cfg, t, m):
             bn, stages, mult, x_in, nw, _ = cfg
-            split = max(1, int(S.default_split(t, m, bn) * mult))
+            split = max(1, int(S.default_split(t, m, bn, x_in) * mult))
             if (t.kw // S.SUPER) % split:
                 return None
             return dict(split_k=split, num_stages=stages, num_warps=nw, rows=bn, x_in=x_in)

@@ -61,9 +61,9 @@ DEFAULT_BLOCK_N_INT4 = 128
 # mma.sync instead of wgmma; see int4_tc), twice the K splits, 2 stages. H100 probe at 8192²
 # (native 64-row packing): M = 1 22.5 against 23.5 µs, M = 4 24.4 against 25.7; as halves of
 # 128-row tiles, benchmarks/kernels.py: 22.6 against 23.5 and 24.0 against 25.6 (2.61x / 2.44x
-# cuBLAS bf16). The probe_24_warps.json sweep also found 2 warps faster at M = 16 (8192²: 26.7
-# against 28.1 µs) and for bf16 values (up to 8%); those defaults are not changed (unmeasured
-# in the grid).
+# cuBLAS bf16). With x from XLA's by-position copy, M > 4 keeps 128-row / 4-warp tiles (the
+# 2-warp gain there was small, probe_24_warps.json); with x read in place (x_in="kernel",
+# below) the 2-warp regime runs up to OPAQUE_MAX_M (_few).
 INT4_FEW_TOKENS = 4
 MAX_M = 128
 # Where the kernel's x comes from (``x_in``): "xla" (default) reads x4, the by-position copy
@@ -403,40 +403,45 @@ def _tc24_2d(
     return y if np_ == t.n else y[:, : t.n]
 
 
-def _few(t: Tc24, m: int) -> bool:
-    """int4 values at ``m <= INT4_FEW_TOKENS`` rows: the 64-row, 2-warp (``mma.sync``) regime."""
-    return t.is_int4 and m <= INT4_FEW_TOKENS
+def _few(t: Tc24, m: int, x_in: str = "xla") -> bool:
+    """The 64-row, 2-warp (``mma.sync``) regime of int4 values: at ``m <= INT4_FEW_TOKENS``
+    rows, or with x read in place (``x_in="kernel"``, up to ``OPAQUE_MAX_M`` rows: H100, M = 16,
+    ``probe_24_m16_xin.json``: 8192² 23.4 µs against 26.1 at 128-row / 4-warp tiles)."""
+    return t.is_int4 and (m <= INT4_FEW_TOKENS or x_in == "kernel")
 
 
-def default_rows(t: Tc24, m: int = 1) -> int:
-    """Weight rows per program: 64 for int4 values at ``m <= INT4_FEW_TOKENS`` (where the packed
-    tile allows), else the packed tile."""
-    return 64 if _few(t, m) else t.block_n  # (block_n: a multiple of 64)
+def default_rows(t: Tc24, m: int = 1, x_in: str = "xla") -> int:
+    """Weight rows per program: 64 in the :func:`_few` regime (where the packed tile allows),
+    else the packed tile."""
+    return 64 if _few(t, m, x_in) else t.block_n  # (block_n: a multiple of 64)
 
 
-def default_warps(t: Tc24, m: int = 1) -> int:
-    """2 (``mma.sync``) for int4 values at ``m <= INT4_FEW_TOKENS``, else 4 (``wgmma``)."""
-    return 2 if _few(t, m) else 4
+def default_warps(t: Tc24, m: int = 1, x_in: str = "xla") -> int:
+    """2 (``mma.sync``) in the :func:`_few` regime and wherever x is read in place (``x_in=
+    "kernel"``: its by-position split stays in registers, the ``mma.sync`` operand layout, where
+    ``wgmma`` takes it through shared memory; H100, bf16 values at M = 16: 8192² 30.7 µs against
+    32.8 with 4 warps, 4096² 11.6 against 12.8), else 4 (``wgmma``)."""
+    return 2 if _few(t, m, x_in) or x_in == "kernel" else 4
 
 
-def default_split(t: Tc24, m: int = 1, rows: int | None = None) -> int:
+def default_split(t: Tc24, m: int = 1, rows: int | None = None, x_in: str = "xla") -> int:
     """K splits for at most two ``rows``-row programs per SM (None: :func:`default_rows`; H100
     probe at block_n 64, M = 1: 8192² 33.5 µs at 256 programs, 37.7 at 512); twice that for
-    int4 values at M = 1, and at M <= ``INT4_FEW_TOKENS`` with 64-row programs (see
+    int4 values at M = 1, and in the :func:`_few` regime with 64-row programs (see
     :func:`default_stages`)."""
-    rows = default_rows(t, m) if rows is None else rows
+    rows = default_rows(t, m, x_in) if rows is None else rows
     split = D.split_for(t.np_ // rows, t.kw // SUPER, per_sm=2, at_most=True)
-    double = t.is_int4 and (m == 1 or (_few(t, m) and rows == 64))
+    double = t.is_int4 and (m == 1 or (_few(t, m, x_in) and rows == 64))
     if double and (t.kw // SUPER) % (2 * split) == 0:
         return 2 * split
     return split
 
 
-def default_stages(t: Tc24, m: int = 1) -> int:
+def default_stages(t: Tc24, m: int = 1, x_in: str = "xla") -> int:
     """Pipeline stages: 2 for int4 values at M = 1 (with twice the K splits: 8192² 23.9 µs
-    against 25.2 at 3 stages, H100 and H200 probes agreeing) and up to ``INT4_FEW_TOKENS``,
-    else 3."""
-    return 2 if _few(t, m) else 3
+    against 25.2 at 3 stages, H100 and H200 probes agreeing) and in the rest of the
+    :func:`_few` regime, else 3."""
+    return 2 if _few(t, m, x_in) else 3
 
 
 def default_x_in(m: int = 1) -> str:
@@ -451,13 +456,14 @@ def resolve_tiles(
     """:func:`_tc24_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
     (:func:`default_rows`, :func:`default_split`, :func:`default_x_in` ...) for those left
     None."""
-    rows = default_rows(t, m) if rows is None else rows
+    x_in = default_x_in(m) if x_in is None else x_in
+    rows = default_rows(t, m, x_in) if rows is None else rows
     return dict(
         rows=rows,
-        split_k=default_split(t, m, rows) if split_k is None else split_k,
-        num_warps=default_warps(t, m) if num_warps is None else num_warps,
-        num_stages=default_stages(t, m) if num_stages is None else num_stages,
-        x_in=default_x_in(m) if x_in is None else x_in,
+        split_k=default_split(t, m, rows, x_in) if split_k is None else split_k,
+        num_warps=default_warps(t, m, x_in) if num_warps is None else num_warps,
+        num_stages=default_stages(t, m, x_in) if num_stages is None else num_stages,
+        x_in=x_in,
     )
 
 

@@ -149,14 +149,30 @@ def test_int4_value_defaults_are_the_measured_rule(monkeypatch, m, rows, warps, 
     assert S.default_split(t, m) == split and S.default_stages(t, m) == stages
 
 
+def test_int4_values_with_x_in_place_take_the_few_token_tiles_up_to_m16(monkeypatch):
+    """x read in place (x_in="kernel", M <= OPAQUE_MAX_M): the 64-row / 2-warp / doubled-split /
+    2-stage tiles at M = 16 too (the probe's winner there); with XLA's x4, M = 16 keeps whole
+    tiles and 4 warps."""
+    monkeypatch.setattr(D, "_num_sms", lambda: 132)
+    keep = jax.ShapeDtypeStruct((64, 32, 128, 16), jnp.uint16)
+    t = S.Tc24(keep, keep, None, k=8192, n=8192, block_n=128, group=128)
+    got = S.resolve_tiles(t, 16, x_in="kernel")
+    assert got == dict(rows=64, split_k=4, num_warps=2, num_stages=2, x_in="kernel")
+    assert S.resolve_tiles(t, 16, x_in="xla")["num_warps"] == 4
+
+
 def test_bf16_value_defaults_do_not_depend_on_m():
-    """bf16 values: whole tiles, 4 warps, 3 stages and the same split at every M."""
+    """bf16 values: whole tiles, 3 stages and the same split at every M; 4 warps with XLA's x4,
+    2 (mma.sync) with x read in place."""
     rng = np.random.default_rng(9)
     _, tb, _ = _problem(rng, 4096, 4096, block_n=64)
     for m in (1, 4, 16):
         assert S.default_rows(tb, m) == 64 and S.default_warps(tb, m) == 4
-        assert S.default_stages(tb, m) == 3
-    assert S.default_split(tb, 1) == S.default_split(tb, 16)
+        assert S.default_warps(tb, m, "kernel") == 2
+        assert S.default_stages(tb, m) == 3 == S.default_stages(tb, m, "kernel")
+    assert (
+        S.default_split(tb, 1) == S.default_split(tb, 16) == S.default_split(tb, 16, x_in="kernel")
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
