@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedMXFP4, PackedNVFP4, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
@@ -74,6 +75,13 @@ COLUMNS_MAX_M = 8  # "columns" mode: 8 MMA columns per token, at most 64 wide
 COLUMNS_AUTO_M = {"mxfp4": 2, "nvfp4": 4}
 FORMATS = {"mxfp4": 32, "nvfp4": 16}  # format -> K rows per scale
 SCALE_MODES = ("auto", "late", "columns")
+# "late" mode's x (``x_in``): "xla" (default) converts x to f16 in XLA before the kernel (in a
+# model the conversion fuses into x's producer); "kernel" reads bf16 x and converts each slab
+# in registers: no XLA kernel before the matmul. Taken inside dispatch.opaque_input() (x from a
+# kernel XLA cannot fuse into: the Llama o_proj, or a standalone call) at M up to
+# OPAQUE_MAX_M. ("columns" mode always has XLA spread x by scale group.)
+X_IN_MODES = ("xla", "kernel")
+OPAQUE_MAX_M = 16
 _MAG_MASK = 0x0E000E00  # bits 9-11 of both halves
 _SIGN_MASK = 0x80008000
 
@@ -202,11 +210,11 @@ def scale_f32(s, group: int):
 
 
 def _kernel(
-    x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, interpret, x_prefetch=True
-):
-    """One program: ``bn`` weight rows, ``steps`` 128-row blocks (``"late"``) or scale steps of
-    eight groups (``"columns"``; x_ref is then ``xg [Kw, 8 Mc]``, o_ref ``[Mc, bn]``, or
-    ``[16, bn]`` at Mc = 1)."""
+    x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, interpret, x_prefetch=True,
+):  # fmt: skip
+    """One program: ``bn`` weight rows, ``steps`` 128-row blocks (``"late"``; x_ref ``[mp, Kw]``
+    in f16, or bf16 converted here) or scale steps of eight groups (``"columns"``; x_ref is then
+    ``xg [Kw, 8 Mc]``, o_ref ``[Mc, bn]``, or ``[16, bn]`` at Mc = 1)."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
     bn, mp = w_ref.shape[1], o_ref.shape[0]
@@ -251,9 +259,9 @@ def _kernel(
         def x_slab(k0):  # x[0:mp, k0:k0+16]^T: the MMA's right operand; rows >= M read 0
             view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
             if m == mp:
-                return view[...].T
+                return view[...].astype(jnp.float16).T
             rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-            return plgpu.load(view, mask=rows < m, other=0.0).T
+            return plgpu.load(view, mask=rows < m, other=0.0).astype(jnp.float16).T
 
         def scales(t):  # block t's groups: f32 [bn, 1] each (a column of the stored tile)
             out = []
@@ -300,14 +308,16 @@ def group_columns(x, group: int, mc: int = 1):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "scale_mode", "x_prefetch", "out_dtype", "interpret"
+        "split_k", "num_warps", "num_stages", "scale_mode", "x_prefetch", "out_dtype", "interpret",
+        "x_in",
     ),
 )  # fmt: skip
 def _fp4_tc_2d(
     x2, t: TcFP4, *, split_k, num_warps, num_stages, interpret, scale_mode="auto",
-    x_prefetch=True, out_dtype=None,
+    x_prefetch=True, out_dtype=None, x_in="xla",
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel)."""
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel). ``x_in``:
+    see ``X_IN_MODES`` ("late" mode only)."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"fp4_tc takes M <= {MAX_M} rows, got {m}")
@@ -319,11 +329,15 @@ def _fp4_tc_2d(
             f"scale_mode 'columns' takes at most {COLUMNS_MAX_M} rows of x (8 MMA columns per "
             f"token), got M = {m}"
         )
+    if x_in not in X_IN_MODES or (columns and x_in != "xla"):
+        raise ValueError(
+            f'x_in must be one of {X_IN_MODES} ("xla" in "columns" mode), got {x_in!r}'
+        )
     np_, kw, bn = t.np_, t.kw, t.block_n
     unit = t.step_rows if columns else CHUNK  # K rows per loop iteration
     if (kw // unit) % split_k:
         raise ValueError(f"split_k {split_k} must divide the {kw // unit} K steps of {unit} rows")
-    xh = x2.astype(jnp.float16)  # (see the module docstring: x in f16)
+    xh = x2.astype(jnp.bfloat16 if x_in == "kernel" else jnp.float16)  # (module docstring)
     if kw != t.k:
         xh = jnp.pad(xh, ((0, 0), (0, kw - t.k)))
     squeezed = getattr(pl, "squeezed", None)
@@ -390,9 +404,16 @@ def default_stages(t: TcFP4, columns: bool) -> int:
     return 2 if columns and t.fmt == "mxfp4" else 3
 
 
+def default_x_in(columns: bool, m: int = 1) -> str:
+    """``"kernel"`` in ``"late"`` mode inside :func:`.dispatch.opaque_input` at ``m <=
+    OPAQUE_MAX_M``, else ``"xla"`` (``X_IN_MODES``)."""
+    opaque = dispatch.input_is_opaque() and m <= OPAQUE_MAX_M
+    return "kernel" if opaque and not columns else "xla"
+
+
 def fp4_tc_matmul(
     x, t: TcFP4, *, split_k=None, num_warps=4, num_stages=None, scale_mode="auto",
-    x_prefetch=True, interpret=None,
+    x_prefetch=True, x_in=None, interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
     ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M <= 8; module docstring);
@@ -401,7 +422,8 @@ def fp4_tc_matmul(
     registers (the measured default); False loads them at use, which Triton pipelines through
     shared memory: at M = 4 (MXFP4, block_n 128) 124 registers instead of 181, so four
     programs per SM instead of two, for 759 loop instructions instead of 710 (offline SASS,
-    ``scripts/triton_sass.py``; not yet timed on a GPU)."""
+    ``scripts/triton_sass.py``; not yet timed on a GPU). ``x_in``: None for
+    :func:`default_x_in`."""
     m = math.prod(x.shape[:-1])
     columns = use_columns(scale_mode, m, t.fmt)
     return D.call_2d(
@@ -413,6 +435,7 @@ def fp4_tc_matmul(
         num_stages=default_stages(t, columns) if num_stages is None else num_stages,
         scale_mode=scale_mode,
         x_prefetch=x_prefetch,
+        x_in=default_x_in(columns, m) if x_in is None else x_in,
         interpret=interpret,
     )
 
