@@ -36,13 +36,18 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 KEYS = ("block_n", "num_stages", "split", "scale_mode", "num_warps", "x_prefetch")
 
 
-def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None):
+def adapter(
+    kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None, stages=(2, 3, 4),
+    modes=None,
+):  # fmt: skip
     """(pack(w, bn), matmul(x, t, **kw), split-half fn, grid, default(t, m), kwargs(cfg, t, m)
     -> the matmul's keywords, or None where the config does not apply). ``warps``: the
     num_warps values of the grid (None: the kind's own; 2 makes Triton emit ``mma.sync``
     instead of Hopper's ``wgmma``, which needs 4 warps per warpgroup); ``xsums``: int4's
     ``sum_k x`` modes (None: ``"xla"``); ``x_ins``: 2:4's sources of x (None: ``"xla"``, XLA's
-    by-position copy; ``"kernel"``: x read in place, ``sparse24_tc.X_IN_MODES``)."""
+    by-position copy; ``"kernel"``: x read in place, ``sparse24_tc.X_IN_MODES``); ``stages``:
+    num_stages values of the grid; ``modes``: FP4's scale modes (None: ``"columns"``,
+    ``"late"``; ``"late+kernel"``: "late" with x read in place, ``fp4_tc.X_IN_MODES``)."""
     from shrinkjax.kernels import fp4_tc as F
     from shrinkjax.kernels import int4_tc as T
     from shrinkjax.kernels import sparse24_tc as S
@@ -54,7 +59,7 @@ def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None):
         # block_n is the program's rows: 64 runs half tiles of the default 128-row packing
         # (scale_mode's place holds xsum: "xla" (XLA's reduction) or "sum" (in the kernel))
         grid = itertools.product(
-            block_ns, (2, 3, 4), (0.5, 1, 2), xsums or ("xla",), warps or (2, 4), (True,)
+            block_ns, stages, (0.5, 1, 2), xsums or ("xla",), warps or (2, 4), (True,)
         )
         grid = list(grid)
 
@@ -75,12 +80,18 @@ def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None):
         return pack, T.int4_tc_matmul, int_matmul, grid, default, kwargs
     if kind in ("mxfp4", "nvfp4"):
         grid = itertools.product(
-            block_ns, (2, 3, 4), (0.5, 1, 2), ("columns", "late"), warps or (4, 8), (True, False)
+            block_ns,
+            stages,
+            (0.5, 1, 2),
+            modes or ("columns", "late"),
+            warps or (4, 8),
+            (True, False),
         )  # 8 warps and x slabs loaded at use: the wide MMA's
         grid = [c for c in grid if (c[4] in (2, 4) and c[5]) or c[3] == "columns"]
 
         def kwargs(cfg, t, m):
             bn, stages, mult, mode, warps, x_prefetch = cfg
+            mode, _, x_in = mode.partition("+")
             if mode == "columns" and m > F.COLUMNS_MAX_M:
                 return None
             if not x_prefetch and (mode != "columns" or m == 1):
@@ -90,6 +101,7 @@ def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None):
             if (t.kw // (t.step_rows if cols else F.CHUNK)) % split:
                 return None
             kw = dict(split_k=split, num_stages=stages, scale_mode=mode, num_warps=warps)
+            kw["x_in"] = x_in or "xla"
             return kw if x_prefetch else {**kw, "x_prefetch": False}
 
         def default(t, m):
@@ -102,7 +114,7 @@ def adapter(kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None):
         # the kind's default tile: 64 on the int4 values' 128-row packing runs half tiles)
         grid = list(
             itertools.product(
-                (64, 128), (2, 3, 4), (0.5, 1, 2), x_ins or ("xla",), warps or (4,), (True,)
+                (64, 128), stages, (0.5, 1, 2), x_ins or ("xla",), warps or (4,), (True,)
             )
         )  # (scale_mode's place holds x_in)
 
@@ -140,6 +152,8 @@ def main(argv=None):
     ap.add_argument("--warps", default="", help="num_warps values of the grid (default: per kind)")
     ap.add_argument("--xsums", default="xla", help="int4_g128: xsum modes of the grid (xla,sum)")
     ap.add_argument("--x-ins", default="xla", help="2:4: sources of x of the grid (xla,kernel)")
+    ap.add_argument("--stages", default="2,3,4", help="num_stages values of the grid")
+    ap.add_argument("--modes", default="", help="FP4 scale modes (columns,late,late+kernel)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -170,7 +184,11 @@ def main(argv=None):
         warps = tuple(int(v) for v in a.warps.split(",")) if a.warps else None
         xsums = tuple(a.xsums.split(","))
         x_ins = tuple(a.x_ins.split(","))
-        pack, matmul, split_half, grid, default, kwargs = adapter(kind, bns, warps, xsums, x_ins)
+        stages = tuple(int(v) for v in a.stages.split(","))
+        modes = tuple(a.modes.split(",")) if a.modes else None
+        pack, matmul, split_half, grid, default, kwargs = adapter(
+            kind, bns, warps, xsums, x_ins, stages, modes
+        )
         tcs = {bn: [pack(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
         nbytes = int(KB.L.packed_nbytes(tcs[128][0]) + m * k * 2 + m * n * 2)
         row = dict(kind=kind, K=k, N=n, M=m, bytes=nbytes, copy_tbps=copy)
