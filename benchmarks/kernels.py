@@ -614,7 +614,8 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         elif auto == "fused" and isinstance(p, FT.TcFP4):
             cols = FT.use_columns("auto", m, p.fmt)
             mode = "columns" if cols else "late"
-            cfg = [FT.default_split(p, cols, m), 4, FT.default_stages(p, cols), mode]
+            cfg = [FT.default_split(p, cols, m), FT.default_warps(cols, m)]
+            cfg += [FT.default_stages(p, cols), mode]
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
                 cfg.append(FT.default_x_in(cols, m))
             row["cfg"] = ["fp4_tc", p.block_n, *cfg]

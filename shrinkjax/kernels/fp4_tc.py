@@ -79,9 +79,16 @@ SCALE_MODES = ("auto", "late", "columns")
 # model the conversion fuses into x's producer); "kernel" reads bf16 x and converts each slab
 # in registers: no XLA kernel before the matmul. Taken inside dispatch.opaque_input() (x from a
 # kernel XLA cannot fuse into: the Llama o_proj, or a standalone call) at M up to
-# OPAQUE_MAX_M. ("columns" mode always has XLA spread x by scale group.)
+# OPAQUE_MAX_M. ("columns" mode always has XLA spread x by scale group.) H100, 8192², 2 warps:
+# MXFP4 M = 4 / 16 20.3 / 22.4 against 20.4 / 22.8 µs; with 4 warps (wgmma, the converted x
+# through shared memory) "kernel" was slower (23.7 / 25.4 against 22.4 / 24.3).
 X_IN_MODES = ("xla", "kernel")
 OPAQUE_MAX_M = 16
+# "late" mode up to this M: 2 warps (Triton's mma.sync, its operands in registers, instead of
+# wgmma, which waits and fences after every dot; see int4_tc). H100 probe at 8192²
+# (probe_fp4_xin_warps.json): MXFP4 M = 4 / 16 20.4 / 22.8 against 22.4 / 25.0 µs with 4,
+# NVFP4 M = 16 29.0 against 30.4. "columns" mode keeps 4 (2 did not help at M = 1).
+LATE_FEW_TOKENS = 16
 _MAG_MASK = 0x0E000E00  # bits 9-11 of both halves
 _SIGN_MASK = 0x80008000
 
@@ -411,13 +418,19 @@ def default_x_in(columns: bool, m: int = 1) -> str:
     return "kernel" if opaque and not columns else "xla"
 
 
+def default_warps(columns: bool, m: int = 1) -> int:
+    """2 (``mma.sync``) in ``"late"`` mode at ``m <= LATE_FEW_TOKENS``, else 4 (``wgmma``)."""
+    return 2 if not columns and m <= LATE_FEW_TOKENS else 4
+
+
 def fp4_tc_matmul(
-    x, t: TcFP4, *, split_k=None, num_warps=4, num_stages=None, scale_mode="auto",
+    x, t: TcFP4, *, split_k=None, num_warps=None, num_stages=None, scale_mode="auto",
     x_prefetch=True, x_in=None, interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
     ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M <= 8; module docstring);
-    ``split_k`` / ``num_stages``: None for :func:`default_split` / :func:`default_stages`.
+    ``split_k`` / ``num_warps`` / ``num_stages``: None for :func:`default_split` /
+    :func:`default_warps` / :func:`default_stages`.
     ``x_prefetch`` (``"columns"``): the x slabs of the next step are loaded a step ahead into
     registers (the measured default); False loads them at use, which Triton pipelines through
     shared memory: at M = 4 (MXFP4, block_n 128) 124 registers instead of 181, so four
@@ -431,7 +444,7 @@ def fp4_tc_matmul(
         x,
         t,
         split_k=default_split(t, columns, m) if split_k is None else split_k,
-        num_warps=num_warps,
+        num_warps=default_warps(columns, m) if num_warps is None else num_warps,
         num_stages=default_stages(t, columns) if num_stages is None else num_stages,
         scale_mode=scale_mode,
         x_prefetch=x_prefetch,

@@ -213,10 +213,14 @@ def test_gpu_native_matches_float64(fmt, m, mode, k, n):
             x, t, split_k=2, num_warps=4, num_stages=3, scale_mode=mode, interpret=False
         )
         assert rel_err(y32, np.asarray(x.astype(jnp.float32), np.float64) @ w64) < 1e-5
-        if mode == "late":  # bf16 x converted to f16 in the kernel: the same products
-            kw = dict(split_k=2, num_warps=4, num_stages=3, scale_mode=mode, interpret=False)
-            y_in = F._fp4_tc_2d(x, t, x_in="kernel", **kw)
-            np.testing.assert_allclose(np.asarray(y_in), np.asarray(y32), rtol=1e-6, atol=1e-6)
+        if mode == "late":  # both MMA paths, bf16 x converted to f16 in the kernel: same sums
+            for warps in (2, 4):
+                kw = dict(split_k=2, num_warps=warps, num_stages=3, scale_mode=mode)
+                for x_in in F.X_IN_MODES:
+                    y_in = F._fp4_tc_2d(x, t, x_in=x_in, interpret=False, **kw)
+                    np.testing.assert_allclose(
+                        np.asarray(y_in), np.asarray(y32), rtol=1e-6, atol=1e-6
+                    )
     else:
         y = F.fp4_tc_linear(x, t)
         w = np.asarray(F.dequantize_fp4_tc(t))[:k, :n]
@@ -224,6 +228,13 @@ def test_gpu_native_matches_float64(fmt, m, mode, k, n):
             w.view(np.uint16), np.asarray(R.dequantize(p)).view(np.uint16)
         )
     assert rel_err(y, np.asarray(x, np.float64) @ w64) < TOL
+
+
+def test_late_mode_takes_two_warps_up_to_16_rows():
+    """ "late" mode: 2 warps (mma.sync) up to LATE_FEW_TOKENS rows, 4 (wgmma) above and in
+    "columns" mode (the H100 probe's winners)."""
+    assert F.default_warps(False, 3) == F.default_warps(False, 16) == 2
+    assert F.default_warps(False, 17) == F.default_warps(True, 1) == F.default_warps(True, 4) == 4
 
 
 def test_auto_scale_mode_and_split_follow_the_probe():
