@@ -71,9 +71,9 @@ MAX_M = 128
 # contiguous 64-row load per chunk split by position in registers: no XLA kernel before the
 # matmul (int4 values keep XLA's sums of x per scale unit: summing in the kernel was slower).
 # Taken inside dispatch.opaque_input() (x from a kernel XLA cannot fuse into: the Llama o_proj,
-# or a standalone call) at M up to OPAQUE_MAX_M. H100, benchmarks/RESULTS.md (eighth session):
-# bf16 values 8192² M = 1 / 16 31.1 / 33.0 against 32.8 / 36.5 µs, 4096² 12.4 against 13.5;
-# int4 values 22.0 / 26.9 against 23.0 / 28.8.
+# or a standalone call) at M up to OPAQUE_MAX_M, with 2 warps (default_warps). H100,
+# benchmarks/RESULTS.md (eighth session), 4 warps, same call: bf16 values 8192² M = 1 / 16
+# 31.3 / 33.0 against 32.8 / 36.5 µs with x4; with 2 warps 29.5 / 31.1 (grid).
 X_IN_MODES = ("xla", "kernel")
 OPAQUE_MAX_M = 16
 
@@ -405,8 +405,9 @@ def _tc24_2d(
 
 def _few(t: Tc24, m: int, x_in: str = "xla") -> bool:
     """The 64-row, 2-warp (``mma.sync``) regime of int4 values: at ``m <= INT4_FEW_TOKENS``
-    rows, or with x read in place (``x_in="kernel"``, up to ``OPAQUE_MAX_M`` rows: H100, M = 16,
-    ``probe_24_m16_xin.json``: 8192² 23.4 µs against 26.1 at 128-row / 4-warp tiles)."""
+    rows, or with x read in place (``x_in="kernel"``, up to ``OPAQUE_MAX_M`` rows; H100, M = 16:
+    2 warps held every top-six place at 8192² in ``probe_24_m16_xin.json``; 24.6 µs in the
+    grid against 26.1 with 128-row / 4-warp tiles)."""
     return t.is_int4 and (m <= INT4_FEW_TOKENS or x_in == "kernel")
 
 
@@ -419,8 +420,8 @@ def default_rows(t: Tc24, m: int = 1, x_in: str = "xla") -> int:
 def default_warps(t: Tc24, m: int = 1, x_in: str = "xla") -> int:
     """2 (``mma.sync``) in the :func:`_few` regime and wherever x is read in place (``x_in=
     "kernel"``: its by-position split stays in registers, the ``mma.sync`` operand layout, where
-    ``wgmma`` takes it through shared memory; H100, bf16 values at M = 16: 8192² 30.7 µs against
-    32.8 with 4 warps, 4096² 11.6 against 12.8), else 4 (``wgmma``)."""
+    ``wgmma`` takes it through shared memory; H100 probe, bf16 values at M = 16: 8192² 30.7 µs
+    against 32.5 with 4 warps, 4096² 11.6 against 12.5), else 4 (``wgmma``)."""
     return 2 if _few(t, m, x_in) or x_in == "kernel" else 4
 
 
