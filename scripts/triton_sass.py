@@ -20,8 +20,9 @@ It does not time anything; ``benchmarks/kernels.py`` / ``scripts/probe_int4_gemv
 Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_fused``
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
-``SCALE_MODE``, ``XPREFETCH=0``) and ``sparse24_tc`` (:mod:`shrinkjax.kernels.sparse24_tc`;
-env ``SPLIT``, ``VALUES=int4``, ``X_IN=kernel``), at K = N = 8192; env ``M``: rows of x (default 1);
+``SCALE_MODE``, ``XPREFETCH=0``, ``X_IN=kernel``) and ``sparse24_tc``
+(:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``, ``VALUES=int4``, ``X_IN=kernel``), at
+K = N = 8192; env ``M``: rows of x (default 1);
 ``decode_attention`` and ``decode_attention_update`` (:mod:`shrinkjax.kernels.decode_attention`,
 the 8B heads, env ``S`` cache slots).
 """
@@ -162,6 +163,7 @@ def _tc_problem(kind, p, rng, k, n, block_n):
         packed = L.pack_nvfp4(codes, np.full((k // 16, n), 0.5, np.float32), 0.01)
     extra = {"scale_mode": os.environ.get("SCALE_MODE", "auto")}
     extra["x_prefetch"] = os.environ.get("XPREFETCH", "1") != "0"
+    extra["x_in"] = os.environ.get("X_IN", "xla")
     return fp4_tc._fp4_tc_2d, fp4_tc.pack_fp4_tc(packed, block_n), extra
 
 

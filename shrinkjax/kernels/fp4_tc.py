@@ -75,13 +75,16 @@ COLUMNS_MAX_M = 8  # "columns" mode: 8 MMA columns per token, at most 64 wide
 COLUMNS_AUTO_M = {"mxfp4": 2, "nvfp4": 4}
 FORMATS = {"mxfp4": 32, "nvfp4": 16}  # format -> K rows per scale
 SCALE_MODES = ("auto", "late", "columns")
-# "late" mode's x (``x_in``): "xla" (default) converts x to f16 in XLA before the kernel (in a
-# model the conversion fuses into x's producer); "kernel" reads bf16 x and converts each slab
-# in registers: no XLA kernel before the matmul. Taken inside dispatch.opaque_input() (x from a
-# kernel XLA cannot fuse into: the Llama o_proj, or a standalone call) at M up to
-# OPAQUE_MAX_M. ("columns" mode always has XLA spread x by scale group.) H100, 8192², 2 warps:
-# MXFP4 M = 4 / 16 20.3 / 22.4 against 20.4 / 22.8 µs; with 4 warps (wgmma, the converted x
-# through shared memory) "kernel" was slower (23.7 / 25.4 against 22.4 / 24.3).
+# Where x comes from (``x_in``): "xla" (default) has XLA make the kernel's x before the call,
+# f16 x for "late" mode or the spread xg (group_columns) for "columns" (in a model this fuses
+# into x's producer); "kernel" reads bf16 x and converts (and spreads) each slab in registers:
+# no XLA kernel before the matmul. Taken inside dispatch.opaque_input() (x from a kernel XLA
+# cannot fuse into: the Llama o_proj, or a standalone call) in "late" mode up to OPAQUE_MAX_M
+# rows and in "columns" mode at M = 1. H100, 8192²: "late" with 2 warps, MXFP4 M = 4 / 16
+# 20.3 / 22.4 against 20.4 / 22.8 µs (with 4 warps, wgmma, the converted x goes through shared
+# memory and "kernel" was slower: 23.7 / 25.4 against 22.4 / 24.3); "columns" at M = 1, MXFP4
+# 17.6 against 18.7, NVFP4 18.5 against 19.3 (probe_fp4_columns_xin.json); at M = 4 the
+# in-kernel spread over four tokens' columns was slower (NVFP4 > 30 against 26.8).
 X_IN_MODES = ("xla", "kernel")
 OPAQUE_MAX_M = 16
 # "late" mode up to this M: 2 warps (Triton's mma.sync, its operands in registers, instead of
@@ -218,10 +221,12 @@ def scale_f32(s, group: int):
 
 def _kernel(
     x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, interpret, x_prefetch=True,
+    x_in="xla",
 ):  # fmt: skip
     """One program: ``bn`` weight rows, ``steps`` 128-row blocks (``"late"``; x_ref ``[mp, Kw]``
     in f16, or bf16 converted here) or scale steps of eight groups (``"columns"``; x_ref is then
-    ``xg [Kw, 8 Mc]``, o_ref ``[Mc, bn]``, or ``[16, bn]`` at Mc = 1)."""
+    ``xg [Kw, 8 Mc]``, o_ref ``[Mc, bn]``, or ``[16, bn]`` at Mc = 1; with ``x_in="kernel"``
+    x ``[Mc, Kw]`` in bf16 instead, each slab spread into its group's columns here)."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
     bn, mp = w_ref.shape[1], o_ref.shape[0]
@@ -229,14 +234,25 @@ def _kernel(
 
     if columns:  # the eight groups of a step are eight MMA columns per token
         blocks = GROUPS * group // CHUNK  # 128-row blocks per step: 1 or 2
-        mc = x_ref.shape[1] // GROUPS  # tokens in the MMA (M rounded up to a power of two)
+        # tokens in the MMA (M rounded up to a power of two)
+        mc = x_ref.shape[0] if x_in == "kernel" else x_ref.shape[1] // GROUPS
+
+        def xg_slab(k0, c):  # xg[k0:k0+16] from x [Mc, Kw]: x^T in columns 8 m + c, else 0
+            view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
+            rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
+            xt = plgpu.load(view, mask=rows < m, other=0.0).astype(jnp.float16).T  # [16, Mc]
+            col = jax.lax.broadcasted_iota(jnp.int32, (SLAB, mc, GROUPS), 2)
+            xg = jnp.where(col == c, xt[:, :, None], jnp.zeros((), jnp.float16))
+            return xg.reshape(SLAB, mc * GROUPS)
 
         def operands(t):  # step t's scale tile f32 [bn, 8] and xg slabs [16, 8 Mc] (loaded
             xs = []  # a step ahead: 2 Mc bytes per thread per slab, too small for cp.async,
             for j in range(GROUPS * group // SLAB):  # how Triton pipelines dot operands)
-                xs.append(
-                    x_ref[pl.ds(pl.multiple_of(t * GROUPS * group + SLAB * j, SLAB), SLAB), :]
-                )
+                k0 = t * GROUPS * group + SLAB * j
+                if x_in == "kernel":  # slab j lies in group (16 j) // group of the step
+                    xs.append(xg_slab(k0, SLAB * j // group))
+                else:
+                    xs.append(x_ref[pl.ds(pl.multiple_of(k0, SLAB), SLAB), :])
             return scale_f32(s_ref[t], group), xs
 
         def body(i, carry):
@@ -336,10 +352,8 @@ def _fp4_tc_2d(
             f"scale_mode 'columns' takes at most {COLUMNS_MAX_M} rows of x (8 MMA columns per "
             f"token), got M = {m}"
         )
-    if x_in not in X_IN_MODES or (columns and x_in != "xla"):
-        raise ValueError(
-            f'x_in must be one of {X_IN_MODES} ("xla" in "columns" mode), got {x_in!r}'
-        )
+    if x_in not in X_IN_MODES:
+        raise ValueError(f"x_in must be one of {X_IN_MODES}, got {x_in!r}")
     np_, kw, bn = t.np_, t.kw, t.block_n
     unit = t.step_rows if columns else CHUNK  # K rows per loop iteration
     if (kw // unit) % split_k:
@@ -354,14 +368,17 @@ def _fp4_tc_2d(
     if columns:
         mc = 1 << (m - 1).bit_length()  # tokens in the MMA
         mp = SLAB if mc == 1 else mc  # the output block's rows (M = 1: y broadcast, as tuned)
-        xh = group_columns(xh, t.group, mc)
-        x_spec = pl.BlockSpec((kw, GROUPS * mc), lambda j, s: (0, 0))
+        if x_in == "kernel":  # x itself, rows >= M masked; spread into columns in the kernel
+            x_spec = pl.BlockSpec((mc, kw), lambda j, s: (0, 0))
+        else:
+            xh = group_columns(xh, t.group, mc)
+            x_spec = pl.BlockSpec((kw, GROUPS * mc), lambda j, s: (0, 0))
     else:
         x_spec = pl.BlockSpec((mp, kw), lambda j, s: (0, 0))  # rows >= M: masked
     steps = kw // unit // split_k
     kern = functools.partial(
         _kernel, m=m, steps=steps, group=t.group, columns=columns, interpret=interpret,
-        x_prefetch=x_prefetch,
+        x_prefetch=x_prefetch, x_in=x_in,
     )  # fmt: skip
     chunks, gs = kw // CHUNK, t.scales.shape[1]
     out = D.pallas_gpu_call(
@@ -412,10 +429,10 @@ def default_stages(t: TcFP4, columns: bool) -> int:
 
 
 def default_x_in(columns: bool, m: int = 1) -> str:
-    """``"kernel"`` in ``"late"`` mode inside :func:`.dispatch.opaque_input` at ``m <=
-    OPAQUE_MAX_M``, else ``"xla"`` (``X_IN_MODES``)."""
-    opaque = dispatch.input_is_opaque() and m <= OPAQUE_MAX_M
-    return "kernel" if opaque and not columns else "xla"
+    """``"kernel"`` inside :func:`.dispatch.opaque_input` in ``"late"`` mode at ``m <=
+    OPAQUE_MAX_M`` and in ``"columns"`` mode at ``m == 1``, else ``"xla"`` (``X_IN_MODES``)."""
+    opaque = dispatch.input_is_opaque() and m <= (1 if columns else OPAQUE_MAX_M)
+    return "kernel" if opaque else "xla"
 
 
 def default_warps(columns: bool, m: int = 1) -> int:

@@ -114,9 +114,9 @@ def test_kernel_equals_float64_and_reference(fmt, k, n, m, split, mode):
     p, t, w64 = _problem(rng, fmt, k, n)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = F.fp4_tc_matmul(x, t, split_k=split, scale_mode=mode, interpret=True)
-    if not F.use_columns(mode, m, fmt):  # "late": x converted to f16 in the kernel, same y
-        y_in = F.fp4_tc_matmul(x, t, split_k=split, scale_mode=mode, x_in="kernel", interpret=True)
-        np.testing.assert_array_equal(np.asarray(y_in), np.asarray(y))
+    # x converted (and, in "columns" mode, spread by group) in the kernel: the same y
+    y_in = F.fp4_tc_matmul(x, t, split_k=split, scale_mode=mode, x_in="kernel", interpret=True)
+    np.testing.assert_array_equal(np.asarray(y_in), np.asarray(y))
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     r64 = np.asarray(x.astype(jnp.float32), np.float64) @ w64
     assert rel_err(y, r64) < TOL
@@ -143,9 +143,9 @@ def test_dispatch_routes_tc_weights(fmt, m):
 
 @pytest.mark.parametrize("fmt", FMTS)
 def test_opaque_input_converts_x_in_the_kernel(fmt):
-    """Inside ``dispatch.opaque_input`` "late" mode at M <= OPAQUE_MAX_M takes bf16 x and
-    converts it in the kernel (no f16 copy of x by XLA); "columns" mode and larger M keep
-    XLA's f16 x; same product."""
+    """Inside ``dispatch.opaque_input`` "late" mode at M <= OPAQUE_MAX_M and "columns" mode at
+    M = 1 take bf16 x and convert (and spread) it in the kernel: no f16 copy of x by XLA.
+    "columns" above M = 1, larger M and calls outside keep XLA's; same product."""
     from shrinkjax.kernels import dispatch
 
     rng = np.random.default_rng(22)
@@ -161,15 +161,16 @@ def test_opaque_input_converts_x_in_the_kernel(fmt):
         )
 
     x16 = jnp.asarray(rng.standard_normal((16, 256)), jnp.bfloat16)  # "late"
-    x1 = x16[:1]  # "columns"
+    x1, x2 = x16[:1], x16[:2]  # "columns"
     x17 = jnp.asarray(rng.standard_normal((F.OPAQUE_MAX_M + 1, 256)), jnp.bfloat16)
     assert not converts_x(x16, True) and converts_x(x16, False) and converts_x(x17, True)
+    assert not converts_x(x1, True) and converts_x(x1, False) and converts_x(x2, True)
     assert not dispatch.input_is_opaque()
-    np.testing.assert_array_equal(np.asarray(run(x16, True)), np.asarray(run(x16, False)))
-    np.testing.assert_array_equal(np.asarray(run(x1, True)), np.asarray(run(x1, False)))
-    assert rel_err(run(x16, True), np.asarray(x16, np.float64) @ w64) < TOL
+    for x in (x16, x1):
+        np.testing.assert_array_equal(np.asarray(run(x, True)), np.asarray(run(x, False)))
+        assert rel_err(run(x, True), np.asarray(x, np.float64) @ w64) < TOL
     with pytest.raises(ValueError, match="x_in must be one of"):
-        F.fp4_tc_matmul(x1, t, scale_mode="columns", x_in="kernel", interpret=True)
+        F.fp4_tc_matmul(x1, t, x_in="strided", interpret=True)
 
 
 def test_clear_errors():
@@ -213,14 +214,11 @@ def test_gpu_native_matches_float64(fmt, m, mode, k, n):
             x, t, split_k=2, num_warps=4, num_stages=3, scale_mode=mode, interpret=False
         )
         assert rel_err(y32, np.asarray(x.astype(jnp.float32), np.float64) @ w64) < 1e-5
-        if mode == "late":  # both MMA paths, bf16 x converted to f16 in the kernel: same sums
-            for warps in (2, 4):
-                kw = dict(split_k=2, num_warps=warps, num_stages=3, scale_mode=mode)
-                for x_in in F.X_IN_MODES:
-                    y_in = F._fp4_tc_2d(x, t, x_in=x_in, interpret=False, **kw)
-                    np.testing.assert_allclose(
-                        np.asarray(y_in), np.asarray(y32), rtol=1e-6, atol=1e-6
-                    )
+        for warps in (2, 4):  # both MMA paths, both sources of x: the same sums
+            kw = dict(split_k=2, num_warps=warps, num_stages=3, scale_mode=mode)
+            for x_in in F.X_IN_MODES:
+                y_in = F._fp4_tc_2d(x, t, x_in=x_in, interpret=False, **kw)
+                np.testing.assert_allclose(np.asarray(y_in), np.asarray(y32), rtol=1e-6, atol=1e-6)
     else:
         y = F.fp4_tc_linear(x, t)
         w = np.asarray(F.dequantize_fp4_tc(t))[:k, :n]
