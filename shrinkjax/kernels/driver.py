@@ -318,6 +318,16 @@ def can_mask() -> bool:
     return plgpu is not None and hasattr(plgpu, "store") and hasattr(plgpu, "load")
 
 
+def token_rows(view, m: int):
+    """Load a kernel ref ``view`` whose axis 0 is the token axis (rows of x padded to the MMA's
+    width), rows ``>= m`` read as 0: a masked load, or a plain one when the view holds exactly
+    ``m`` rows. Shared by the tensor-core decode kernels (int4_tc, fp4_tc, sparse24_tc)."""
+    if view.shape[0] == m:
+        return view[...]
+    rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
+    return plgpu.load(view, mask=rows < m, other=0.0)
+
+
 def prepare_x(x, kp: int, bm: int):
     """x [M, K] -> bf16 x zero-padded to Kp columns (and to a multiple of ``bm`` rows only if
     masked loads/stores are unavailable)."""

@@ -239,8 +239,7 @@ def _kernel(
 
         def xg_slab(k0, c):  # xg[k0:k0+16] from x [Mc, Kw]: x^T in columns 8 m + c, else 0
             view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
-            rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-            xt = plgpu.load(view, mask=rows < m, other=0.0).astype(jnp.float16).T  # [16, Mc]
+            xt = D.token_rows(view, m).astype(jnp.float16).T  # [16, Mc]
             col = jax.lax.broadcasted_iota(jnp.int32, (SLAB, mc, GROUPS), 2)
             xg = jnp.where(col == c, xt[:, :, None], jnp.zeros((), jnp.float16))
             return xg.reshape(SLAB, mc * GROUPS)
@@ -281,10 +280,7 @@ def _kernel(
 
         def x_slab(k0):  # x[0:mp, k0:k0+16]^T: the MMA's right operand; rows >= M read 0
             view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
-            if m == mp:
-                return view[...].astype(jnp.float16).T
-            rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-            return plgpu.load(view, mask=rows < m, other=0.0).astype(jnp.float16).T
+            return D.token_rows(view, m).astype(jnp.float16).T
 
         def scales(t):  # block t's groups: f32 [bn, 1] each (a column of the stored tile)
             out = []
@@ -340,7 +336,7 @@ def _fp4_tc_2d(
     x_prefetch=True, out_dtype=None, x_in="xla",
 ):  # fmt: skip
     """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel). ``x_in``:
-    see ``X_IN_MODES`` ("late" mode only)."""
+    see ``X_IN_MODES``."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"fp4_tc takes M <= {MAX_M} rows, got {m}")

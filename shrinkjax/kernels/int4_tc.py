@@ -203,10 +203,7 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
     bn, mp = w_ref.shape[1], o_ref.shape[0]
 
     def token_rows(view):  # a [mp, ...] view of the token axis; rows >= M read as 0
-        if m == mp:
-            return view[...]
-        rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-        return plgpu.load(view, mask=rows < m, other=0.0)
+        return D.token_rows(view, m)
 
     def x_slab(k0):  # x[0:mp, k0:k0+16]^T: the MMA's right operand
         return token_rows(x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]).T

@@ -272,10 +272,7 @@ def _kernel(
     cpu = unit // CHUNK  # chunks per unit
 
     def token_rows(view):  # a [mp, ...] view of the token axis; rows >= M read as 0
-        if m == mp:
-            return view[...]
-        rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-        return plgpu.load(view, mask=rows < m, other=0.0)
+        return D.token_rows(view, m)
 
     def x_slabs(g0):  # x4[p, 0:mp, g0:g0+16]^T for p = 0..3: the MMA's right operands
         if x_in == "xla":  # (rows >= M read 0)
