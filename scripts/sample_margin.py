@@ -20,6 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _samples(path: str) -> list:
+    with open(path) as f:
+        doc = json.load(f)
+    if "samples" not in doc:
+        raise SystemExit(
+            f"{path}: no 'samples' key (write it with scripts/evaluate.py --metrics=samples --out)"
+        )
+    return doc["samples"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint dir / GGUF (shrinkjax.io.load)")
@@ -30,7 +40,9 @@ def main(argv=None):
 
     from shrinkjax.io.load import load_model
 
-    sa, sb = (json.load(open(p))["samples"] for p in (args.a, args.b))
+    sa, sb = (_samples(p) for p in (args.a, args.b))
+    if [x["prompt"] for x in sa] != [y["prompt"] for y in sb]:
+        raise SystemExit(f"{args.a} and {args.b} hold different prompts: compare like with like")
     pairs = [(x, y) for x, y in zip(sa, sb) if x["completion"] != y["completion"]]
     if not pairs:
         print("identical samples")

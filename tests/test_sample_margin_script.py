@@ -47,3 +47,11 @@ def test_sample_margin_identical_and_bad_input(tmp_path):
     assert r.returncode == 0 and "identical samples" in r.stdout
     r = _margin(f"--model={GOLDEN}/tiny_llama", f"--a={a}")
     assert r.returncode != 0 and "--b" in r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"ppl": 3.0}))
+    r = _margin(f"--model={GOLDEN}/tiny_llama", f"--a={a}", f"--b={bad}")
+    assert r.returncode != 0 and f"{bad}: no 'samples' key" in r.stderr
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"samples": [{"prompt": "A dog", "completion": " ran"}]}))
+    r = _margin(f"--model={GOLDEN}/tiny_llama", f"--a={a}", f"--b={other}")
+    assert r.returncode != 0 and "hold different prompts" in r.stderr
