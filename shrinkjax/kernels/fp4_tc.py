@@ -56,6 +56,7 @@ from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedMXFP4, PackedNVFP4, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
+from shrinkjax.kernels.split_k import split_k_call
 from shrinkjax.kernels.triton_ext import dot_acc
 
 try:
@@ -86,6 +87,7 @@ SCALE_MODES = ("auto", "late", "columns")
 # 17.6 against 18.7, NVFP4 18.5 against 19.3 (probe_fp4_columns_xin.json); at M = 4 the
 # in-kernel spread over four tokens' columns was slower (NVFP4 > 30 against 26.8).
 X_IN_MODES = ("xla", "kernel")
+SPLIT_SUM = "xla"  # who adds the K split's partials (split_k.SUM_MODES)
 OPAQUE_MAX_M = 16
 # "late" mode up to this M: 2 warps (Triton's mma.sync, its operands in registers, instead of
 # wgmma, which waits and fences after every dot; see int4_tc). H100 probe at 8192²
@@ -220,16 +222,17 @@ def scale_f32(s, group: int):
 
 
 def _kernel(
-    x_ref, ts_ref, w_ref, s_ref, o_ref, *, m, steps, group, columns, interpret, x_prefetch=True,
+    x_ref, ts_ref, w_ref, s_ref, *, m, mp, steps, group, columns, interpret, x_prefetch=True,
     x_in="xla",
 ):  # fmt: skip
     """One program: ``bn`` weight rows, ``steps`` 128-row blocks (``"late"``; x_ref ``[mp, Kw]``
     in f16, or bf16 converted here) or scale steps of eight groups (``"columns"``; x_ref is then
-    ``xg [Kw, 8 Mc]``, o_ref ``[Mc, bn]``, or ``[16, bn]`` at Mc = 1; with ``x_in="kernel"``
-    x ``[Mc, Kw]`` in bf16 instead, each slab spread into its group's columns here)."""
+    ``xg [Kw, 8 Mc]``, the result ``[Mc, bn]``, or ``[16, bn]`` at Mc = 1; with ``x_in="kernel"``
+    x ``[Mc, Kw]`` in bf16 instead, each slab spread into its group's columns here). Returns
+    the program's f32 ``[mp, bn]`` partial of y (token-major)."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
-    bn, mp = w_ref.shape[1], o_ref.shape[0]
+    bn = w_ref.shape[1]
     last = sid * steps + steps - 1
 
     if columns:  # the eight groups of a step are eight MMA columns per token
@@ -274,7 +277,7 @@ def _kernel(
         acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, operands(sid * steps)))
         y = jnp.sum(acc, axis=-1 if mc > 1 else 1, keepdims=mc == 1).T  # [Mc, bn]
         if mc == 1:
-            y = jnp.broadcast_to(y, o_ref.shape)
+            y = jnp.broadcast_to(y, (mp, bn))
     else:
         gpc = CHUNK // group  # scale groups per 128-row block: 4 or 8
 
@@ -308,8 +311,7 @@ def _kernel(
         y = acc.T
     if group == 16:  # NVFP4: the f32 tensor scale
         y = y * ts_ref[...]
-    rows = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, 0)  # token index
-    plgpu.store(o_ref, y.astype(o_ref.dtype), mask=rows < m)  # only the M real tokens
+    return y
 
 
 def group_columns(x, group: int, mc: int = 1):
@@ -328,15 +330,15 @@ def group_columns(x, group: int, mc: int = 1):
     jax.jit,
     static_argnames=(
         "split_k", "num_warps", "num_stages", "scale_mode", "x_prefetch", "out_dtype", "interpret",
-        "x_in",
+        "x_in", "split_sum",
     ),
 )  # fmt: skip
 def _fp4_tc_2d(
     x2, t: TcFP4, *, split_k, num_warps, num_stages, interpret, scale_mode="auto",
-    x_prefetch=True, out_dtype=None, x_in="xla",
+    x_prefetch=True, out_dtype=None, x_in="xla", split_sum="xla",
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel). ``x_in``:
-    see ``X_IN_MODES``."""
+    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
+    "kernel", :func:`.split_k.split_k_call`). ``x_in``: see ``X_IN_MODES``."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"fp4_tc takes M <= {MAX_M} rows, got {m}")
@@ -359,7 +361,6 @@ def _fp4_tc_2d(
         xh = jnp.pad(xh, ((0, 0), (0, kw - t.k)))
     squeezed = getattr(pl, "squeezed", None)
     mp = max(SLAB, 1 << (m - 1).bit_length())
-    out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
     ts = jnp.reshape(t.tensor_scale.astype(jnp.float32), (1, 1))
     if columns:
         mc = 1 << (m - 1).bit_length()  # tokens in the MMA
@@ -372,28 +373,23 @@ def _fp4_tc_2d(
     else:
         x_spec = pl.BlockSpec((mp, kw), lambda j, s: (0, 0))  # rows >= M: masked
     steps = kw // unit // split_k
-    kern = functools.partial(
-        _kernel, m=m, steps=steps, group=t.group, columns=columns, interpret=interpret,
+    body = functools.partial(
+        _kernel, m=m, mp=mp, steps=steps, group=t.group, columns=columns, interpret=interpret,
         x_prefetch=x_prefetch, x_in=x_in,
     )  # fmt: skip
     chunks, gs = kw // CHUNK, t.scales.shape[1]
-    out = D.pallas_gpu_call(
-        kern,
-        out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
-        grid=(np_ // bn, split_k),
-        in_specs=[
-            x_spec,
-            pl.BlockSpec((1, 1), lambda j, s: (0, 0)),
-            pl.BlockSpec((squeezed, chunks, bn, 16), lambda j, s: (j, 0, 0, 0)),
-            pl.BlockSpec((squeezed, gs, bn, GROUPS), lambda j, s: (j, 0, 0, 0)),
-        ],
-        out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
-        interpret=interpret,
-        num_warps=num_warps,
-        num_stages=num_stages,
+    in_specs = [
+        x_spec,
+        pl.BlockSpec((1, 1), lambda j, s: (0, 0)),
+        pl.BlockSpec((squeezed, chunks, bn, 16), lambda j, s: (j, 0, 0, 0)),
+        pl.BlockSpec((squeezed, gs, bn, GROUPS), lambda j, s: (j, 0, 0, 0)),
+    ]
+    y = split_k_call(
+        body, [xh, ts, t.words, t.scales], in_specs, m=m, mp=mp, bn=bn, np_=np_,
+        split_k=split_k, out_dtype=jnp.float32 if out_dtype is None else out_dtype,
+        split_sum=split_sum, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
         name=f"{t.fmt}_tc_{'col' if columns else 'late'}_s{split_k}_k{kw}n{np_}m{mp}",
-    )(xh, ts, t.words, t.scales)
-    y = out[0] if split_k == 1 else out.sum(axis=0)
+    )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
 
 
@@ -438,7 +434,7 @@ def default_warps(columns: bool, m: int = 1) -> int:
 
 def fp4_tc_matmul(
     x, t: TcFP4, *, split_k=None, num_warps=None, num_stages=None, scale_mode="auto",
-    x_prefetch=True, x_in=None, interpret=None,
+    x_prefetch=True, x_in=None, split_sum=None, interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
     ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M <= 8; module docstring);
@@ -449,7 +445,8 @@ def fp4_tc_matmul(
     shared memory: at M = 4 (MXFP4, block_n 128) 124 registers instead of 181, so four
     programs per SM instead of two, for 759 loop instructions instead of 710 (offline SASS,
     ``scripts/triton_sass.py``; not yet timed on a GPU). ``x_in``: None for
-    :func:`default_x_in`."""
+    :func:`default_x_in`. ``split_sum``: who adds the K split's partials (None: ``SPLIT_SUM``;
+    :mod:`~shrinkjax.kernels.split_k`)."""
     m = math.prod(x.shape[:-1])
     columns = use_columns(scale_mode, m, t.fmt)
     return D.call_2d(
@@ -462,6 +459,7 @@ def fp4_tc_matmul(
         scale_mode=scale_mode,
         x_prefetch=x_prefetch,
         x_in=default_x_in(columns, m) if x_in is None else x_in,
+        split_sum=SPLIT_SUM if split_sum is None else split_sum,
         interpret=interpret,
     )
 

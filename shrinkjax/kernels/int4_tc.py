@@ -56,6 +56,7 @@ from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedInt, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
+from shrinkjax.kernels.split_k import split_k_call
 from shrinkjax.kernels.triton_ext import dot_acc
 
 try:
@@ -83,6 +84,7 @@ _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
 _BF16_ONE = 0x3F803F80  # two bf16 1.0
 XSUM_MODES = ("none", "xla", "sum", "mma")
+SPLIT_SUM = "xla"  # who adds the K split's partials (split_k.SUM_MODES)
 
 
 @functools.partial(
@@ -196,11 +198,12 @@ def _decode_jnp(w, js=range(8), zero=None):
     return out
 
 
-def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum, interpret):
+def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, interpret):
+    """This program's f32 ``[mp, bn]`` partial (token-major) of ``y``."""
     sid = pl.program_id(1)
     spg = min(group, CHUNK) // SLAB  # slabs per scale group
     decode = _decode_jnp if interpret else _decode_asm
-    bn, mp = w_ref.shape[1], o_ref.shape[0]
+    bn = w_ref.shape[1]
 
     def token_rows(view):  # a [mp, ...] view of the token axis; rows >= M read as 0
         return D.token_rows(view, m)
@@ -259,21 +262,22 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, o_ref, *, m, steps, group, xsum,
 
     acc0 = jnp.zeros((bn, mp), jnp.float32)
     acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps)))
-    rows = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, 0)  # token index
-    plgpu.store(o_ref, acc.T.astype(o_ref.dtype), mask=rows < m)  # only the M real tokens
+    return acc.T
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows"
+        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows",
+        "split_sum",
     ),
 )  # fmt: skip
 def _tc_2d(
     x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xla", out_dtype=None,
-    rows=None,
+    rows=None, split_sum="xla",
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass).
+    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
+    "kernel", :func:`.split_k.split_k_call`).
     ``rows``: weight rows per program (None: ``t.block_n``; a multiple of 64 dividing it: a
     program streams its contiguous ``rows * 64``-byte part of each chunk block)."""
     m = x2.shape[0]
@@ -288,7 +292,6 @@ def _tc_2d(
     xb = x2.astype(jnp.bfloat16)
     if kw != t.k:  # (K a multiple of 128 needs no copy of x)
         xb = jnp.pad(xb, ((0, 0), (0, kw - t.k)))
-    squeezed = getattr(pl, "squeezed", None)
     unit = min(t.group, CHUNK)  # K rows per scale correction
     mp = max(SLAB, 1 << (m - 1).bit_length())  # the MMA's token side: 16, 32, 64 or 128
     in_specs = [pl.BlockSpec((mp, kw), lambda j, s: (0, 0))]  # rows >= M: masked
@@ -298,31 +301,24 @@ def _tc_2d(
         in_specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
     elif xsum not in XSUM_MODES:
         raise ValueError(f"xsum must be one of {XSUM_MODES}, got {xsum!r}")
-    out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
-    static = dict(m=m, steps=chunks // split_k, group=t.group, xsum=xsum, interpret=interpret)
+    static = dict(m=m, mp=mp, steps=chunks // split_k, group=t.group, xsum=xsum)
 
     w_args = [t.words, t.scales] + ([] if t.zeros is None else [t.zeros])
     w_specs = [D.row_part_spec(chunks, block_n, 16, parts)]
     w_specs += [D.row_part_spec(gw, block_n, 1, parts)] * (len(w_args) - 1)
 
-    def kern(x_ref, *refs):
+    def body(x_ref, *refs):
         xs_ref = refs[0] if xsum == "xla" else None
-        w_refs, o_ref = refs[len(refs) - 1 - len(w_args) : -1], refs[-1]
+        w_refs = refs[len(refs) - len(w_args) :]
         z_ref = w_refs[2] if len(w_refs) == 3 else None
-        _kernel(x_ref, xs_ref, w_refs[0], w_refs[1], z_ref, o_ref, **static)
+        return _kernel(x_ref, xs_ref, w_refs[0], w_refs[1], z_ref, interpret=interpret, **static)
 
-    out = D.pallas_gpu_call(
-        kern,
-        out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
-        grid=(np_ // block_n, split_k),
-        in_specs=in_specs + w_specs,
-        out_specs=pl.BlockSpec((squeezed, mp, block_n), lambda j, s: (s, 0, j)),
-        interpret=interpret,
-        num_warps=num_warps,
-        num_stages=num_stages,
+    y = split_k_call(
+        body, [*args, *w_args], in_specs + w_specs, m=m, mp=mp, bn=block_n, np_=np_,
+        split_k=split_k, out_dtype=jnp.float32 if out_dtype is None else out_dtype,
+        split_sum=split_sum, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
         name=f"int4_tc_{xsum}_s{split_k}_k{kw}n{np_}m{mp}",  # shape: per-shape traces
-    )(*args, *w_args)
-    y = out[0] if split_k == 1 else out.sum(axis=0)
+    )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
 
 
@@ -360,8 +356,9 @@ def default_split(t: TcInt4, m: int = 1, rows: int | None = None) -> int:
 
 
 def resolve_tiles(
-    t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None
-) -> dict:
+    t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None,
+    split_sum=None,
+) -> dict:  # fmt: skip
     """:func:`_tc_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
     (:func:`default_rows` ...) for those left None. ``xsum`` None: ``DEFAULT_XSUM``, or
     ``OPAQUE_XSUM`` inside :func:`.dispatch.opaque_input` at ``m <= FEW_TOKENS``."""
@@ -378,12 +375,13 @@ def resolve_tiles(
         num_warps=default_warps(m, xsum) if num_warps is None else num_warps,
         num_stages=default_stages(t, split_k, xsum) if num_stages is None else num_stages,
         xsum=xsum,
+        split_sum=SPLIT_SUM if split_sum is None else split_sum,
     )
 
 
 def int4_tc_matmul(
     x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
-    interpret=None,
+    split_sum=None, interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
 
@@ -399,7 +397,7 @@ def int4_tc_matmul(
     """
     m = math.prod(x.shape[:-1])
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    kw = resolve_tiles(t, m, xsum=xsum, **given)
+    kw = resolve_tiles(t, m, xsum=xsum, split_sum=split_sum, **given)
     return D.call_2d(_tc_2d, x, t, interpret=interpret, **kw)
 
 

@@ -45,6 +45,7 @@ from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import Packed24, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
+from shrinkjax.kernels.split_k import split_k_call
 from shrinkjax.kernels.triton_ext import dot_acc
 
 try:
@@ -75,6 +76,7 @@ MAX_M = 128
 # benchmarks/RESULTS.md (eighth session), 4 warps, same call: bf16 values 8192² M = 1 / 16
 # 31.3 / 33.0 against 32.8 / 36.5 µs with x4; with 2 warps 29.5 / 31.1 (grid).
 X_IN_MODES = ("xla", "kernel")
+SPLIT_SUM = "xla"  # who adds the K split's partials (split_k.SUM_MODES)
 OPAQUE_MAX_M = 16
 
 
@@ -256,16 +258,17 @@ def _decode_jnp(v, keep, chunk, int4=False):
 
 
 def _kernel(
-    x_ref, xs_ref, v_ref, k_ref, s_ref, o_ref, *, m, steps, group, x_in, interpret
+    x_ref, xs_ref, v_ref, k_ref, s_ref, *, m, mp, steps, group, x_in, interpret
 ):  # fmt: skip
     """One program: ``bn`` weight rows, ``steps`` 256-row steps. int4 (``group`` > 0): per scale
     unit (``min(group, 256)`` rows) the chained partial ``sum (128 + q) x`` becomes
     ``s * part - 136 s * sum x`` (``xs_ref``: XLA's sums of x per unit), as in int4_tc.
     ``x_in="xla"``: ``x_ref`` is x4 ``[4, mp, Kw/4]``; ``"kernel"``: ``x_ref`` is x ``[mp, Kw]``
-    (a chunk's 64 rows loaded at once and split by position in registers)."""
+    (a chunk's 64 rows loaded at once and split by position in registers). Returns the
+    program's f32 ``[mp, bn]`` partial of y (token-major)."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
-    bn, mp = v_ref.shape[1], o_ref.shape[0]
+    bn = v_ref.shape[1]
     per = SUPER // CHUNK  # chunks per step
     int4 = group > 0
     unit = min(group, SUPER) if int4 else SUPER  # rows per scale correction
@@ -319,8 +322,7 @@ def _kernel(
 
     acc0 = jnp.zeros((bn, mp), jnp.float32)
     acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps) if int4 else ()))
-    rows = jax.lax.broadcasted_iota(jnp.int32, o_ref.shape, 0)
-    plgpu.store(o_ref, acc.T.astype(o_ref.dtype), mask=rows < m)
+    return acc.T
 
 
 def x_by_position(x2, kw: int):
@@ -334,14 +336,16 @@ def x_by_position(x2, kw: int):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in"
+        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in",
+        "split_sum",
     ),
 )  # fmt: skip
 def _tc24_2d(
     x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None, rows=None,
-    x_in="xla",
+    x_in="xla", split_sum="xla",
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1). ``rows``: weight rows per program
+    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
+    "kernel", :func:`.split_k.split_k_call`). ``rows``: weight rows per program
     (None: ``t.block_n``; a multiple of 64 dividing it, :func:`.driver.program_rows`);
     ``x_in``: see ``X_IN_MODES``."""
     m = x2.shape[0]
@@ -353,11 +357,9 @@ def _tc24_2d(
     np_, kw = t.np_, t.kw
     bn, parts = D.program_rows(t, rows)  # rows per program, programs per packed tile
     mp = max(16, 1 << (m - 1).bit_length())
-    squeezed = getattr(pl, "squeezed", None)
-    out_dt = jnp.float32 if split_k > 1 or out_dtype is None else out_dtype
     if x_in not in X_IN_MODES:
         raise ValueError(f"x_in must be one of {X_IN_MODES}, got {x_in!r}")
-    static = dict(m=m, steps=supers // split_k, group=t.group, x_in=x_in, interpret=interpret)
+    static = dict(m=m, mp=mp, steps=supers // split_k, group=t.group, x_in=x_in)
     if x_in == "kernel":  # x as given (K a multiple of 256 needs no copy)
         xb = x2.astype(jnp.bfloat16)
         args = [xb if kw == xb.shape[1] else jnp.pad(xb, ((0, 0), (0, kw - xb.shape[1])))]
@@ -378,25 +380,18 @@ def _tc24_2d(
     if t.is_int4:
         specs.append(D.row_part_spec(kw // t.group, bn, 1, parts))
 
-    def kern(*refs):
+    def body(*refs):
         x_ref, rest = refs[0], list(refs[1:])
         xs_ref = rest.pop(0) if t.is_int4 else None
-        v_ref, k_ref = rest[0], rest[1]
         s_ref = rest[2] if t.is_int4 else None
-        _kernel(x_ref, xs_ref, v_ref, k_ref, s_ref, rest[-1], **static)
+        return _kernel(x_ref, xs_ref, rest[0], rest[1], s_ref, interpret=interpret, **static)
 
-    out = D.pallas_gpu_call(
-        kern,
-        out_shape=jax.ShapeDtypeStruct((split_k, m, np_), out_dt),
-        grid=(np_ // bn, split_k),
-        in_specs=specs,
-        out_specs=pl.BlockSpec((squeezed, mp, bn), lambda j, s: (s, 0, j)),
-        interpret=interpret,
-        num_warps=num_warps,
-        num_stages=num_stages,
+    y = split_k_call(
+        body, args, specs, m=m, mp=mp, bn=bn, np_=np_, split_k=split_k,
+        out_dtype=jnp.float32 if out_dtype is None else out_dtype, split_sum=split_sum,
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages,
         name=f"sparse24_tc{'_int4' if t.is_int4 else ''}_s{split_k}_k{kw}n{np_}m{mp}",
-    )(*args)
-    y = out[0] if split_k == 1 else out.sum(axis=0)
+    )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
 
 
@@ -449,7 +444,8 @@ def default_x_in(m: int = 1) -> str:
 
 
 def resolve_tiles(
-    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None
+    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None,
+    split_sum=None,
 ):  # fmt: skip
     """:func:`_tc24_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
     (:func:`default_rows`, :func:`default_split`, :func:`default_x_in` ...) for those left
@@ -462,18 +458,19 @@ def resolve_tiles(
         num_warps=default_warps(t, m, x_in) if num_warps is None else num_warps,
         num_stages=default_stages(t, m, x_in) if num_stages is None else num_stages,
         x_in=x_in,
+        split_sum=SPLIT_SUM if split_sum is None else split_sum,
     )
 
 
 def tc24_matmul(
     x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, x_in=None,
-    interpret=None,
+    split_sum=None, interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
-    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in``: None for the defaults
-    (:func:`resolve_tiles`)."""
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in`` / ``split_sum``: None for
+    the defaults (:func:`resolve_tiles`)."""
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    kw = resolve_tiles(t, math.prod(x.shape[:-1]), x_in=x_in, **given)
+    kw = resolve_tiles(t, math.prod(x.shape[:-1]), x_in=x_in, split_sum=split_sum, **given)
     return D.call_2d(_tc24_2d, x, t, interpret=interpret, **kw)
 
 
