@@ -610,7 +610,7 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
         if auto == "fused" and isinstance(p, TC.TcInt4):
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
                 c = TC.resolve_tiles(p, m)
-            row["cfg"] = ["int4_tc", *c.values()]  # rows split_k warps stages xsum split_sum
+            row["cfg"] = ["int4_tc", *c.values()]  # rows, split_k, warps, stages, xsum
         elif auto == "fused" and isinstance(p, FT.TcFP4):
             cols = FT.use_columns("auto", m, p.fmt)
             mode = "columns" if cols else "late"
@@ -618,11 +618,11 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             cfg += [FT.default_stages(p, cols), mode]
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
                 cfg.append(FT.default_x_in(cols, m))
-            row["cfg"] = ["fp4_tc", p.block_n, *cfg, FT.SPLIT_SUM]
+            row["cfg"] = ["fp4_tc", p.block_n, *cfg]
         elif auto == "fused" and isinstance(p, ST.Tc24):
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
                 c = ST.resolve_tiles(p, m)
-            row["cfg"] = ["sparse24_tc", *c.values()]  # rows split_k warps stages x_in split_sum
+            row["cfg"] = ["sparse24_tc", *c.values()]  # rows, split_k, warps, stages, x_in
         elif auto == "fused":
             c = driver.config_for(p, m)
             row["cfg"] = [c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages]

@@ -15,12 +15,15 @@ iteration, and
   kernels, where the decoded words feed the MMA).
 
 Beside them, in the same run: XLA's own reduction over the same array (a read-only stream XLA
-tunes itself), and ``int4_tc_matmul`` at M = 1 with its defaults and with each K split given
-(split 1 writes bf16 directly; above 1 an XLA sum adds the f32 partials), so the sum's cost is
-the difference. Device time (span per call, ``benchmarks/kernels.py``'s profiler trace),
-weights rotated (no L2 reuse); bandwidth fractions count the bytes read against the copy
-bandwidth measured in the same run. Prints a table, fastest first per group, and writes every
-row to the JSON.
+tunes itself), XLA's sum of split-K partials alone (8 x 8192 f32, as int4_tc's at M = 1), and
+``int4_tc_matmul`` at M = 1 with its defaults and with each K split given. Device time (span
+per call, ``benchmarks/kernels.py``'s profiler trace), one array per call (no L2 reuse, and no
+two calls XLA could merge); bandwidth fractions count the bytes read against the copy bandwidth
+measured in the same run. Prints a table, fastest first per group, and writes every row to the
+JSON.
+
+H100 (``benchmarks/RESULTS.md``, ninth session): the best ``add`` stream takes 12.8 µs (0.87 of
+the copy bandwidth), XLA's reduction 13.8 µs (0.81), the split-K sum 1.07 µs, int4_tc 17.9 µs.
 """
 
 from __future__ import annotations
@@ -105,7 +108,6 @@ def main(argv=None):
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--per-step", default="1,2")
     ap.add_argument("--int4-splits", default="4,8,16", help="int4_tc K splits at M = 1")
-    ap.add_argument("--split-sums", default="xla,kernel", help="int4_tc split_sum modes")
     a = ap.parse_args(argv)
 
     import jax
@@ -153,14 +155,9 @@ def main(argv=None):
     src = pr["src_ws"]
     refs = [R.matmul_ref(x, src[i % len(src)]).astype(jnp.float32) for i, x in enumerate(x1)]
     int4_nbytes = int(L.packed_nbytes(tcs[0]) + 2 * k + 2 * n)
-    int4_cfgs = itertools.product(
-        [None] + [s for s in ints(a.int4_splits) if shape[1] % s == 0], a.split_sums.split(",")
-    )
-    for s, ss in int4_cfgs:
-        fn = functools.partial(T.int4_tc_matmul, split_k=s, split_sum=ss)
-        jobs[("int4_tc", s, ss)] = functools.partial(
-            lambda fn: (KB.build_multi(fn, x1, tcs), fn), fn
-        )
+    for s in [None] + [s for s in ints(a.int4_splits) if shape[1] % s == 0]:
+        fn = functools.partial(T.int4_tc_matmul, split_k=s)
+        jobs[("int4_tc", s)] = functools.partial(lambda f: (KB.build_multi(f, x1, tcs), f), fn)
     t0 = time.perf_counter()
     exes = KB.compile_jobs(jobs, 12, time.perf_counter() + 300)
     print(f"compiled {len(exes)} in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -38,7 +38,7 @@ KEYS = ("block_n", "num_stages", "split", "scale_mode", "num_warps", "x_prefetch
 
 def adapter(
     kind, block_ns=(64, 128, 256), warps=None, xsums=None, x_ins=None, stages=(2, 3, 4),
-    modes=None,
+    modes=None, mults=(0.5, 1, 2),
 ):  # fmt: skip
     """(pack(w, bn), matmul(x, t, **kw), split-half fn, grid, default(t, m), kwargs(cfg, t, m)
     -> the matmul's keywords, or None where the config does not apply). ``warps``: the
@@ -46,7 +46,8 @@ def adapter(
     instead of Hopper's ``wgmma``, which needs 4 warps per warpgroup); ``xsums``: int4's
     ``sum_k x`` modes (None: ``"xla"``); ``x_ins``: 2:4's sources of x (None: ``"xla"``, XLA's
     by-position copy; ``"kernel"``: x read in place, ``sparse24_tc.X_IN_MODES``); ``stages``:
-    num_stages values of the grid; ``modes``: FP4's scale modes (None: ``"columns"``,
+    num_stages values of the grid; ``mults``: K splits as multiples of the kind's default (the
+    product rounded down, at least 1); ``modes``: FP4's scale modes (None: ``"columns"``,
     ``"late"``; ``"late+kernel"``: "late" with x read in place, ``fp4_tc.X_IN_MODES``)."""
     from shrinkjax.kernels import fp4_tc as F
     from shrinkjax.kernels import int4_tc as T
@@ -59,7 +60,7 @@ def adapter(
         # block_n is the program's rows: 64 runs half tiles of the default 128-row packing
         # (scale_mode's place holds xsum: "xla" (XLA's reduction) or "sum" (in the kernel))
         grid = itertools.product(
-            block_ns, stages, (0.5, 1, 2), xsums or ("xla",), warps or (2, 4), (True,)
+            block_ns, stages, mults, xsums or ("xla",), warps or (2, 4), (True,)
         )
         grid = list(grid)
 
@@ -82,7 +83,7 @@ def adapter(
         grid = itertools.product(
             block_ns,
             stages,
-            (0.5, 1, 2),
+            mults,
             modes or ("columns", "late"),
             warps or (4, 8),
             (True, False),
@@ -114,9 +115,7 @@ def adapter(
     if kind in ("2:4_bf16", "2:4_int4"):  # block_n: the program's rows (packed at least at
         # the kind's default tile: 64 on the int4 values' 128-row packing runs half tiles)
         grid = list(
-            itertools.product(
-                (64, 128), stages, (0.5, 1, 2), x_ins or ("xla",), warps or (4,), (True,)
-            )
+            itertools.product((64, 128), stages, mults, x_ins or ("xla",), warps or (4,), (True,))
         )  # (scale_mode's place holds x_in)
 
         def packed_bn(is_int4):
@@ -155,6 +154,7 @@ def main(argv=None):
     ap.add_argument("--x-ins", default="xla", help="2:4: sources of x of the grid (xla,kernel)")
     ap.add_argument("--stages", default="2,3,4", help="num_stages values of the grid")
     ap.add_argument("--modes", default="", help="FP4 scale modes (columns,late,late+kernel)")
+    ap.add_argument("--split-mults", default="0.5,1,2", help="K splits: x the default split")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -187,8 +187,9 @@ def main(argv=None):
         x_ins = tuple(a.x_ins.split(","))
         stages = tuple(int(v) for v in a.stages.split(","))
         modes = tuple(a.modes.split(",")) if a.modes else None
+        mults = tuple(float(v) for v in a.split_mults.split(","))
         pack, matmul, split_half, grid, default, kwargs = adapter(
-            kind, bns, warps, xsums, x_ins, stages, modes
+            kind, bns, warps, xsums, x_ins, stages, modes, mults
         )
         tcs = {bn: [pack(w, bn) for w in ws] for bn in (64, 128, 256) if n % bn == 0}
         nbytes = int(KB.L.packed_nbytes(tcs[128][0]) + m * k * 2 + m * n * 2)

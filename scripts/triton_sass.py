@@ -142,8 +142,10 @@ def _tc_problem(kind, p, rng, k, n, block_n):
     """(kernel_2d, packed weight, extra keywords from the env) of a tensor-core kernel."""
     import numpy as np
 
-    from shrinkjax.kernels import fp4_tc, int4_tc, sparse24_tc
+    from shrinkjax.kernels import driver, fp4_tc, int4_tc, sparse24_tc
     from shrinkjax.kernels import layouts as L
+
+    driver.MMA_MIN_N = int(os.environ.get("MMA_MIN_N", driver.MMA_MIN_N))  # the MMA's token side
 
     if kind == "int4_tc":
         return int4_tc._tc_2d, int4_tc.pack_tc(p, block_n), {"xsum": os.environ.get("XSUM", "mma")}

@@ -64,6 +64,7 @@ class TileConfig:
     late_scale: bool = False
 
 
+MMA_MIN_N = 16  # the tensor-core decode kernels' MMA token side (N) at least
 FMA_MAX_M = 0  # default to the FMA decode path for M <= this (0: tensor-core path always)
 
 

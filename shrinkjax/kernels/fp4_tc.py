@@ -87,7 +87,6 @@ SCALE_MODES = ("auto", "late", "columns")
 # 17.6 against 18.7, NVFP4 18.5 against 19.3 (probe_fp4_columns_xin.json); at M = 4 the
 # in-kernel spread over four tokens' columns was slower (NVFP4 > 30 against 26.8).
 X_IN_MODES = ("xla", "kernel")
-SPLIT_SUM = "xla"  # who adds the K split's partials (split_k.SUM_MODES)
 OPAQUE_MAX_M = 16
 # "late" mode up to this M: 2 warps (Triton's mma.sync, its operands in registers, instead of
 # wgmma, which waits and fences after every dot; see int4_tc). H100 probe at 8192²
@@ -330,15 +329,15 @@ def group_columns(x, group: int, mc: int = 1):
     jax.jit,
     static_argnames=(
         "split_k", "num_warps", "num_stages", "scale_mode", "x_prefetch", "out_dtype", "interpret",
-        "x_in", "split_sum",
+        "x_in",
     ),
 )  # fmt: skip
 def _fp4_tc_2d(
     x2, t: TcFP4, *, split_k, num_warps, num_stages, interpret, scale_mode="auto",
-    x_prefetch=True, out_dtype=None, x_in="xla", split_sum="xla",
+    x_prefetch=True, out_dtype=None, x_in="xla",
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
-    "kernel", :func:`.split_k.split_k_call`). ``x_in``: see ``X_IN_MODES``."""
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel;
+    :func:`.split_k.split_k_call`). ``x_in``: see ``X_IN_MODES``."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"fp4_tc takes M <= {MAX_M} rows, got {m}")
@@ -360,7 +359,7 @@ def _fp4_tc_2d(
     if kw != t.k:
         xh = jnp.pad(xh, ((0, 0), (0, kw - t.k)))
     squeezed = getattr(pl, "squeezed", None)
-    mp = max(SLAB, 1 << (m - 1).bit_length())
+    mp = max(D.MMA_MIN_N, 1 << (m - 1).bit_length())  # the MMA's token side ("late")
     ts = jnp.reshape(t.tensor_scale.astype(jnp.float32), (1, 1))
     if columns:
         mc = 1 << (m - 1).bit_length()  # tokens in the MMA
@@ -387,7 +386,7 @@ def _fp4_tc_2d(
     y = split_k_call(
         body, [xh, ts, t.words, t.scales], in_specs, m=m, mp=mp, bn=bn, np_=np_,
         split_k=split_k, out_dtype=jnp.float32 if out_dtype is None else out_dtype,
-        split_sum=split_sum, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages,
         name=f"{t.fmt}_tc_{'col' if columns else 'late'}_s{split_k}_k{kw}n{np_}m{mp}",
     )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
@@ -434,7 +433,7 @@ def default_warps(columns: bool, m: int = 1) -> int:
 
 def fp4_tc_matmul(
     x, t: TcFP4, *, split_k=None, num_warps=None, num_stages=None, scale_mode="auto",
-    x_prefetch=True, x_in=None, split_sum=None, interpret=None,
+    x_prefetch=True, x_in=None, interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
     ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M <= 8; module docstring);
@@ -445,8 +444,7 @@ def fp4_tc_matmul(
     shared memory: at M = 4 (MXFP4, block_n 128) 124 registers instead of 181, so four
     programs per SM instead of two, for 759 loop instructions instead of 710 (offline SASS,
     ``scripts/triton_sass.py``; not yet timed on a GPU). ``x_in``: None for
-    :func:`default_x_in`. ``split_sum``: who adds the K split's partials (None: ``SPLIT_SUM``;
-    :mod:`~shrinkjax.kernels.split_k`)."""
+    :func:`default_x_in`."""
     m = math.prod(x.shape[:-1])
     columns = use_columns(scale_mode, m, t.fmt)
     return D.call_2d(
@@ -459,7 +457,6 @@ def fp4_tc_matmul(
         scale_mode=scale_mode,
         x_prefetch=x_prefetch,
         x_in=default_x_in(columns, m) if x_in is None else x_in,
-        split_sum=SPLIT_SUM if split_sum is None else split_sum,
         interpret=interpret,
     )
 

@@ -84,7 +84,6 @@ _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
 _BF16_ONE = 0x3F803F80  # two bf16 1.0
 XSUM_MODES = ("none", "xla", "sum", "mma")
-SPLIT_SUM = "xla"  # who adds the K split's partials (split_k.SUM_MODES)
 
 
 @functools.partial(
@@ -268,16 +267,15 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows",
-        "split_sum",
+        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows"
     ),
 )  # fmt: skip
 def _tc_2d(
     x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xla", out_dtype=None,
-    rows=None, split_sum="xla",
+    rows=None,
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
-    "kernel", :func:`.split_k.split_k_call`).
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass;
+    :func:`.split_k.split_k_call`).
     ``rows``: weight rows per program (None: ``t.block_n``; a multiple of 64 dividing it: a
     program streams its contiguous ``rows * 64``-byte part of each chunk block)."""
     m = x2.shape[0]
@@ -293,7 +291,7 @@ def _tc_2d(
     if kw != t.k:  # (K a multiple of 128 needs no copy of x)
         xb = jnp.pad(xb, ((0, 0), (0, kw - t.k)))
     unit = min(t.group, CHUNK)  # K rows per scale correction
-    mp = max(SLAB, 1 << (m - 1).bit_length())  # the MMA's token side: 16, 32, 64 or 128
+    mp = max(D.MMA_MIN_N, 1 << (m - 1).bit_length())  # the MMA's token side: 8 ... 128
     in_specs = [pl.BlockSpec((mp, kw), lambda j, s: (0, 0))]  # rows >= M: masked
     args = [xb]
     if xsum == "xla":  # sum_k x per correction unit by XLA (one reduce), read by the kernel
@@ -316,7 +314,7 @@ def _tc_2d(
     y = split_k_call(
         body, [*args, *w_args], in_specs + w_specs, m=m, mp=mp, bn=block_n, np_=np_,
         split_k=split_k, out_dtype=jnp.float32 if out_dtype is None else out_dtype,
-        split_sum=split_sum, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages,
         name=f"int4_tc_{xsum}_s{split_k}_k{kw}n{np_}m{mp}",  # shape: per-shape traces
     )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
@@ -356,9 +354,8 @@ def default_split(t: TcInt4, m: int = 1, rows: int | None = None) -> int:
 
 
 def resolve_tiles(
-    t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None,
-    split_sum=None,
-) -> dict:  # fmt: skip
+    t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None
+) -> dict:
     """:func:`_tc_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
     (:func:`default_rows` ...) for those left None. ``xsum`` None: ``DEFAULT_XSUM``, or
     ``OPAQUE_XSUM`` inside :func:`.dispatch.opaque_input` at ``m <= FEW_TOKENS``."""
@@ -375,13 +372,12 @@ def resolve_tiles(
         num_warps=default_warps(m, xsum) if num_warps is None else num_warps,
         num_stages=default_stages(t, split_k, xsum) if num_stages is None else num_stages,
         xsum=xsum,
-        split_sum=SPLIT_SUM if split_sum is None else split_sum,
     )
 
 
 def int4_tc_matmul(
     x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
-    split_sum=None, interpret=None,
+    interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
 
@@ -397,7 +393,7 @@ def int4_tc_matmul(
     """
     m = math.prod(x.shape[:-1])
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    kw = resolve_tiles(t, m, xsum=xsum, split_sum=split_sum, **given)
+    kw = resolve_tiles(t, m, xsum=xsum, **given)
     return D.call_2d(_tc_2d, x, t, interpret=interpret, **kw)
 
 

@@ -76,7 +76,6 @@ MAX_M = 128
 # benchmarks/RESULTS.md (eighth session), 4 warps, same call: bf16 values 8192² M = 1 / 16
 # 31.3 / 33.0 against 32.8 / 36.5 µs with x4; with 2 warps 29.5 / 31.1 (grid).
 X_IN_MODES = ("xla", "kernel")
-SPLIT_SUM = "xla"  # who adds the K split's partials (split_k.SUM_MODES)
 OPAQUE_MAX_M = 16
 
 
@@ -336,16 +335,15 @@ def x_by_position(x2, kw: int):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in",
-        "split_sum",
+        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in"
     ),
 )  # fmt: skip
 def _tc24_2d(
     x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None, rows=None,
-    x_in="xla", split_sum="xla",
+    x_in="xla",
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
-    "kernel", :func:`.split_k.split_k_call`). ``rows``: weight rows per program
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1; :func:`.split_k.split_k_call`).
+    ``rows``: weight rows per program
     (None: ``t.block_n``; a multiple of 64 dividing it, :func:`.driver.program_rows`);
     ``x_in``: see ``X_IN_MODES``."""
     m = x2.shape[0]
@@ -356,7 +354,7 @@ def _tc24_2d(
         raise ValueError(f"split_k {split_k} must divide the {supers} K steps of {SUPER} rows")
     np_, kw = t.np_, t.kw
     bn, parts = D.program_rows(t, rows)  # rows per program, programs per packed tile
-    mp = max(16, 1 << (m - 1).bit_length())
+    mp = max(D.MMA_MIN_N, 1 << (m - 1).bit_length())  # the MMA's token side
     if x_in not in X_IN_MODES:
         raise ValueError(f"x_in must be one of {X_IN_MODES}, got {x_in!r}")
     static = dict(m=m, mp=mp, steps=supers // split_k, group=t.group, x_in=x_in)
@@ -388,7 +386,7 @@ def _tc24_2d(
 
     y = split_k_call(
         body, args, specs, m=m, mp=mp, bn=bn, np_=np_, split_k=split_k,
-        out_dtype=jnp.float32 if out_dtype is None else out_dtype, split_sum=split_sum,
+        out_dtype=jnp.float32 if out_dtype is None else out_dtype,
         interpret=interpret, num_warps=num_warps, num_stages=num_stages,
         name=f"sparse24_tc{'_int4' if t.is_int4 else ''}_s{split_k}_k{kw}n{np_}m{mp}",
     )  # fmt: skip
@@ -444,8 +442,7 @@ def default_x_in(m: int = 1) -> str:
 
 
 def resolve_tiles(
-    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None,
-    split_sum=None,
+    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None
 ):  # fmt: skip
     """:func:`_tc24_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
     (:func:`default_rows`, :func:`default_split`, :func:`default_x_in` ...) for those left
@@ -458,19 +455,18 @@ def resolve_tiles(
         num_warps=default_warps(t, m, x_in) if num_warps is None else num_warps,
         num_stages=default_stages(t, m, x_in) if num_stages is None else num_stages,
         x_in=x_in,
-        split_sum=SPLIT_SUM if split_sum is None else split_sum,
     )
 
 
 def tc24_matmul(
     x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, x_in=None,
-    split_sum=None, interpret=None,
+    interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
-    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in`` / ``split_sum``: None for
-    the defaults (:func:`resolve_tiles`)."""
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in``: None for the defaults
+    (:func:`resolve_tiles`)."""
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    kw = resolve_tiles(t, math.prod(x.shape[:-1]), x_in=x_in, split_sum=split_sum, **given)
+    kw = resolve_tiles(t, math.prod(x.shape[:-1]), x_in=x_in, **given)
     return D.call_2d(_tc24_2d, x, t, interpret=interpret, **kw)
 
 
