@@ -22,7 +22,8 @@ Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
 ``SCALE_MODE``, ``XPREFETCH=0``, ``X_IN=kernel``) and ``sparse24_tc``
 (:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``, ``VALUES=int4``, ``X_IN=kernel``), at
-K = N = 8192; env ``M``: rows of x (default 1);
+K = N = 8192; env ``M``: rows of x (default 1), ``MMA_SYNC_MIN_N``: the 2-warp MMA's least
+token side (:func:`shrinkjax.kernels.driver.mma_tokens`);
 ``decode_attention`` and ``decode_attention_update`` (:mod:`shrinkjax.kernels.decode_attention`,
 the 8B heads, env ``S`` cache slots).
 """
@@ -145,7 +146,8 @@ def _tc_problem(kind, p, rng, k, n, block_n):
     from shrinkjax.kernels import driver, fp4_tc, int4_tc, sparse24_tc
     from shrinkjax.kernels import layouts as L
 
-    driver.MMA_MIN_N = int(os.environ.get("MMA_MIN_N", driver.MMA_MIN_N))  # the MMA's token side
+    n = int(os.environ.get("MMA_SYNC_MIN_N", driver.MMA_SYNC_MIN_N))  # mma.sync's token side
+    driver.MMA_SYNC_MIN_N = n
 
     if kind == "int4_tc":
         return int4_tc._tc_2d, int4_tc.pack_tc(p, block_n), {"xsum": os.environ.get("XSUM", "mma")}

@@ -64,7 +64,11 @@ class TileConfig:
     late_scale: bool = False
 
 
-MMA_MIN_N = 16  # the tensor-core decode kernels' MMA token side (N) at least
+# The tensor-core decode kernels' MMA token side (N, x's rows padded) at least: 8 with 2 warps
+# (mma.sync m16n8k16: M <= 8 tokens in one n8 tile), 16 with 4 (wgmma). H100, 8192², N = 8
+# against 16 (ninth session): M = 1 int4 17.4 / 18.0 µs, 2:4-int4 20.4 / 22.2; M = 4 MXFP4
+# 18.2 / 20.7; M = 8 NVFP4 23.5 / 27.9. With wgmma N = 8 was slower (int4 M = 8: 29.1 / 20.9).
+MMA_SYNC_MIN_N, WGMMA_MIN_N = 8, 16
 FMA_MAX_M = 0  # default to the FMA decode path for M <= this (0: tensor-core path always)
 
 
@@ -570,6 +574,13 @@ def decode_or_prefill(x, t, matmul, dequantize, *, max_m, path="auto", interpret
         out_t = jnp.bfloat16 if x2.dtype == jnp.bfloat16 else jnp.float32
         y = jnp.matmul(xb, w, preferred_element_type=out_t)[:, : t.n].astype(x.dtype)
     return y.reshape(*lead, t.n)
+
+
+def mma_tokens(m: int, num_warps: int) -> int:
+    """The MMA's token side for ``m`` rows of x: ``m`` rounded up to a power of two, at least
+    ``MMA_SYNC_MIN_N`` with 2 warps (``mma.sync``) and ``WGMMA_MIN_N`` otherwise."""
+    least = MMA_SYNC_MIN_N if num_warps == 2 else WGMMA_MIN_N
+    return max(least, 1 << (m - 1).bit_length())
 
 
 def split_for(programs: int, steps: int, *, per_sm: int, min_steps: int = 1, at_most=False) -> int:

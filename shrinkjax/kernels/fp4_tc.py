@@ -68,7 +68,7 @@ CHUNK = 128  # K rows per block of words (16 words of 8 codes per weight row)
 SLAB = 16  # K rows per MMA (f16 k-step)
 GROUPS = 8  # scale groups per step (the scales' innermost axis; "columns" mode's MMA width)
 DEFAULT_BLOCK_N = 128
-MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
+MAX_M = 128  # tokens per call: the MMA's N side (8 to 128 wide, driver.mma_tokens)
 COLUMNS_MAX_M = 8  # "columns" mode: 8 MMA columns per token, at most 64 wide
 # "auto" runs "columns" up to this M, "late" above (H100 probe at 8192², scripts/probe_tc.py:
 # columns vs late MXFP4 20.5 / 22.2 µs at M = 2, > 24 / 22.5 at M = 4; NVFP4 20.8 / 28.2 at
@@ -359,7 +359,7 @@ def _fp4_tc_2d(
     if kw != t.k:
         xh = jnp.pad(xh, ((0, 0), (0, kw - t.k)))
     squeezed = getattr(pl, "squeezed", None)
-    mp = max(D.MMA_MIN_N, 1 << (m - 1).bit_length())  # the MMA's token side ("late")
+    mp = D.mma_tokens(m, num_warps)  # the MMA's token side ("late")
     ts = jnp.reshape(t.tensor_scale.astype(jnp.float32), (1, 1))
     if columns:
         mc = 1 << (m - 1).bit_length()  # tokens in the MMA

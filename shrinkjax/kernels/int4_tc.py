@@ -6,7 +6,8 @@ The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layou
 * **Swapped operands** (as Marlin/Machete-style decode kernels do): a program computes
   ``acc[n, m] = sum_k W[k, n] x[m, k]`` as chained ``[bn, 16] @ [16, mp]`` MMAs, so the decoded
   weight is the MMA's left operand, fed from registers (no shared-memory round trip), and the
-  few tokens are its 16-128 wide right side. x is read in place (rows >= M masked).
+  few tokens are its 8-128 wide right side (:func:`.driver.mma_tokens`). x is read in place
+  (rows >= M masked).
 * **Two weights per instruction**: one ``lop3.b32`` turns two 4-bit codes into a bf16x2 register
   ``(128 + q0, 128 + q1)`` by OR-ing them into the mantissa of ``128.0`` (``0x4300``), exactly;
   one ``shr`` serves four codes. No int->float conversion, no subtraction per weight: the dot
@@ -79,7 +80,7 @@ DEFAULT_XSUM = "xla"  # int4_tc_matmul's default xsum mode (benchmarks/decode.py
 # against 8.7 µs; 8B decode +1.5%, o_proj only). Not elsewhere: a model's XLA fuses the
 # reduction into x's producer for free, and at M >= 16 (wgmma) the in-kernel sum was slower.
 OPAQUE_XSUM = "sum"
-MAX_M = 128  # tokens per call: the MMA's N side (16, 32, 64 or 128 wide)
+MAX_M = 128  # tokens per call: the MMA's N side (8 to 128 wide, driver.mma_tokens)
 _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
 _BF16_ONE = 0x3F803F80  # two bf16 1.0
@@ -291,7 +292,7 @@ def _tc_2d(
     if kw != t.k:  # (K a multiple of 128 needs no copy of x)
         xb = jnp.pad(xb, ((0, 0), (0, kw - t.k)))
     unit = min(t.group, CHUNK)  # K rows per scale correction
-    mp = max(D.MMA_MIN_N, 1 << (m - 1).bit_length())  # the MMA's token side: 8 ... 128
+    mp = D.mma_tokens(m, num_warps)  # the MMA's token side: 8 (mma.sync) or 16 ... 128
     in_specs = [pl.BlockSpec((mp, kw), lambda j, s: (0, 0))]  # rows >= M: masked
     args = [xb]
     if xsum == "xla":  # sum_k x per correction unit by XLA (one reduce), read by the kernel

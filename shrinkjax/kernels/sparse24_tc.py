@@ -354,7 +354,7 @@ def _tc24_2d(
         raise ValueError(f"split_k {split_k} must divide the {supers} K steps of {SUPER} rows")
     np_, kw = t.np_, t.kw
     bn, parts = D.program_rows(t, rows)  # rows per program, programs per packed tile
-    mp = max(D.MMA_MIN_N, 1 << (m - 1).bit_length())  # the MMA's token side
+    mp = D.mma_tokens(m, num_warps)  # the MMA's token side
     if x_in not in X_IN_MODES:
         raise ValueError(f"x_in must be one of {X_IN_MODES}, got {x_in!r}")
     static = dict(m=m, mp=mp, steps=supers // split_k, group=t.group, x_in=x_in)

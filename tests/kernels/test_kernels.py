@@ -417,6 +417,15 @@ def test_default_configs_decode_and_prefill():
         check(int_matmul(x, p), x, w64, R.int_matmul_ref(x, p))  # interpret picked on CPU
 
 
+@pytest.mark.parametrize(
+    "m,warps,want", [(1, 2, 8), (8, 2, 8), (9, 2, 16), (1, 4, 16), (16, 4, 16), (17, 4, 32)]
+)
+def test_mma_token_side_is_8_only_for_mma_sync(m, warps, want):
+    """The tc decode kernels' MMA N: a power of two >= M; n8 tiles with 2 warps (mma.sync),
+    16 with wgmma (4 warps), where N = 8 measured slower."""
+    assert driver.mma_tokens(m, warps) == want
+
+
 def test_leading_dims_f32_input_and_dispatch():
     rng = np.random.default_rng(9)
     p, w64 = make_mxfp4(rng, 64, 40)
