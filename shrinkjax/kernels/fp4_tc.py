@@ -18,7 +18,7 @@ prefetched a step ahead, chained dots) carried over to E2M1 codes; larger M runs
 * **Scales, two modes.** ``"late"``: each scale group's chained dots (MXFP4: 2 per 32 rows,
   NVFP4: 1 per 16) give an f32 partial scaled into the accumulator (one FMA per accumulator
   element per group, and a dot wait per group). ``"columns"`` (M <= 8; the default up to
-  ``COLUMNS_AUTO_M``: M <= 2 for MXFP4, M <= 4 for NVFP4):
+  ``COLUMNS_AUTO_M``: M = 1 for MXFP4, M <= 2 for NVFP4):
   the eight groups of a step go to eight *columns* of the MMA per token: XLA spreads x into
   ``xg [Kw, 8 Mc]`` (``Mc`` = M rounded up to a power of two), column ``8 m + c`` holding token
   m's x on the rows of groups ``g % 8 == c`` (zero elsewhere), so all dots of a step chain into
@@ -70,10 +70,12 @@ GROUPS = 8  # scale groups per step (the scales' innermost axis; "columns" mode'
 DEFAULT_BLOCK_N = 128
 MAX_M = 128  # tokens per call: the MMA's N side (8 to 128 wide, driver.mma_tokens)
 COLUMNS_MAX_M = 8  # "columns" mode: 8 MMA columns per token, at most 64 wide
-# "auto" runs "columns" up to this M, "late" above (H100 probe at 8192², scripts/probe_tc.py:
-# columns vs late MXFP4 20.5 / 22.2 µs at M = 2, > 24 / 22.5 at M = 4; NVFP4 20.8 / 28.2 at
-# M = 2, 25.5 / 28.3 at M = 4, 33.7 / 29.2 at M = 8)
-COLUMNS_AUTO_M = {"mxfp4": 2, "nvfp4": 4}
+# "auto" runs "columns" up to this M, "late" above. H100 probe at 8192² (ninth session, since
+# "late" with 2 warps takes an 8-wide MMA at M <= 8, driver.mma_tokens; x read in place,
+# probe_fp4_n8.json), columns vs late: MXFP4 17.5 / 17.4 µs at M = 1, > 20 / 17.6 at M = 2;
+# NVFP4 19.0 / > 21 at M = 1, 21.3 / 20.7 at M = 2, > 25 / 21.0 at M = 4. (With a 16-wide MMA,
+# fifth session: MXFP4 20.5 / 22.2 at M = 2; NVFP4 25.5 / 28.3 at M = 4.)
+COLUMNS_AUTO_M = {"mxfp4": 1, "nvfp4": 2}
 FORMATS = {"mxfp4": 32, "nvfp4": 16}  # format -> K rows per scale
 SCALE_MODES = ("auto", "late", "columns")
 # Where x comes from (``x_in``): "xla" (default) has XLA make the kernel's x before the call,

@@ -151,20 +151,21 @@ def test_opaque_input_converts_x_in_the_kernel(fmt):
     rng = np.random.default_rng(22)
     _, t, w64 = _problem(rng, fmt, 256, 128)
 
-    def run(x, opaque):
+    def run(x, opaque, mode="auto"):
         with dispatch.opaque_input(opaque):
-            return F.fp4_tc_matmul(x, t, interpret=True)
+            return F.fp4_tc_matmul(x, t, scale_mode=mode, interpret=True)
 
-    def converts_x(x, opaque):  # an f16 copy of x [M, K] made outside the kernel
+    def converts_x(x, opaque, mode="auto"):  # an f16 copy of x [M, K] made outside the kernel
         return f"f16[{len(x)},256] = convert_element_type" in str(
-            jax.make_jaxpr(lambda x: run(x, opaque))(x)
+            jax.make_jaxpr(lambda x: run(x, opaque, mode))(x)
         )
 
     x16 = jnp.asarray(rng.standard_normal((16, 256)), jnp.bfloat16)  # "late"
     x1, x2 = x16[:1], x16[:2]  # "columns"
     x17 = jnp.asarray(rng.standard_normal((F.OPAQUE_MAX_M + 1, 256)), jnp.bfloat16)
     assert not converts_x(x16, True) and converts_x(x16, False) and converts_x(x17, True)
-    assert not converts_x(x1, True) and converts_x(x1, False) and converts_x(x2, True)
+    assert not converts_x(x1, True, "columns") and converts_x(x1, False, "columns")
+    assert converts_x(x2, True, "columns")
     assert not dispatch.input_is_opaque()
     for x in (x16, x1):
         np.testing.assert_array_equal(np.asarray(run(x, True)), np.asarray(run(x, False)))
@@ -236,10 +237,10 @@ def test_late_mode_takes_two_warps_up_to_16_rows():
 
 
 def test_auto_scale_mode_and_split_follow_the_probe():
-    """ "auto" runs "columns" up to M = 2 (MXFP4) / 4 (NVFP4), with half the K splits from M = 3
-    on (registers allow two programs per SM there); "late" above."""
+    """ "auto" runs "columns" up to M = 1 (MXFP4) / 2 (NVFP4), "late" above; "columns" takes
+    half the K splits from M = 3 on (registers allow two programs per SM there)."""
     rng = np.random.default_rng(8)
-    for fmt, last in (("mxfp4", 2), ("nvfp4", 4)):
+    for fmt, last in (("mxfp4", 1), ("nvfp4", 2)):
         assert F.use_columns("auto", last, fmt) and not F.use_columns("auto", last + 1, fmt)
         assert F.use_columns("columns", 8, fmt) and not F.use_columns("late", 1, fmt)
         _, t, _ = _problem(rng, fmt, 8192, 1024)
