@@ -85,7 +85,6 @@ _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
 _BF16_ONE = 0x3F803F80  # two bf16 1.0
 XSUM_MODES = ("none", "xla", "sum", "mma")
-ZERO_TERM = "chunk"  # experiment: "end" keeps the zero-point term apart until the end
 
 
 @functools.partial(
@@ -228,10 +227,8 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
 
     last = sid * steps + steps - 1
 
-    late = ZERO_TERM == "end" and xsum in ("xla", "sum")  # the zero-point term kept apart
-
     def body(i, carry):
-        acc, corr, cur = carry
+        acc, cur = carry
         t = sid * steps + i
         # Scales are not tensor-core operands, so Triton does not pipeline their loads: issue
         # the next chunk's here and use them one iteration later (their latency hides).
@@ -260,15 +257,12 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
                 part = dot_acc(tiles[j], xj, part)  # sum_k (128 + q) x
                 if xsum == "mma":  # sum_k x, broadcast over the bn rows
                     x_total = dot_acc(jnp.ones((bn, SLAB), jnp.bfloat16), xj, x_total)
-            if late:  # [bn, 1] x [1, mp] in the loads' layout: no per-step layout change
-                acc, corr = acc + part * sc, corr + off * x_total
-            else:
-                acc = acc + part * sc + off * x_total
-        return acc, corr, nxt
+            acc = acc + part * sc + off * x_total
+        return acc, nxt
 
     acc0 = jnp.zeros((bn, mp), jnp.float32)
-    acc, corr, _ = jax.lax.fori_loop(0, steps, body, (acc0, acc0, scales(sid * steps)))
-    return (acc + corr).T if late else acc.T
+    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps)))
+    return acc.T
 
 
 @functools.partial(

@@ -76,7 +76,6 @@ MAX_M = 128
 # benchmarks/RESULTS.md (eighth session), 4 warps, same call: bf16 values 8192² M = 1 / 16
 # 31.3 / 33.0 against 32.8 / 36.5 µs with x4; with 2 warps 29.5 / 31.1 (grid).
 X_IN_MODES = ("xla", "kernel")
-ZERO_TERM = "chunk"  # experiment: "end" keeps the zero-point term apart until the end
 OPAQUE_MAX_M = 16
 
 
@@ -299,10 +298,8 @@ def _kernel(
 
     last = sid * steps + steps - 1
 
-    late = int4 and ZERO_TERM == "end"  # the zero-point term kept apart
-
     def body(i, carry):
-        acc, corr, cur = carry
+        acc, cur = carry
         t = sid * steps + i
         nxt = scales(jnp.minimum(t + 1, last)) if int4 else cur  # a step ahead (not pipelined)
         keep = k_ref[t]  # uint16 [bn, 16]: this step's keep masks
@@ -318,17 +315,13 @@ def _kernel(
                 part = dot_acc(tiles[p], xs4[p], part)
             if int4 and (c + 1) % cpu == 0:  # end of a scale unit
                 sc, off, xs = cur[c // cpu]
-                if late:  # [bn, 1] x [1, mp] in the loads' layout: no per-step layout change
-                    acc, corr = acc + part * sc, corr + off * xs
-                else:
-                    acc = acc + part * sc + off * xs
+                acc = acc + part * sc + off * xs
                 part = jnp.zeros(acc.shape, jnp.float32)
-        return (acc if int4 else part), corr, nxt
+        return (acc if int4 else part), nxt
 
     acc0 = jnp.zeros((bn, mp), jnp.float32)
-    init = (acc0, acc0, scales(sid * steps) if int4 else ())
-    acc, corr, _ = jax.lax.fori_loop(0, steps, body, init)
-    return (acc + corr).T if late else acc.T
+    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps) if int4 else ()))
+    return acc.T
 
 
 def x_by_position(x2, kw: int):
