@@ -6,6 +6,8 @@ several programs, split-K, ragged M/K/N and masked row stores).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -424,6 +426,37 @@ def test_mma_token_side_is_8_only_for_mma_sync(m, warps, want):
     """The tc decode kernels' MMA N: a power of two >= M; n8 tiles with 2 warps (mma.sync),
     16 with wgmma (4 warps), where N = 8 measured slower."""
     assert driver.mma_tokens(m, warps) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,m", [("int4", 1), ("int4", 3), ("mxfp4", 3), ("nvfp4", 6),
+                                    ("2:4_bf16", 1), ("2:4_int4", 5)])  # fmt: skip
+def test_gpu_8_wide_mma_gives_the_16_wide_bits(monkeypatch, kind, m):
+    """Padding x to 8 instead of 16 MMA columns (2 warps, mma.sync) changes no sum: every
+    output bit is the same (the same K chain per output element)."""
+    from shrinkjax.kernels import fp4_tc, int4_tc, sparse24_tc
+
+    rng = np.random.default_rng([m, len(kind)])
+    k, n = 1024, 384
+    if kind == "int4":
+        p, _ = make_int(rng, k, n, 4, 128, True)
+        t, fn = int4_tc.pack_tc(p), int4_tc.int4_tc_matmul
+    elif kind in ("mxfp4", "nvfp4"):
+        p, _ = (make_mxfp4 if kind == "mxfp4" else make_nvfp4)(rng, k, n)
+        t = fp4_tc.pack_fp4_tc(p)
+        fn = functools.partial(fp4_tc.fp4_tc_matmul, scale_mode="late")
+    else:
+        p = make_24_int4(rng, k, n, 128, False)[0] if kind == "2:4_int4" else None
+        if p is None:
+            p = L.pack_24(np.where(mask_24(rng, k, n), rng.standard_normal((k, n)), 0.0))
+        t, fn = sparse24_tc.pack_24_tc(p), sparse24_tc.tc24_matmul
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    ys = []
+    for least in (16, 8):
+        monkeypatch.setattr(driver, "MMA_SYNC_MIN_N", least)
+        jax.clear_caches()  # (the kernels are jitted; the token side is read when traced)
+        ys.append(np.asarray(fn(x, t, num_warps=2)).view(np.uint16))
+    np.testing.assert_array_equal(ys[1], ys[0])
 
 
 def test_leading_dims_f32_input_and_dispatch():
