@@ -68,12 +68,14 @@ except ImportError:  # pragma: no cover - very old jax
 CHUNK = 128  # K rows per loop step (16 words of 8 nibbles per weight row)
 SLAB = 16  # K rows per MMA (bf16 k-step)
 DEFAULT_BLOCK_N = 128  # packing tile: programs run it whole or in 64-row halves (rows)
-# Up to FEW_TOKENS rows of x (decode at batch <= 4): 64-row programs, about 4 per SM, and 2
+# Up to FEW_TOKENS rows of x (decode at batch <= 8): 64-row programs, about 4 per SM, and 2
 # warps, for which Triton emits mma.sync (HMMA) instead of Hopper's wgmma (4 warps per
 # warpgroup), which here waits and fences (MEMBAR + fence.proxy.async) after every K=16 dot:
 # ~1.7x fewer SASS instructions per weight (scripts/triton_sass.py int4_tc --warps 2). H100:
 # 5-9% faster kernels, 8B decode at batch 1 +5%; at batch 16 wgmma stayed faster in the model.
-FEW_TOKENS, FEW_TOKENS_ROWS, FEW_TOKENS_WARPS = 4, 64, 2
+# Batches 5-8 joined in the ninth session, with the 8-wide mma.sync tile (driver.mma_tokens):
+# 8B decode at batch 8 3276 against 3044 tok/s (wgmma), 8192² at M = 8 19.2-19.6 against 20.6 µs.
+FEW_TOKENS, FEW_TOKENS_ROWS, FEW_TOKENS_WARPS = 8, 64, 2
 DEFAULT_XSUM = "xla"  # int4_tc_matmul's default xsum mode (benchmarks/decode.py --int4-xsum)
 # ... and inside dispatch.opaque_input() (x from a kernel XLA cannot fuse the reduction into)
 # for M <= FEW_TOKENS: in-kernel, which saves XLA's reduction kernel (H100, M = 1: 4096² 7.2

@@ -129,7 +129,7 @@ def test_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("xsum", ["none", "xla", "sum", "mma"])
-@pytest.mark.parametrize("m", [1, 16, 64, 600])
+@pytest.mark.parametrize("m", [1, 8, 16, 64, 600])
 @pytest.mark.parametrize("k,n,group", [(1024, 768, 128), (1088, 760, 64)], ids=["even", "ragged"])
 def test_gpu_native_matches_float64(xsum, m, k, n, group):
     """Real Triton lowering (inline-PTX decode, chained wgmma) on the GPU; M = 600 runs the
@@ -181,7 +181,7 @@ def test_half_tile_programs_match_whole_tile(split):
     "k,n,m,want,stages",
     [(8192, 8192, 1, 8, 3), (4096, 28672, 1, 2, 3), (14336, 4096, 1, 16, 3)]
     + [(4096, 6144, 4, 8, 3), (4096, 4096, 1, 16, 2), (8192, 8192, 16, 8, 3)]
-    + [(4096, 4096, 16, 8, 3)],
+    + [(4096, 4096, 16, 8, 3), (8192, 8192, 8, 8, 3)],  # M = 8: the few-token tiles
 )
 def test_default_split_is_the_measured_rule(monkeypatch, k, n, m, want, stages):
     """128-row packing on an H100's 132 SMs: the rows and splits that won at M = 1 on the five
