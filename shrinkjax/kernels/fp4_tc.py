@@ -95,7 +95,6 @@ OPAQUE_MAX_M = 16
 # (probe_fp4_xin_warps.json): MXFP4 M = 4 / 16 20.4 / 22.8 against 22.4 / 25.0 µs with 4,
 # NVFP4 M = 16 29.0 against 30.4. "columns" mode keeps 4 (2 did not help at M = 1).
 LATE_FEW_TOKENS = 16
-NVFP4_EARLY = False  # experiment
 _MAG_MASK = 0x0E000E00  # bits 9-11 of both halves
 _SIGN_MASK = 0x80008000
 
@@ -287,17 +286,12 @@ def _kernel(
             view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
             return D.token_rows(view, m).astype(jnp.float16).T
 
-        early = NVFP4_EARLY and group == 16
-
         def scales(t):  # block t's groups: f32 [bn, 1] each (a column of the stored tile)
             out = []
             for c in range(gpc):
                 g = t * gpc + c
                 col = s_ref.at[D.idiv(g, GROUPS), :, pl.ds(g % GROUPS, 1)]
-                if early:  # f16 s * 2^7: e2m1 * 2^-14 * that is exact in f16
-                    out.append((e4m3_value(col[...]) * 2.0**7).astype(jnp.float16))
-                else:
-                    out.append(scale_f32(col[...], group))
+                out.append(scale_f32(col[...], group))
             return out
 
         def body(i, carry):
@@ -306,10 +300,6 @@ def _kernel(
             nxt = scales(jnp.minimum(t + 1, last))  # issued a block ahead (Triton does not
             tiles = decode(w_ref[t])  # pipeline them: they are not tensor-core operands)
             spg = group // SLAB  # slabs per group
-            if early:  # scaled weights: one chain of dots
-                for j in range(8):
-                    acc = dot_acc(tiles[j] * cur[j], x_slab(t * CHUNK + SLAB * j), acc)
-                return acc, nxt
             for c in range(gpc):
                 part = jnp.zeros(acc.shape, jnp.float32)
                 for j in range(c * spg, (c + 1) * spg):
@@ -319,7 +309,7 @@ def _kernel(
 
         acc0 = jnp.zeros((bn, mp), jnp.float32)
         acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps)))
-        y = acc.T * 2.0**7 if early else acc.T
+        y = acc.T
     if group == 16:  # NVFP4: the f32 tensor scale
         y = y * ts_ref[...]
     return y
