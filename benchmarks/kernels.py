@@ -615,7 +615,7 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             cols = FT.use_columns("auto", m, p.fmt)
             mode = "columns" if cols else "late"
             cfg = [FT.default_split(p, cols, m), FT.default_warps(cols, m)]
-            cfg += [FT.default_stages(p, cols), mode]
+            cfg += [FT.default_stages(p, cols, m), mode]
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
                 cfg.append(FT.default_x_in(cols, m))
             row["cfg"] = ["fp4_tc", p.block_n, *cfg]

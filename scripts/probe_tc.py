@@ -109,7 +109,7 @@ def adapter(
             cols = F.use_columns("auto", m, t.fmt)  # what scale_mode="auto" runs
             mode = "columns" if cols else "late"
             warps = F.default_warps(cols, m)
-            return (F.DEFAULT_BLOCK_N, F.default_stages(t, cols), 1, mode, warps, True)
+            return (F.DEFAULT_BLOCK_N, F.default_stages(t, cols, m), 1, mode, warps, True)
 
         return F.pack_fp4_tc, F.fp4_tc_matmul, fp4_matmul, grid, default, kwargs
     if kind in ("2:4_bf16", "2:4_int4"):  # block_n: the program's rows (packed at least at

@@ -95,6 +95,11 @@ OPAQUE_MAX_M = 16
 # (probe_fp4_xin_warps.json): MXFP4 M = 4 / 16 20.4 / 22.8 against 22.4 / 25.0 µs with 4,
 # NVFP4 M = 16 29.0 against 30.4. "columns" mode keeps 4 (2 did not help at M = 1).
 LATE_FEW_TOKENS = 16
+# NVFP4 in "late" mode up to this M (the 8-wide mma.sync tile): twice the K splits and 2 stages.
+# H100 probe (ninth session, probe_late_split.json), M = 4, doubled vs default split: 8192²
+# 21.1 / 22.8 µs, 4096 x 14336 19.8 / 21.6, 4096² 9.6 / 10.8. At M = 16 the default won on two
+# of three shapes, and for MXFP4 on all three.
+NVFP4_FEW_TOKENS = 8
 _MAG_MASK = 0x0E000E00  # bits 9-11 of both halves
 _SIGN_MASK = 0x80008000
 
@@ -405,20 +410,26 @@ def default_split(t: TcFP4, columns: bool = True, m: int = 1) -> int:
     four programs per SM and at least two blocks each (H100 probe, ``scripts/probe_tc.py``:
     MXFP4 4096 x 4096 at M = 1 in 8.3 µs at 16 splits, 9.3 µs at 8), halved from M = 3 on
     (four tokens' 32 columns: 181 registers, two programs per SM; NVFP4 8192² at M = 4:
-    25.5 µs halved, 29.0 not)."""
+    25.5 µs halved, 29.0 not). NVFP4 "late" at ``m <= NVFP4_FEW_TOKENS``: doubled."""
     unit = t.step_rows if columns else CHUNK
     per_sm, min_blocks = (4, 2) if columns else (2, 4)
     min_steps = max(1, min_blocks * CHUNK // unit)
     split = D.split_for(
         t.words.shape[0], t.kw // unit, per_sm=per_sm, min_steps=min_steps, at_most=columns
     )
+    if _nvfp4_few(t, columns, m) and (t.kw // unit) % (2 * split) == 0:
+        return 2 * split
     return max(1, split // 2) if columns and m > 2 else split
 
 
-def default_stages(t: TcFP4, columns: bool) -> int:
+def _nvfp4_few(t: TcFP4, columns: bool, m: int) -> bool:
+    return t.fmt == "nvfp4" and not columns and m <= NVFP4_FEW_TOKENS
+
+
+def default_stages(t: TcFP4, columns: bool, m: int = 1) -> int:
     """Pipeline stages: 2 for MXFP4's 256-row columns steps (H100: 18.7 vs 19.4 µs at 8192²,
-    M = 1), else 3."""
-    return 2 if columns and t.fmt == "mxfp4" else 3
+    M = 1) and for NVFP4 "late" at ``m <= NVFP4_FEW_TOKENS``, else 3."""
+    return 2 if (columns and t.fmt == "mxfp4") or _nvfp4_few(t, columns, m) else 3
 
 
 def default_x_in(columns: bool, m: int = 1) -> str:
@@ -455,7 +466,7 @@ def fp4_tc_matmul(
         t,
         split_k=default_split(t, columns, m) if split_k is None else split_k,
         num_warps=default_warps(columns, m) if num_warps is None else num_warps,
-        num_stages=default_stages(t, columns) if num_stages is None else num_stages,
+        num_stages=default_stages(t, columns, m) if num_stages is None else num_stages,
         scale_mode=scale_mode,
         x_prefetch=x_prefetch,
         x_in=default_x_in(columns, m) if x_in is None else x_in,

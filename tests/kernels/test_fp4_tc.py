@@ -236,6 +236,19 @@ def test_late_mode_takes_two_warps_up_to_16_rows():
     assert F.default_warps(False, 17) == F.default_warps(True, 1) == F.default_warps(True, 4) == 4
 
 
+def test_nvfp4_late_mode_doubles_the_split_with_2_stages_up_to_8_rows(monkeypatch):
+    """The ninth session's probe (8-wide mma.sync tile): NVFP4 "late" at M <= 8 runs twice the
+    K splits with 2 stages; M = 16 and MXFP4 keep the rule (8192²: 8 splits, 3 stages)."""
+    from shrinkjax.kernels import driver as D
+
+    monkeypatch.setattr(D, "_num_sms", lambda: 132)
+    words = jax.ShapeDtypeStruct((64, 64, 128, 16), jnp.uint32)  # 8192², 128-row tiles
+    for fmt, m, split, stages in [("nvfp4", 4, 16, 2), ("nvfp4", 8, 16, 2), ("nvfp4", 16, 8, 3),
+                                  ("mxfp4", 4, 8, 3)]:  # fmt: skip
+        t = F.TcFP4(words, None, None, k=8192, n=8192, fmt=fmt, block_n=128)
+        assert (F.default_split(t, False, m), F.default_stages(t, False, m)) == (split, stages)
+
+
 def test_auto_scale_mode_and_split_follow_the_probe():
     """ "auto" runs "columns" up to M = 1 (MXFP4) / 2 (NVFP4), "late" above; "columns" takes
     half the K splits from M = 3 on (registers allow two programs per SM there)."""
