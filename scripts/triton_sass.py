@@ -146,8 +146,8 @@ def _tc_problem(kind, p, rng, k, n, block_n):
     from shrinkjax.kernels import driver, fp4_tc, int4_tc, sparse24_tc
     from shrinkjax.kernels import layouts as L
 
-    n = int(os.environ.get("MMA_SYNC_MIN_N", driver.MMA_SYNC_MIN_N))  # mma.sync's token side
-    driver.MMA_SYNC_MIN_N = n
+    # the 2-warp MMA's least token side (N of the MMA, not the weight's N)
+    driver.MMA_SYNC_MIN_N = int(os.environ.get("MMA_SYNC_MIN_N", driver.MMA_SYNC_MIN_N))
 
     if kind == "int4_tc":
         return int4_tc._tc_2d, int4_tc.pack_tc(p, block_n), {"xsum": os.environ.get("XSUM", "mma")}
