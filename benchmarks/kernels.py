@@ -612,13 +612,9 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
                 c = TC.resolve_tiles(p, m)
             row["cfg"] = ["int4_tc", *c.values()]  # rows, split_k, warps, stages, xsum
         elif auto == "fused" and isinstance(p, FT.TcFP4):
-            cols = FT.use_columns("auto", m, p.fmt)
-            mode = "columns" if cols else "late"
-            cfg = [FT.default_split(p, cols, m), FT.default_warps(cols, m)]
-            cfg += [FT.default_stages(p, cols, m), mode]
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
-                cfg.append(FT.default_x_in(cols, m))
-            row["cfg"] = ["fp4_tc", p.block_n, *cfg]
+                c = FT.resolve_tiles(p, m)
+            row["cfg"] = ["fp4_tc", p.block_n, *c.values()]  # split, warps, stages, mode, x_in
         elif auto == "fused" and isinstance(p, ST.Tc24):
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
                 c = ST.resolve_tiles(p, m)

@@ -105,11 +105,10 @@ def adapter(
             kw["x_in"] = x_in or "xla"
             return kw if x_prefetch else {**kw, "x_prefetch": False}
 
-        def default(t, m):
-            cols = F.use_columns("auto", m, t.fmt)  # what scale_mode="auto" runs
-            mode = "columns" if cols else "late"
-            warps = F.default_warps(cols, m)
-            return (F.DEFAULT_BLOCK_N, F.default_stages(t, cols, m), 1, mode, warps, True)
+        def default(t, m):  # what scale_mode="auto" runs
+            c = F.resolve_tiles(t, m)
+            mode, stages, warps = c["scale_mode"], c["num_stages"], c["num_warps"]
+            return (F.DEFAULT_BLOCK_N, stages, 1, mode, warps, True)
 
         return F.pack_fp4_tc, F.fp4_tc_matmul, fp4_matmul, grid, default, kwargs
     if kind in ("2:4_bf16", "2:4_int4"):  # block_n: the program's rows (packed at least at

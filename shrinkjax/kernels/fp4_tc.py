@@ -444,34 +444,41 @@ def default_warps(columns: bool, m: int = 1) -> int:
     return 2 if not columns and m <= LATE_FEW_TOKENS else 4
 
 
+def resolve_tiles(
+    t: TcFP4, m: int, *, scale_mode="auto", split_k=None, num_warps=None, num_stages=None,
+    x_in=None,
+) -> dict:  # fmt: skip
+    """:func:`_fp4_tc_2d`'s keywords for ``m`` rows of x: the scale mode ``"auto"`` resolves
+    to (:func:`use_columns`), the given tiles, and the defaults (:func:`default_split`,
+    :func:`default_warps`, :func:`default_stages`, :func:`default_x_in`) for those left None."""
+    if scale_mode not in SCALE_MODES:  # (before "auto" resolves it)
+        raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+    columns = use_columns(scale_mode, m, t.fmt)
+    return dict(
+        split_k=default_split(t, columns, m) if split_k is None else split_k,
+        num_warps=default_warps(columns, m) if num_warps is None else num_warps,
+        num_stages=default_stages(t, columns, m) if num_stages is None else num_stages,
+        scale_mode="columns" if columns else "late",
+        x_in=default_x_in(columns, m) if x_in is None else x_in,
+    )
+
+
 def fp4_tc_matmul(
     x, t: TcFP4, *, split_k=None, num_warps=None, num_stages=None, scale_mode="auto",
     x_prefetch=True, x_in=None, interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
     ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M <= 8; module docstring);
-    ``split_k`` / ``num_warps`` / ``num_stages``: None for :func:`default_split` /
-    :func:`default_warps` / :func:`default_stages`.
+    ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in``: None for the defaults
+    (:func:`resolve_tiles`).
     ``x_prefetch`` (``"columns"``): the x slabs of the next step are loaded a step ahead into
     registers (the measured default); False loads them at use, which Triton pipelines through
     shared memory: at M = 4 (MXFP4, block_n 128) 124 registers instead of 181, so four
     programs per SM instead of two, for 759 loop instructions instead of 710 (offline SASS,
-    ``scripts/triton_sass.py``; not yet timed on a GPU). ``x_in``: None for
-    :func:`default_x_in`."""
-    m = math.prod(x.shape[:-1])
-    columns = use_columns(scale_mode, m, t.fmt)
-    return D.call_2d(
-        _fp4_tc_2d,
-        x,
-        t,
-        split_k=default_split(t, columns, m) if split_k is None else split_k,
-        num_warps=default_warps(columns, m) if num_warps is None else num_warps,
-        num_stages=default_stages(t, columns, m) if num_stages is None else num_stages,
-        scale_mode=scale_mode,
-        x_prefetch=x_prefetch,
-        x_in=default_x_in(columns, m) if x_in is None else x_in,
-        interpret=interpret,
-    )
+    ``scripts/triton_sass.py``; not yet timed on a GPU)."""
+    given = dict(split_k=split_k, num_warps=num_warps, num_stages=num_stages, x_in=x_in)
+    kw = resolve_tiles(t, math.prod(x.shape[:-1]), scale_mode=scale_mode, **given)
+    return D.call_2d(_fp4_tc_2d, x, t, x_prefetch=x_prefetch, interpret=interpret, **kw)
 
 
 # ------------------------------------------------------------------------------------------

@@ -249,6 +249,26 @@ def test_nvfp4_late_mode_doubles_the_split_with_2_stages_up_to_8_rows(monkeypatc
         assert (F.default_split(t, False, m), F.default_stages(t, False, m)) == (split, stages)
 
 
+def test_resolve_tiles_gives_the_defaults_and_keeps_given_values(monkeypatch):
+    """What fp4_tc_matmul runs (and the benchmarks record): "auto" resolved, each default from
+    its rule, x read in place only inside dispatch.opaque_input, given values kept."""
+    from shrinkjax.kernels import dispatch
+    from shrinkjax.kernels import driver as D
+
+    monkeypatch.setattr(D, "_num_sms", lambda: 132)
+    words = jax.ShapeDtypeStruct((64, 64, 128, 16), jnp.uint32)  # 8192², 128-row tiles
+    t = F.TcFP4(words, None, None, k=8192, n=8192, fmt="nvfp4", block_n=128)
+    want = dict(split_k=16, num_warps=2, num_stages=2, scale_mode="late", x_in="xla")
+    assert F.resolve_tiles(t, 4) == want
+    with dispatch.opaque_input():
+        assert F.resolve_tiles(t, 4)["x_in"] == "kernel"
+        assert F.resolve_tiles(t, 1) == dict(
+            split_k=8, num_warps=4, num_stages=3, scale_mode="columns", x_in="kernel"
+        )
+    given = F.resolve_tiles(t, 4, scale_mode="columns", split_k=2, num_warps=4, x_in="xla")
+    assert given == dict(split_k=2, num_warps=4, num_stages=3, scale_mode="columns", x_in="xla")
+
+
 def test_auto_scale_mode_and_split_follow_the_probe():
     """ "auto" runs "columns" up to M = 1 (MXFP4) / 2 (NVFP4), "late" above; "columns" takes
     half the K splits from M = 3 on (registers allow two programs per SM there)."""
