@@ -290,9 +290,7 @@ def _tc_2d(
     chunks = kw // CHUNK
     if chunks % split_k:
         raise ValueError(f"split_k {split_k} must divide the {chunks} K chunks of {CHUNK} rows")
-    xb = x2.astype(jnp.bfloat16)
-    if kw != t.k:  # (K a multiple of 128 needs no copy of x)
-        xb = jnp.pad(xb, ((0, 0), (0, kw - t.k)))
+    xb = D.prepare_x(x2, kw, 1)  # bf16, K padded (K a multiple of 128 needs no copy of x)
     unit = min(t.group, CHUNK)  # K rows per scale correction
     mp = D.mma_tokens(m, num_warps)  # the MMA's token side: 8 (mma.sync) or 16 ... 128
     in_specs = [pl.BlockSpec((mp, kw), lambda j, s: (0, 0))]  # rows >= M: masked

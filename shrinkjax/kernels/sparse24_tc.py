@@ -326,9 +326,7 @@ def _kernel(
 
 def x_by_position(x2, kw: int):
     """bf16 ``x4[p, m, j] = x[m, 4 j + p]`` (K padded to ``kw``)."""
-    xb = x2.astype(jnp.bfloat16)
-    if kw != x2.shape[1]:
-        xb = jnp.pad(xb, ((0, 0), (0, kw - x2.shape[1])))
+    xb = D.prepare_x(x2, kw, 1)
     return jnp.transpose(xb.reshape(x2.shape[0], kw // 4, 4), (2, 0, 1))
 
 
@@ -358,16 +356,15 @@ def _tc24_2d(
     if x_in not in X_IN_MODES:
         raise ValueError(f"x_in must be one of {X_IN_MODES}, got {x_in!r}")
     static = dict(m=m, mp=mp, steps=supers // split_k, group=t.group, x_in=x_in)
-    if x_in == "kernel":  # x as given (K a multiple of 256 needs no copy)
-        xb = x2.astype(jnp.bfloat16)
-        args = [xb if kw == xb.shape[1] else jnp.pad(xb, ((0, 0), (0, kw - xb.shape[1])))]
+    xb = D.prepare_x(x2, kw, 1)  # bf16, K padded (K a multiple of 256: no copy)
+    if x_in == "kernel":  # x as given
+        args = [xb]
         specs = [pl.BlockSpec((mp, kw), lambda j, s: (0, 0))]  # rows >= M: masked
     else:
-        args = [x_by_position(x2, kw)]
+        args = [x_by_position(xb, kw)]
         specs = [pl.BlockSpec((4, mp, kw // 4), lambda j, s: (0, 0, 0))]  # rows >= M: masked
     if t.is_int4:  # sum x per scale unit (over all K rows of the unit)
         unit = min(t.group, SUPER)
-        xb = jnp.pad(x2.astype(jnp.bfloat16), ((0, 0), (0, kw - x2.shape[1])))
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
         specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
     args += [t.values, t.keep] + ([t.scales] if t.is_int4 else [])
