@@ -52,13 +52,20 @@ def main(argv=None):
     model, tok = loaded.model, loaded.tokenizer
     ids_p, ids_a = tok.encode(x["prompt"]), tok.encode(x["prompt"] + x["completion"])
     ids_b = tok.encode(y["prompt"] + y["completion"])
-    k = next(i for i, (u, v) in enumerate(zip(ids_a, ids_b)) if u != v)
+    # the first token that differs; or, where one completion is a prefix of the other, the
+    # step at which the shorter one ended
+    k = next((i for i, (u, v) in enumerate(zip(ids_a, ids_b)) if u != v), None)
+    k = min(len(ids_a), len(ids_b)) if k is None else k
     logits = model(jnp.asarray([ids_a[:k]], jnp.int32))
     logits = logits[0] if isinstance(logits, tuple) else logits
     last = np.asarray(logits[0, -1].astype(jnp.float32))
     top = np.argsort(-last)[:3]
     print(f"{x['prompt']!r}: part after {tok.decode(ids_a[len(ids_p) : k])!r}")
-    print(f"  a: {tok.decode([ids_a[k]])!r}   b: {tok.decode([ids_b[k]])!r}")
+
+    def at(ids):  # the token a path chose at step k (or that it had ended)
+        return repr(tok.decode([ids[k]])) if k < len(ids) else "(ended)"
+
+    print(f"  a: {at(ids_a)}   b: {at(ids_b)}")
     print(
         f"  {args.dtype} top-3: "
         + ", ".join(f"{tok.decode([int(t)])!r} {last[t]:.4f}" for t in top)

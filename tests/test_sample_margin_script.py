@@ -41,6 +41,20 @@ def test_sample_margin_reports_the_split_step_and_its_logits(tmp_path):
     assert f"gap top-1 - top-2: {top[0] - top[1]:.4f}" in r.stdout
 
 
+def test_sample_margin_when_one_sample_is_a_prefix_of_the_other(tmp_path):
+    """One path ended earlier: the split step is where the shorter sample ends."""
+    from shrinkjax.io.load import load_model
+
+    tok = load_model(f"{GOLDEN}/tiny_llama", dtype="float32", progress=False).tokenizer
+    a = _samples(tmp_path / "a.json", " sat on the mat")
+    b = _samples(tmp_path / "b.json", " sat on the mat and")
+    r = _margin(f"--model={GOLDEN}/tiny_llama", f"--a={a}", f"--b={b}")
+    assert r.returncode == 0, r.stderr
+    ids_b = tok.encode("The cat sat on the mat and")
+    k = len(tok.encode("The cat sat on the mat"))
+    assert f"a: (ended)   b: {tok.decode([ids_b[k]])!r}" in r.stdout
+
+
 def test_sample_margin_identical_and_bad_input(tmp_path):
     a = _samples(tmp_path / "a.json", " sat")
     r = _margin(f"--model={GOLDEN}/tiny_llama", f"--a={a}", f"--b={a}")
