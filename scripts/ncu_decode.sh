@@ -5,7 +5,7 @@
 #        "int4_m1_s3|--kind int4_g128 --m 1 --tile num_stages=3"
 # Per case: NAME.ncu-rep (the full set: stall sampling per SASS instruction), NAME.details.txt
 # (speed of light, memory, warp states, occupancy), NAME.raw.csv (every metric) and NAME.sass.csv
-# (per-instruction stall samples).
+# (per-instruction stall samples), NAME.stalls.txt (scripts/ncu_stalls.py's summary of it).
 # The clocks stay as they are (--clock-control none); caches are flushed before the profiled
 # launch (the default), so the weight comes from HBM as in a decode step.
 set -u
@@ -23,6 +23,7 @@ for case in "$@"; do
   ncu --import "$out/$name.ncu-rep" --page source --csv --print-source sass \
     >"$out/$name.sass.csv" 2>&1
   ncu --import "$out/$name.ncu-rep" --page raw --csv >"$out/$name.raw.csv" 2>&1
+  python3 scripts/ncu_stalls.py "$out/$name.sass.csv" --min-samples 10 >"$out/$name.stalls.txt" 2>&1
   echo "== $name: $(grep -m1 'rel. err' "$out/$name.log")"
   grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Issue Slots Busy|No Eligible|Active Warps Per Scheduler|Eligible Warps" "$out/$name.details.txt" | head -12
 done

@@ -330,7 +330,8 @@ def token_rows(view, m: int):
     if view.shape[0] == m:
         return view[...]
     rows = jax.lax.broadcasted_iota(jnp.int32, view.shape, 0)
-    return plgpu.load(view, mask=rows < m, other=0.0)
+    zero = 0 if jnp.issubdtype(view.dtype, jnp.integer) else 0.0
+    return plgpu.load(view, mask=rows < m, other=zero)
 
 
 def prepare_x(x, kp: int, bm: int):

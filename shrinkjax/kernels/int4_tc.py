@@ -86,7 +86,10 @@ MAX_M = 128  # tokens per call: the MMA's N side (8 to 128 wide, driver.mma_toke
 _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
 _BF16_ONE = 0x3F803F80  # two bf16 1.0
-XSUM_MODES = ("none", "xla", "sum", "mma")
+XSUM_MODES = ("none", "xla", "sum", "mma", "slab")
+PREFETCH_ORDER = "use_first"
+ZERO_CONVERT = "bitcast"
+WORDS_IN_REGS = False
 
 
 @functools.partial(
@@ -150,6 +153,17 @@ def pack_tc(p: PackedInt, block_n: int | None = None) -> TcInt4:
 
     z = None if z is None else tiles(z)
     return TcInt4(w, tiles(s), z, k=p.k, n=p.n, group=p.group, block_n=block_n)
+
+
+def _neg_zero(z):
+    """``-(128 + z)`` in f32 for uint8 zero points ``z`` (None: symmetric, -136.0), without an
+    int->float conversion: ``0x4B000000 | z`` is the f32 ``2**23 + z``, exactly."""
+    if z is None:
+        return -136.0
+    if ZERO_CONVERT == "i2f":
+        return -(z.astype(jnp.float32) + 128.0)
+    big = jax.lax.bitcast_convert_type(z.astype(jnp.uint32) | 0x4B000000, jnp.float32)
+    return (2.0**23 - 128.0) - big
 
 
 def _decode_asm(w, js=range(8), zero=None):
@@ -221,10 +235,22 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
             xs = None
             if xsum == "xla":  # XLA's [M, units] sums: column u as a [1, mp] row
                 xs = token_rows(xs_ref.at[:, pl.ds(D.idiv(k0, SLAB * spg), 1)]).T
-            elif xsum == "sum":  # reduce this unit's x [mp, unit] here
-                xu = token_rows(x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB * spg)])
-                xs = jnp.sum(xu.astype(jnp.float32), axis=1, keepdims=True).T
+            elif xsum == "sum":  # this unit's x as uint32 bf16 pairs [mp, unit / 2], for ready()
+                # (32-bit words: a loop-carried bf16 tile would be repacked by PRMTs, which wait
+                # for the load in the iteration that issued it)
+                k2 = pl.multiple_of(D.idiv(k0, 2), SLAB // 2)
+                xs = token_rows(xs_ref.at[:, pl.ds(k2, SLAB * spg // 2)])
             out.append((s_ref[g], None if z_ref is None else z_ref[g], xs))
+        return out
+
+    def ready(loaded):  # scales()'s values -> f32 scale, -(128 + zero) [bn, 1], sum x [1, mp]
+        out = []
+        for sc, z, xs in loaded:
+            if xsum == "sum":  # bf16 pairs -> f32: the high half as is, the low half shifted up
+                lo = jax.lax.bitcast_convert_type(xs << 16, jnp.float32)
+                hi = jax.lax.bitcast_convert_type(xs & jnp.uint32(0xFFFF0000), jnp.float32)
+                xs = jnp.sum(lo + hi, axis=1, keepdims=True).T
+            out.append((sc.astype(jnp.float32), _neg_zero(z), xs))
         return out
 
     last = sid * steps + steps - 1
@@ -232,38 +258,52 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
     def body(i, carry):
         acc, cur = carry
         t = sid * steps + i
+        if PREFETCH_ORDER == "use_first":  # this chunk's loaded values into f32 registers ...
+            cur = ready(cur[:-1]) + cur[-1:] if WORDS_IN_REGS else ready(cur)
         # Scales are not tensor-core operands, so Triton does not pipeline their loads: issue
         # the next chunk's here and use them one iteration later (their latency hides).
-        nxt = scales(jnp.minimum(t + 1, last))
-        words = w_ref[t]  # uint32 [bn, 16]: one contiguous block
+        nxt = scales(jnp.minimum(t + 1, last))  # ... before the next chunk's loads issue
+        if WORDS_IN_REGS:
+            words, cur = cur[-1], cur[:-1]  # loaded in the previous iteration, carried
+            nxt = nxt + [w_ref[jnp.minimum(t + 1, last)]]
+        else:
+            words = w_ref[t]  # uint32 [bn, 16]: one contiguous block
         if xsum != "none":  # -> 8 x bf16 [bn, 16] of 128 + q
             tiles = decode(words)
         for c, j0 in enumerate(range(0, 8, spg)):
             sc, z, x_total = cur[c]  # x_total: sum_k x, [1, mp] (None: "mma" / "none")
-            sc = sc.astype(jnp.float32)
+            if PREFETCH_ORDER != "use_first":
+                ((sc, z, x_total),) = ready([cur[c]])
+            # sc: f32 scale, z: f32 -(128 + zero point), [bn, 1]
             if xsum == "none":  # slabs of this group decoded to q - z: no sum_k x term
-                zero = "sym" if z is None else -(z.astype(jnp.float32) + 128.0)
-                zero = zero if z is None else zero.astype(jnp.bfloat16)
+                zero = "sym" if z_ref is None else z.astype(jnp.bfloat16)
                 tiles = dict(zip(range(j0, j0 + spg), decode(words, range(j0, j0 + spg), zero)))
                 part = jnp.zeros(acc.shape, jnp.float32)
                 for j in range(j0, j0 + spg):
                     part = dot_acc(tiles[j], x_slab(t * CHUNK + SLAB * j), part)
                 acc = acc + part * sc
                 continue
-            off = (-136.0 if z is None else -(z.astype(jnp.float32) + 128.0)) * sc
+            off = z * sc
             part = jnp.zeros(acc.shape, jnp.float32)
             if xsum == "mma":
                 x_total = jnp.zeros(acc.shape, jnp.float32)
+            x_slabs = None
             for j in range(j0, j0 + spg):  # chained on the tensor core
                 xj = x_slab(t * CHUNK + SLAB * j)
                 part = dot_acc(tiles[j], xj, part)  # sum_k (128 + q) x
                 if xsum == "mma":  # sum_k x, broadcast over the bn rows
                     x_total = dot_acc(jnp.ones((bn, SLAB), jnp.bfloat16), xj, x_total)
+                elif xsum == "slab":  # the MMA's x slabs, already in shared memory, added up
+                    xf = xj.astype(jnp.float32)
+                    x_slabs = xf if x_slabs is None else x_slabs + xf
+            if xsum == "slab":
+                x_total = jnp.sum(x_slabs, axis=0, keepdims=True)  # [1, mp]
             acc = acc + part * sc + off * x_total
         return acc, nxt
 
     acc0 = jnp.zeros((bn, mp), jnp.float32)
-    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps)))
+    first = scales(sid * steps) + ([w_ref[sid * steps]] if WORDS_IN_REGS else [])
+    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, first))
     return acc.T
 
 
@@ -298,6 +338,9 @@ def _tc_2d(
     if xsum == "xla":  # sum_k x per correction unit by XLA (one reduce), read by the kernel
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
         in_specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
+    elif xsum == "sum":  # x again as uint32 words of bf16 pairs, summed in the kernel
+        args.append(jax.lax.bitcast_convert_type(xb.reshape(m, kw // 2, 2), jnp.uint32))
+        in_specs.append(pl.BlockSpec((mp, kw // 2), lambda j, s: (0, 0)))
     elif xsum not in XSUM_MODES:
         raise ValueError(f"xsum must be one of {XSUM_MODES}, got {xsum!r}")
     static = dict(m=m, mp=mp, steps=chunks // split_k, group=t.group, xsum=xsum)
@@ -307,7 +350,7 @@ def _tc_2d(
     w_specs += [D.row_part_spec(gw, block_n, 1, parts)] * (len(w_args) - 1)
 
     def body(x_ref, *refs):
-        xs_ref = refs[0] if xsum == "xla" else None
+        xs_ref = refs[0] if xsum in ("xla", "sum") else None
         w_refs = refs[len(refs) - len(w_args) :]
         z_ref = w_refs[2] if len(w_refs) == 3 else None
         return _kernel(x_ref, xs_ref, w_refs[0], w_refs[1], z_ref, interpret=interpret, **static)
