@@ -57,7 +57,8 @@ def patch_constants(assignments):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--kind", default="int4_g128", help="int4_g128, mxfp4, nvfp4, 2:4_bf16, 2:4_int4")
+    kinds = "int4_g128, mxfp4, nvfp4, 2:4_bf16, 2:4_int4"
+    ap.add_argument("--kind", default="int4_g128", help=kinds)
     ap.add_argument("--m", type=int, default=1, help="rows of x")
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--n", type=int, default=8192)
@@ -69,7 +70,6 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
-
     import kernels as KB  # benchmarks/kernels.py
 
     patch_constants(parse_assignments(args.set, "set"))

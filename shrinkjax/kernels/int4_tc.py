@@ -86,10 +86,7 @@ MAX_M = 128  # tokens per call: the MMA's N side (8 to 128 wide, driver.mma_toke
 _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
 _BF16_ONE = 0x3F803F80  # two bf16 1.0
-XSUM_MODES = ("none", "xla", "sum", "mma", "slab")
-PREFETCH_ORDER = "use_first"
-ZERO_CONVERT = "bitcast"
-WORDS_IN_REGS = False
+XSUM_MODES = ("none", "xla", "sum", "mma")
 
 
 @functools.partial(
@@ -160,8 +157,6 @@ def _neg_zero(z):
     int->float conversion: ``0x4B000000 | z`` is the f32 ``2**23 + z``, exactly."""
     if z is None:
         return -136.0
-    if ZERO_CONVERT == "i2f":
-        return -(z.astype(jnp.float32) + 128.0)
     big = jax.lax.bitcast_convert_type(z.astype(jnp.uint32) | 0x4B000000, jnp.float32)
     return (2.0**23 - 128.0) - big
 
@@ -227,7 +222,7 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
     def x_slab(k0):  # x[0:mp, k0:k0+16]^T: the MMA's right operand
         return token_rows(x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]).T
 
-    def scales(t):  # per group of chunk t: scale, offset [bn, 1] (and sum x [1, 16])
+    def scales(t):  # per group of chunk t, as loaded: scale, zero [bn, 1], x sums or words
         out = []
         for j0 in range(0, 8, spg):
             k0 = t * CHUNK + SLAB * j0
@@ -258,22 +253,17 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
     def body(i, carry):
         acc, cur = carry
         t = sid * steps + i
-        if PREFETCH_ORDER == "use_first":  # this chunk's loaded values into f32 registers ...
-            cur = ready(cur[:-1]) + cur[-1:] if WORDS_IN_REGS else ready(cur)
-        # Scales are not tensor-core operands, so Triton does not pipeline their loads: issue
-        # the next chunk's here and use them one iteration later (their latency hides).
-        nxt = scales(jnp.minimum(t + 1, last))  # ... before the next chunk's loads issue
-        if WORDS_IN_REGS:
-            words, cur = cur[-1], cur[:-1]  # loaded in the previous iteration, carried
-            nxt = nxt + [w_ref[jnp.minimum(t + 1, last)]]
-        else:
-            words = w_ref[t]  # uint32 [bn, 16]: one contiguous block
+        # Scales are not tensor-core operands, so Triton does not pipeline their loads: the
+        # next chunk's are issued here and used one iteration later. This chunk's loaded values
+        # are converted first: ptxas shares scoreboards between loads, so a first use after the
+        # next loads issue waited for those too (ncu: ~35% of the stall samples at M = 1).
+        cur = ready(cur)
+        nxt = scales(jnp.minimum(t + 1, last))
+        words = w_ref[t]  # uint32 [bn, 16]: one contiguous block
         if xsum != "none":  # -> 8 x bf16 [bn, 16] of 128 + q
             tiles = decode(words)
         for c, j0 in enumerate(range(0, 8, spg)):
             sc, z, x_total = cur[c]  # x_total: sum_k x, [1, mp] (None: "mma" / "none")
-            if PREFETCH_ORDER != "use_first":
-                ((sc, z, x_total),) = ready([cur[c]])
             # sc: f32 scale, z: f32 -(128 + zero point), [bn, 1]
             if xsum == "none":  # slabs of this group decoded to q - z: no sum_k x term
                 zero = "sym" if z_ref is None else z.astype(jnp.bfloat16)
@@ -287,23 +277,16 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
             part = jnp.zeros(acc.shape, jnp.float32)
             if xsum == "mma":
                 x_total = jnp.zeros(acc.shape, jnp.float32)
-            x_slabs = None
             for j in range(j0, j0 + spg):  # chained on the tensor core
                 xj = x_slab(t * CHUNK + SLAB * j)
                 part = dot_acc(tiles[j], xj, part)  # sum_k (128 + q) x
                 if xsum == "mma":  # sum_k x, broadcast over the bn rows
                     x_total = dot_acc(jnp.ones((bn, SLAB), jnp.bfloat16), xj, x_total)
-                elif xsum == "slab":  # the MMA's x slabs, already in shared memory, added up
-                    xf = xj.astype(jnp.float32)
-                    x_slabs = xf if x_slabs is None else x_slabs + xf
-            if xsum == "slab":
-                x_total = jnp.sum(x_slabs, axis=0, keepdims=True)  # [1, mp]
             acc = acc + part * sc + off * x_total
         return acc, nxt
 
     acc0 = jnp.zeros((bn, mp), jnp.float32)
-    first = scales(sid * steps) + ([w_ref[sid * steps]] if WORDS_IN_REGS else [])
-    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, first))
+    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, scales(sid * steps)))
     return acc.T
 
 
@@ -378,11 +361,16 @@ def default_warps(m: int = 1, xsum: str = DEFAULT_XSUM) -> int:
     return FEW_TOKENS_WARPS if m <= FEW_TOKENS and xsum != "none" else 4
 
 
-def default_stages(t: TcInt4, split_k: int, xsum: str = "xla") -> int:
-    """3 pipeline stages, or 2 where a program runs at most 2 chunks (H100, 4096² at M = 1:
-    8.6 against 9.3 µs) or sums x itself (``"sum"``: 17.9 against 18.8 µs at 8192², 16.3
-    against 17.2 at 14336 x 4096; ``benchmarks/results/probe_int4_xsum.json``)."""
-    return 2 if t.kw // CHUNK <= 2 * split_k or xsum == "sum" else 3
+def default_stages(t: TcInt4, split_k: int, xsum: str = "xla", m: int = 1) -> int:
+    """Pipeline stages: 2 where a program runs at most 2 chunks (H100, 4096² at M = 1: 8.6
+    against 9.3 µs); with x summed in the kernel (``"sum"``) 3 for one token and 2 above
+    (tenth session, 8192² / 4096 x 14336: M = 1 16.4 / 15.3 against 16.8 / 15.8 µs, M = 8 17.6
+    / 16.8 against 18.4 / 16.9; ``benchmarks/results/probe_int4_slab_tenth.json``); else 3."""
+    if t.kw // CHUNK <= 2 * split_k:
+        return 2
+    if xsum == "sum":
+        return 3 if m == 1 else 2
+    return 3
 
 
 def default_split(t: TcInt4, m: int = 1, rows: int | None = None) -> int:
@@ -414,7 +402,7 @@ def resolve_tiles(
         rows=rows,
         split_k=split_k,
         num_warps=default_warps(m, xsum) if num_warps is None else num_warps,
-        num_stages=default_stages(t, split_k, xsum) if num_stages is None else num_stages,
+        num_stages=default_stages(t, split_k, xsum, m) if num_stages is None else num_stages,
         xsum=xsum,
     )
 
