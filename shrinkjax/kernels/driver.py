@@ -549,6 +549,32 @@ def as_bf16_bits(u16):
     return jax.lax.bitcast_convert_type(u16, jnp.bfloat16)
 
 
+def widen_bits(v):
+    """A loaded 8- or 16-bit value (any dtype) -> its bits zero-extended to uint32.
+
+    For values loaded a loop iteration ahead (the decode kernels' scales and x): a loop-carried
+    8/16-bit value lives in half a register, and ptxas moves it there with a ``PRMT`` that waits
+    for the load in the iteration that issued it; widened at the load (``ld.u8`` / ``ld.u16``
+    into a 32-bit register), the value is carried as is (ncu, H100, tenth session)."""
+    bits = v.dtype.itemsize * 8
+    if bits == 32:
+        return jax.lax.bitcast_convert_type(v, jnp.uint32)
+    if bits not in (8, 16):
+        raise ValueError(f"widen_bits takes 8/16/32-bit values, got {v.dtype}")
+    uint = jnp.uint8 if bits == 8 else jnp.uint16
+    return jax.lax.bitcast_convert_type(v, uint).astype(jnp.uint32)
+
+
+def bf16_bits_to_f32(w):
+    """uint32 holding bf16 bits in its low half (:func:`widen_bits`) -> the f32 value, exactly."""
+    return jax.lax.bitcast_convert_type(w << 16, jnp.float32)
+
+
+def f16_bits_to_f16(w):
+    """uint32 holding f16 bits in its low half (:func:`widen_bits`) -> the f16 value."""
+    return jax.lax.bitcast_convert_type(w.astype(jnp.uint16), jnp.float16)
+
+
 def decode_or_prefill(x, t, matmul, dequantize, *, max_m, path="auto", interpret=None, **tuning):
     """The dispatch entry point of the tensor-core decode layouts (int4_tc, fp4_tc,
     sparse24_tc): ``x[..., K] @ W`` in ``x.dtype``.

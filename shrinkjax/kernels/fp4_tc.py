@@ -89,6 +89,7 @@ SCALE_MODES = ("auto", "late", "columns")
 # 17.6 against 18.7, NVFP4 18.5 against 19.3 (probe_fp4_columns_xin.json); at M = 4 the
 # in-kernel spread over four tokens' columns was slower (NVFP4 > 30 against 26.8).
 X_IN_MODES = ("xla", "kernel")
+PREFETCH = "widen_first"
 OPAQUE_MAX_M = 16
 # "late" mode up to this M: 2 warps (Triton's mma.sync, its operands in registers, instead of
 # wgmma, which waits and fences after every dot; see int4_tc). H100 probe at 8192²
@@ -248,25 +249,47 @@ def _kernel(
 
         def xg_slab(k0, c):  # xg[k0:k0+16] from x [Mc, Kw]: x^T in columns 8 m + c, else 0
             view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
-            xt = D.token_rows(view, m).astype(jnp.float16).T  # [16, Mc]
+            return xg_columns(D.token_rows(view, m).astype(jnp.float16).T, c)
+
+        def xg_columns(xt, c):  # x^T [16, Mc] f16 -> [16, 8 Mc]: columns 8 m + c, else 0
             col = jax.lax.broadcasted_iota(jnp.int32, (SLAB, mc, GROUPS), 2)
             xg = jnp.where(col == c, xt[:, :, None], jnp.zeros((), jnp.float16))
             return xg.reshape(SLAB, mc * GROUPS)
 
-        def operands(t):  # step t's scale tile f32 [bn, 8] and xg slabs [16, 8 Mc] (loaded
-            xs = []  # a step ahead: 2 Mc bytes per thread per slab, too small for cp.async,
-            for j in range(GROUPS * group // SLAB):  # how Triton pipelines dot operands)
+        def operands(t, raw=False):  # step t's scale tile f32 [bn, 8] and xg slabs [16, 8 Mc]
+            xs = []  # (loaded a step ahead: 2 Mc bytes per thread per slab, too small for
+            for j in range(GROUPS * group // SLAB):  # cp.async, how Triton pipelines dots)
                 k0 = t * GROUPS * group + SLAB * j
-                if x_in == "kernel":  # slab j lies in group (16 j) // group of the step
+                if x_in == "kernel" and raw:  # x [Mc, 16] as loaded, widened (ready())
+                    view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
+                    xs.append(D.widen_bits(D.token_rows(view, m)))
+                elif x_in == "kernel":  # slab j lies in group (16 j) // group of the step
                     xs.append(xg_slab(k0, SLAB * j // group))
                 else:
                     xs.append(x_ref[pl.ds(pl.multiple_of(k0, SLAB), SLAB), :])
-            return scale_f32(s_ref[t], group), xs
+                    xs[-1] = D.widen_bits(xs[-1]) if raw else xs[-1]
+            return (s_ref[t], xs) if raw else (scale_f32(s_ref[t], group), xs)
+
+        def ready(loaded):  # operands(t, raw=True) -> operands(t)
+            s_raw, xs = loaded
+            out = []
+            for j, w in enumerate(xs):
+                if x_in == "kernel":
+                    xt = D.bf16_bits_to_f32(w).astype(jnp.float16).T  # [16, Mc]
+                    out.append(xg_columns(xt, SLAB * j // group))
+                else:
+                    out.append(D.f16_bits_to_f16(w))
+            return scale_f32(s_raw, group), out
+
+        first_use = x_prefetch and PREFETCH == "widen_first"
 
         def body(i, carry):
-            acc, (sc, xs) = carry
+            acc, cur = carry
             t = sid * steps + i
-            nxt = operands(jnp.minimum(t + 1, last))
+            # this step's loaded values converted before the next step's loads issue (see
+            # int4_tc's loop: ptxas shares scoreboards between loads)
+            sc, xs = ready(cur) if first_use else cur
+            nxt = operands(jnp.minimum(t + 1, last), raw=first_use)
             if not x_prefetch:  # slabs loaded at use: Triton pipelines them (cp.async)
                 xs = operands(t)[1]
             part = jnp.zeros((bn, GROUPS * mc), jnp.float32)
@@ -280,7 +303,7 @@ def _kernel(
             return acc + part.reshape(bn, mc, GROUPS) * sc[:, None, :], nxt
 
         acc0 = jnp.zeros((bn, GROUPS) if mc == 1 else (bn, mc, GROUPS), jnp.float32)
-        acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, operands(sid * steps)))
+        acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, operands(sid * steps, raw=first_use)))
         y = jnp.sum(acc, axis=-1 if mc > 1 else 1, keepdims=mc == 1).T  # [Mc, bn]
         if mc == 1:
             y = jnp.broadcast_to(y, (mp, bn))
@@ -291,17 +314,21 @@ def _kernel(
             view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
             return D.token_rows(view, m).astype(jnp.float16).T
 
+        first_use = PREFETCH == "widen_first"
+
         def scales(t):  # block t's groups: f32 [bn, 1] each (a column of the stored tile)
             out = []
             for c in range(gpc):
                 g = t * gpc + c
                 col = s_ref.at[D.idiv(g, GROUPS), :, pl.ds(g % GROUPS, 1)]
-                out.append(scale_f32(col[...], group))
+                out.append(D.widen_bits(col[...]) if first_use else scale_f32(col[...], group))
             return out
 
         def body(i, carry):
             acc, cur = carry
             t = sid * steps + i
+            if first_use:  # converted before the next block's loads issue
+                cur = [scale_f32(c, group) for c in cur]
             nxt = scales(jnp.minimum(t + 1, last))  # issued a block ahead (Triton does not
             tiles = decode(w_ref[t])  # pipeline them: they are not tensor-core operands)
             spg = group // SLAB  # slabs per group

@@ -76,6 +76,7 @@ MAX_M = 128
 # benchmarks/RESULTS.md (eighth session), 4 warps, same call: bf16 values 8192² M = 1 / 16
 # 31.3 / 33.0 against 32.8 / 36.5 µs with x4; with 2 warps 29.5 / 31.1 (grid).
 X_IN_MODES = ("xla", "kernel")
+PREFETCH = "widen_first"
 OPAQUE_MAX_M = 16
 
 
@@ -287,20 +288,28 @@ def _kernel(
         pos = [*jnp.unstack(even, axis=-1), *jnp.unstack(odd, axis=-1)]  # p = 0, 2, 1, 3
         return [pos[p].T for p in (0, 2, 1, 3)]
 
+    first_use = PREFETCH == "widen_first"
+
     def scales(t):  # step t's units: (scale, -136 scale) [bn, 1] and sum x [1, mp]
         out = []
         for u0 in range(0, per, cpu):
             row0 = t * SUPER + u0 * CHUNK
-            sc = s_ref[D.idiv(row0, group)].astype(jnp.float32)
+            sc = s_ref[D.idiv(row0, group)]
             xs = token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T
-            out.append((sc, -136.0 * sc, xs))
+            out.append((D.widen_bits(sc), None, xs) if first_use else ready1(sc, xs))
         return out
+
+    def ready1(sc, xs):
+        sc = D.bf16_bits_to_f32(sc) if first_use else sc.astype(jnp.float32)
+        return sc, -136.0 * sc, xs
 
     last = sid * steps + steps - 1
 
     def body(i, carry):
         acc, cur = carry
         t = sid * steps + i
+        if int4 and first_use:  # converted before the next step's loads issue (int4_tc)
+            cur = [ready1(sc, xs) for sc, _, xs in cur]
         nxt = scales(jnp.minimum(t + 1, last)) if int4 else cur  # a step ahead (not pipelined)
         keep = k_ref[t]  # uint16 [bn, 16]: this step's keep masks
         words = v_ref[t] if int4 else None  # int4: one block of codes per step
