@@ -89,7 +89,6 @@ SCALE_MODES = ("auto", "late", "columns")
 # 17.6 against 18.7, NVFP4 18.5 against 19.3 (probe_fp4_columns_xin.json); at M = 4 the
 # in-kernel spread over four tokens' columns was slower (NVFP4 > 30 against 26.8).
 X_IN_MODES = ("xla", "kernel")
-PREFETCH = "widen_first"
 OPAQUE_MAX_M = 16
 # "late" mode up to this M: 2 warps (Triton's mma.sync, its operands in registers, instead of
 # wgmma, which waits and fences after every dot; see int4_tc). H100 probe at 8192²
@@ -230,13 +229,20 @@ def scale_f32(s, group: int):
 
 def _kernel(
     x_ref, ts_ref, w_ref, s_ref, *, m, mp, steps, group, columns, interpret, x_prefetch=True,
-    x_in="xla",
+    x_in="xla", use_first=True,
 ):  # fmt: skip
     """One program: ``bn`` weight rows, ``steps`` 128-row blocks (``"late"``; x_ref ``[mp, Kw]``
     in f16, or bf16 converted here) or scale steps of eight groups (``"columns"``; x_ref is then
     ``xg [Kw, 8 Mc]``, the result ``[Mc, bn]``, or ``[16, bn]`` at Mc = 1; with ``x_in="kernel"``
     x ``[Mc, Kw]`` in bf16 instead, each slab spread into its group's columns here). Returns
-    the program's f32 ``[mp, bn]`` partial of y (token-major)."""
+    the program's f32 ``[mp, bn]`` partial of y (token-major).
+
+    ``use_first``: the values a loop step loads for the next (scales; x in ``"columns"``) are
+    widened to 32 bits at the load and converted at the top of the next step, before its own
+    loads issue. As int4_tc's loop found with ncu, ptxas otherwise waits for those loads within
+    the step that issued them. H100, 8192² (tenth session, ``prefetch_fp4s24_{old,new}_tenth``):
+    MXFP4 M = 1 17.7 -> 16.6 µs, NVFP4 M = 1 18.7 -> 17.1, M = 16 29.0 -> 25.8; but NVFP4
+    "late" at M = 4 (:func:`_nvfp4_few`'s doubled split) 21.1 -> 22.4, so not there."""
     sid = pl.program_id(1)
     decode = _decode_jnp if interpret else _decode_asm
     bn = w_ref.shape[1]
@@ -281,7 +287,7 @@ def _kernel(
                     out.append(D.f16_bits_to_f16(w))
             return scale_f32(s_raw, group), out
 
-        first_use = x_prefetch and PREFETCH == "widen_first"
+        first_use = x_prefetch and use_first
 
         def body(i, carry):
             acc, cur = carry
@@ -314,7 +320,7 @@ def _kernel(
             view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
             return D.token_rows(view, m).astype(jnp.float16).T
 
-        first_use = PREFETCH == "widen_first"
+        first_use = use_first
 
         def scales(t):  # block t's groups: f32 [bn, 1] each (a column of the stored tile)
             out = []
@@ -408,7 +414,7 @@ def _fp4_tc_2d(
     steps = kw // unit // split_k
     body = functools.partial(
         _kernel, m=m, mp=mp, steps=steps, group=t.group, columns=columns, interpret=interpret,
-        x_prefetch=x_prefetch, x_in=x_in,
+        x_prefetch=x_prefetch, x_in=x_in, use_first=not _nvfp4_few(t, columns, m),
     )  # fmt: skip
     chunks, gs = kw // CHUNK, t.scales.shape[1]
     in_specs = [

@@ -76,7 +76,6 @@ MAX_M = 128
 # benchmarks/RESULTS.md (eighth session), 4 warps, same call: bf16 values 8192² M = 1 / 16
 # 31.3 / 33.0 against 32.8 / 36.5 µs with x4; with 2 warps 29.5 / 31.1 (grid).
 X_IN_MODES = ("xla", "kernel")
-PREFETCH = "widen_first"
 OPAQUE_MAX_M = 16
 
 
@@ -288,28 +287,28 @@ def _kernel(
         pos = [*jnp.unstack(even, axis=-1), *jnp.unstack(odd, axis=-1)]  # p = 0, 2, 1, 3
         return [pos[p].T for p in (0, 2, 1, 3)]
 
-    first_use = PREFETCH == "widen_first"
-
-    def scales(t):  # step t's units: (scale, -136 scale) [bn, 1] and sum x [1, mp]
+    def scales(t):  # step t's units as loaded: bf16 scale bits (widened), None, sum x [1, mp]
         out = []
         for u0 in range(0, per, cpu):
             row0 = t * SUPER + u0 * CHUNK
-            sc = s_ref[D.idiv(row0, group)]
-            xs = token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T
-            out.append((D.widen_bits(sc), None, xs) if first_use else ready1(sc, xs))
+            sc = D.widen_bits(s_ref[D.idiv(row0, group)])
+            out.append((sc, None, token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T))
         return out
 
-    def ready1(sc, xs):
-        sc = D.bf16_bits_to_f32(sc) if first_use else sc.astype(jnp.float32)
-        return sc, -136.0 * sc, xs
+    def ready(loaded):  # -> (scale, -136 scale) [bn, 1] and sum x [1, mp] per unit
+        out = []
+        for sc, _, xs in loaded:
+            sc = D.bf16_bits_to_f32(sc)
+            out.append((sc, -136.0 * sc, xs))
+        return out
 
     last = sid * steps + steps - 1
 
     def body(i, carry):
         acc, cur = carry
         t = sid * steps + i
-        if int4 and first_use:  # converted before the next step's loads issue (int4_tc)
-            cur = [ready1(sc, xs) for sc, _, xs in cur]
+        if int4:  # converted before the next step's loads issue (see int4_tc's loop; H100
+            cur = ready(cur)  # 8192²: 2:4-int4 at M = 4 / 8 / 16 -1 to -2%, M = 1 the same)
         nxt = scales(jnp.minimum(t + 1, last)) if int4 else cur  # a step ahead (not pipelined)
         keep = k_ref[t]  # uint16 [bn, 16]: this step's keep masks
         words = v_ref[t] if int4 else None  # int4: one block of codes per step
