@@ -443,17 +443,14 @@ def default_split(t: TcFP4, columns: bool = True, m: int = 1) -> int:
     four programs per SM and at least two blocks each (H100 probe, ``scripts/probe_tc.py``:
     MXFP4 4096 x 4096 at M = 1 in 8.3 µs at 16 splits, 9.3 µs at 8), halved from M = 3 on
     (four tokens' 32 columns: 181 registers, two programs per SM; NVFP4 8192² at M = 4:
-    25.5 µs halved, 29.0 not). Doubled for NVFP4 "late" at ``m <= NVFP4_FEW_TOKENS`` and NVFP4
-    "columns" at M = 1 (with 2 stages, :func:`default_stages`; tenth session, x read in place:
-    8192² 17.2 against 18.1 µs, 4096 x 14336 16.0 against 17.1,
-    ``benchmarks/results/probe_fp4_cols_tenth.json``)."""
+    25.5 µs halved, 29.0 not). NVFP4 "late" at ``m <= NVFP4_FEW_TOKENS``: doubled."""
     unit = t.step_rows if columns else CHUNK
     per_sm, min_blocks = (4, 2) if columns else (2, 4)
     min_steps = max(1, min_blocks * CHUNK // unit)
     split = D.split_for(
         t.words.shape[0], t.kw // unit, per_sm=per_sm, min_steps=min_steps, at_most=columns
     )
-    if _nvfp4_doubled(t, columns, m) and (t.kw // unit) % (2 * split) == 0:
+    if _nvfp4_few(t, columns, m) and (t.kw // unit) % (2 * split) == 0:
         return 2 * split
     return max(1, split // 2) if columns and m > 2 else split
 
@@ -462,15 +459,10 @@ def _nvfp4_few(t: TcFP4, columns: bool, m: int) -> bool:
     return t.fmt == "nvfp4" and not columns and m <= NVFP4_FEW_TOKENS
 
 
-def _nvfp4_doubled(t: TcFP4, columns: bool, m: int) -> bool:
-    """NVFP4 tiles with doubled K splits and 2 stages: "late" few-token ones and M = 1 columns."""
-    return _nvfp4_few(t, columns, m) or (t.fmt == "nvfp4" and columns and m == 1)
-
-
 def default_stages(t: TcFP4, columns: bool, m: int = 1) -> int:
     """Pipeline stages: 2 for MXFP4's 256-row columns steps (H100: 18.7 vs 19.4 µs at 8192²,
-    M = 1) and for NVFP4's doubled splits (:func:`_nvfp4_doubled`), else 3."""
-    return 2 if (columns and t.fmt == "mxfp4") or _nvfp4_doubled(t, columns, m) else 3
+    M = 1) and for NVFP4 "late" at ``m <= NVFP4_FEW_TOKENS``, else 3."""
+    return 2 if (columns and t.fmt == "mxfp4") or _nvfp4_few(t, columns, m) else 3
 
 
 def default_x_in(columns: bool, m: int = 1) -> str:

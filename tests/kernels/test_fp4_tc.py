@@ -249,20 +249,6 @@ def test_nvfp4_late_mode_doubles_the_split_with_2_stages_up_to_8_rows(monkeypatc
         assert (F.default_split(t, False, m), F.default_stages(t, False, m)) == (split, stages)
 
 
-def test_nvfp4_columns_at_one_row_doubles_the_split_with_2_stages(monkeypatch):
-    """The tenth session's probe: NVFP4 "columns" at M = 1 runs twice the K splits of M = 2
-    with 2 stages (not 3); MXFP4 "columns" keeps its rule at M = 1."""
-    from shrinkjax.kernels import driver as D
-
-    monkeypatch.setattr(D, "_num_sms", lambda: 132)
-    words = jax.ShapeDtypeStruct((64, 64, 128, 16), jnp.uint32)  # 8192², 128-row tiles
-    nv = F.TcFP4(words, None, None, k=8192, n=8192, fmt="nvfp4", block_n=128)
-    assert F.default_split(nv, True, 1) == 2 * F.default_split(nv, True, 2)
-    assert (F.default_stages(nv, True, 1), F.default_stages(nv, True, 2)) == (2, 3)
-    mx = F.TcFP4(words, None, None, k=8192, n=8192, fmt="mxfp4", block_n=128)
-    assert F.default_split(mx, True, 1) == F.default_split(mx, True, 2)
-
-
 def test_resolve_tiles_gives_the_defaults_and_keeps_given_values(monkeypatch):
     """What fp4_tc_matmul runs (and the benchmarks record): "auto" resolved, each default from
     its rule, x read in place only inside dispatch.opaque_input, given values kept."""
@@ -277,7 +263,7 @@ def test_resolve_tiles_gives_the_defaults_and_keeps_given_values(monkeypatch):
     with dispatch.opaque_input():
         assert F.resolve_tiles(t, 4)["x_in"] == "kernel"
         assert F.resolve_tiles(t, 1) == dict(
-            split_k=16, num_warps=4, num_stages=2, scale_mode="columns", x_in="kernel"
+            split_k=8, num_warps=4, num_stages=3, scale_mode="columns", x_in="kernel"
         )
     given = F.resolve_tiles(t, 4, scale_mode="columns", split_k=2, num_warps=4, x_in="xla")
     assert given == dict(split_k=2, num_warps=4, num_stages=3, scale_mode="columns", x_in="xla")
@@ -291,6 +277,6 @@ def test_auto_scale_mode_and_split_follow_the_probe():
         assert F.use_columns("auto", last, fmt) and not F.use_columns("auto", last + 1, fmt)
         assert F.use_columns("columns", 8, fmt) and not F.use_columns("late", 1, fmt)
         _, t, _ = _problem(rng, fmt, 8192, 1024)
-        full = F.default_split(t, True, 2)  # (NVFP4 doubles it at M = 1: the next test)
-        assert full > 1 and F.default_split(t, True, 1) == full * (2 if fmt == "nvfp4" else 1)
+        full = F.default_split(t, True, 1)
+        assert full > 1 and F.default_split(t, True, 2) == full
         assert F.default_split(t, True, 4) == full // 2
