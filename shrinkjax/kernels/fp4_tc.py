@@ -443,7 +443,12 @@ def default_split(t: TcFP4, columns: bool = True, m: int = 1) -> int:
     four programs per SM and at least two blocks each (H100 probe, ``scripts/probe_tc.py``:
     MXFP4 4096 x 4096 at M = 1 in 8.3 µs at 16 splits, 9.3 µs at 8), halved from M = 3 on
     (four tokens' 32 columns: 181 registers, two programs per SM; NVFP4 8192² at M = 4:
-    25.5 µs halved, 29.0 not). NVFP4 "late" at ``m <= NVFP4_FEW_TOKENS``: doubled."""
+    25.5 µs halved, 29.0 not). NVFP4 "late" at ``m <= NVFP4_FEW_TOKENS``: doubled.
+
+    Not kept (tenth session, commit 468ef24): NVFP4 "columns" at M = 1 doubled with 2 stages. A
+    probe with 2 warps had it at 17.2 µs at 8192² against 18.1 for the default with x from XLA;
+    with the default 4 warps and x in place the grid then took 18.9, against 17.1 for this rule
+    in an earlier call (``benchmarks/RESULTS.md``, tenth session)."""
     unit = t.step_rows if columns else CHUNK
     per_sm, min_blocks = (4, 2) if columns else (2, 4)
     min_steps = max(1, min_blocks * CHUNK // unit)

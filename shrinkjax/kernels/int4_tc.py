@@ -21,10 +21,10 @@ The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layou
   zero loads are issued one chunk ahead by hand. **Chained dots** through
   :func:`shrinkjax.kernels.triton_ext.dot_acc` (``tt.dot(a, b, acc)``: no FADD per dot).
 
-Measured (one H100, device time, ``benchmarks/RESULTS.md``, ninth session): 8192 x 8192 g128
-at M = 1 in 17.3 µs (0.67 of the copy bandwidth), 4096 x 4096 in 7.1 µs, against 26.5 / 10.7 µs
+Measured (one H100, device time, ``benchmarks/RESULTS.md``, tenth session): 8192 x 8192 g128
+at M = 1 in 16.6 µs (0.71 of the copy bandwidth), 4096 x 4096 in 7.0 µs, against 27.5 / 11.6 µs
 for ``torch._weight_int4pack_mm`` (faster at every M measured); Llama-3-8B-shaped W4 decode
-2.58x bf16 at batch 1 (every linear and the lm_head in int4). For M <= ``FEW_TOKENS`` a program
+2.62x bf16 at batch 1 (every linear and the lm_head in int4). For M <= ``FEW_TOKENS`` a program
 runs 64 of a tile's 128 rows with 2 warps (``mma.sync``; module constants below); above, whole
 tiles with 4 (``wgmma``).
 
