@@ -320,20 +320,18 @@ def _kernel(
             view = x_ref.at[:, pl.ds(pl.multiple_of(k0, SLAB), SLAB)]
             return D.token_rows(view, m).astype(jnp.float16).T
 
-        first_use = use_first
-
         def scales(t):  # block t's groups: f32 [bn, 1] each (a column of the stored tile)
             out = []
             for c in range(gpc):
                 g = t * gpc + c
                 col = s_ref.at[D.idiv(g, GROUPS), :, pl.ds(g % GROUPS, 1)]
-                out.append(D.widen_bits(col[...]) if first_use else scale_f32(col[...], group))
+                out.append(D.widen_bits(col[...]) if use_first else scale_f32(col[...], group))
             return out
 
         def body(i, carry):
             acc, cur = carry
             t = sid * steps + i
-            if first_use:  # converted before the next block's loads issue
+            if use_first:  # converted before the next block's loads issue
                 cur = [scale_f32(c, group) for c in cur]
             nxt = scales(jnp.minimum(t + 1, last))  # issued a block ahead (Triton does not
             tiles = decode(w_ref[t])  # pipeline them: they are not tensor-core operands)

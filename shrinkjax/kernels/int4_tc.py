@@ -18,8 +18,10 @@ The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layou
   (:func:`shrinkjax.kernels.dispatch.opaque_input`); ``"none"`` subtracts the zero point in the
   decode instead (slower).
 * **Scales prefetched**: Triton pipelines only tensor-core operands (``cp.async``); the scale and
-  zero loads are issued one chunk ahead by hand. **Chained dots** through
-  :func:`shrinkjax.kernels.triton_ext.dot_acc` (``tt.dot(a, b, acc)``: no FADD per dot).
+  zero loads are issued one chunk ahead by hand, and their values converted at the top of the
+  next step before its own loads issue (otherwise ptxas waits for the new loads; ncu).
+  **Chained dots** through :func:`shrinkjax.kernels.triton_ext.dot_acc` (``tt.dot(a, b, acc)``:
+  no FADD per dot).
 
 Measured (one H100, device time, ``benchmarks/RESULTS.md``, tenth session): 8192 x 8192 g128
 at M = 1 in 16.6 µs (0.71 of the copy bandwidth), 4096 x 4096 in 7.0 µs, against 27.5 / 11.6 µs

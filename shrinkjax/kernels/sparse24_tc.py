@@ -287,18 +287,18 @@ def _kernel(
         pos = [*jnp.unstack(even, axis=-1), *jnp.unstack(odd, axis=-1)]  # p = 0, 2, 1, 3
         return [pos[p].T for p in (0, 2, 1, 3)]
 
-    def scales(t):  # step t's units as loaded: bf16 scale bits (widened), None, sum x [1, mp]
+    def scales(t):  # step t's units as loaded: bf16 scale bits (widened) [bn, 1], sum x [1, mp]
         out = []
         for u0 in range(0, per, cpu):
             row0 = t * SUPER + u0 * CHUNK
             sc = D.widen_bits(s_ref[D.idiv(row0, group)])
-            out.append((sc, None, token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T))
+            out.append((sc, token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T))
         return out
 
     def ready(loaded):  # -> (scale, -136 scale) [bn, 1] and sum x [1, mp] per unit
         out = []
-        for sc, _, xs in loaded:
-            sc = D.bf16_bits_to_f32(sc)
+        for bits, xs in loaded:
+            sc = D.bf16_bits_to_f32(bits)
             out.append((sc, -136.0 * sc, xs))
         return out
 
@@ -309,7 +309,9 @@ def _kernel(
         t = sid * steps + i
         if int4:  # converted before the next step's loads issue (see int4_tc's loop; H100
             cur = ready(cur)  # 8192²: 2:4-int4 at M = 4 / 8 / 16 -1 to -2%, M = 1 the same)
-        nxt = scales(jnp.minimum(t + 1, last)) if int4 else cur  # a step ahead (not pipelined)
+            nxt = scales(jnp.minimum(t + 1, last))  # a step ahead (not pipelined)
+        else:
+            nxt = cur
         keep = k_ref[t]  # uint16 [bn, 16]: this step's keep masks
         words = v_ref[t] if int4 else None  # int4: one block of codes per step
         part = jnp.zeros(acc.shape, jnp.float32) if int4 else acc
