@@ -59,7 +59,9 @@ def main(argv=None):
     axes[0].set_ylabel("speed-up over cuBLAS bf16 (×)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    fig.suptitle(f"{res.get('device', '')}: y = x @ W, same run (timing: device)", fontsize=10)
+    calls = len({r.get("run") for r in rows})  # merged JSONs: rows of several calls
+    where = "one call" if calls == 1 else f"each ratio within its call, rows of {calls} calls"
+    fig.suptitle(f"{res.get('device', '')}: y = x @ W ({where}; timing: device)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")
