@@ -252,6 +252,28 @@ def test_in_kernel_decoders_are_exact():
     np.testing.assert_array_equal(got, want)
 
 
+def test_widened_bits_round_trip_exactly():
+    """driver.widen_bits (loads carried a step ahead as uint32) and its decoders: every bf16 and
+    f16 bit pattern comes back exactly (NaNs as the same bits), bytes zero-extended; int4_tc's
+    zero point -(128 + z) through the f32 exponent is exact for every uint8."""
+    from shrinkjax.kernels import int4_tc
+
+    bits = jnp.arange(2**16, dtype=jnp.uint32).astype(jnp.uint16)
+    bf = jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+    w = driver.widen_bits(bf)
+    assert w.dtype == jnp.uint32 and int(w.max()) == 2**16 - 1
+    back = jax.lax.bitcast_convert_type(driver.bf16_bits_to_f32(w), jnp.uint32) >> 16
+    np.testing.assert_array_equal(np.asarray(back), np.arange(2**16))
+    f16 = jax.lax.bitcast_convert_type(bits, jnp.float16)
+    h = driver.f16_bits_to_f16(driver.widen_bits(f16))
+    np.testing.assert_array_equal(np.asarray(h).view(np.uint16), np.arange(2**16, dtype=np.uint16))
+    z = jnp.arange(256, dtype=jnp.uint32).astype(jnp.uint8)
+    np.testing.assert_array_equal(np.asarray(driver.widen_bits(z)), np.arange(256))
+    np.testing.assert_array_equal(np.asarray(int4_tc._neg_zero(z)), -(128.0 + np.arange(256)))
+    with pytest.raises(ValueError, match="8/16/32-bit values, got float64"):
+        driver.widen_bits(np.zeros(2, np.float64))
+
+
 # ------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------
