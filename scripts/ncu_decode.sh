@@ -9,6 +9,10 @@
 # The clocks stay as they are (--clock-control none); caches are flushed before the profiled
 # launch (the default), so the weight comes from HBM as in a decode step.
 set -u
+if [ $# -lt 2 ]; then
+  echo "usage: $0 OUT_DIR \"NAME|ncu_kernel.py args\" [...]" >&2
+  exit 2
+fi
 out=$1
 shift
 mkdir -p "$out"

@@ -71,8 +71,8 @@ def patch_constants(assignments):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    kinds = "int4_g128, mxfp4, nvfp4, 2:4_bf16, 2:4_int4"
-    ap.add_argument("--kind", default="int4_g128", help=kinds)
+    kinds = ("int4_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4")
+    ap.add_argument("--kind", default="int4_g128", choices=kinds)
     ap.add_argument("--m", type=int, default=1, help="rows of x")
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--n", type=int, default=8192)

@@ -26,6 +26,10 @@ def summarize(path: str, min_samples: int = 15) -> str:
         raise SystemExit(f"{path}: no 'Source' header; is it `ncu --page source --csv` output?")
     hdr, data = rows[start], [r for r in rows[start + 1 :] if len(r) == len(rows[start])]
     col = {name: i for i, name in enumerate(hdr)}
+    need = ("Source", "Warp Stall Sampling (All Samples)", "Instructions Executed")
+    missing = [c for c in need if c not in col]
+    if missing:
+        raise SystemExit(f"{path}: no column {missing}; profile with `--set full` (stall sampling)")
     src, samples = col["Source"], col["Warp Stall Sampling (All Samples)"]
     execs = col["Instructions Executed"]
     reasons = [c for c in hdr if c.startswith("stall_") and "Not Issued" not in c]

@@ -54,3 +54,10 @@ def test_stalls_are_summed_by_reason_and_the_loop_found(tmp_path):
     assert "by reason: long_sb 35, wait 10" in text  # "(Not Issued)" columns not counted
     assert "FADD R3, R1, R1" in text and "long_sb:35 wait:5" in text
     assert "LDG.E" not in text  # under --min-samples
+
+
+def test_a_page_without_stall_sampling_is_named(tmp_path):
+    path = tmp_path / "k.sass.csv"
+    path.write_text('"Address","Source","Instructions Executed"\n"0x0","NOP","1"\n')
+    with pytest.raises(SystemExit, match=r"k.sass.csv: no column \['Warp Stall Sampling"):
+        ncu_stalls.summarize(str(path))

@@ -272,8 +272,8 @@ def _kernel(
                 elif x_in == "kernel":  # slab j lies in group (16 j) // group of the step
                     xs.append(xg_slab(k0, SLAB * j // group))
                 else:
-                    xs.append(x_ref[pl.ds(pl.multiple_of(k0, SLAB), SLAB), :])
-                    xs[-1] = D.widen_bits(xs[-1]) if raw else xs[-1]
+                    xk = x_ref[pl.ds(pl.multiple_of(k0, SLAB), SLAB), :]
+                    xs.append(D.widen_bits(xk) if raw else xk)
             return (s_ref[t], xs) if raw else (scale_f32(s_ref[t], group), xs)
 
         def ready(loaded):  # operands(t, raw=True) -> operands(t)

@@ -244,7 +244,7 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
         out = []
         for sc, z, xs in loaded:
             if xsum == "sum":  # bf16 pairs -> f32: the high half as is, the low half shifted up
-                lo = jax.lax.bitcast_convert_type(xs << 16, jnp.float32)
+                lo = D.bf16_bits_to_f32(xs)
                 hi = jax.lax.bitcast_convert_type(xs & jnp.uint32(0xFFFF0000), jnp.float32)
                 xs = jnp.sum(lo + hi, axis=1, keepdims=True).T
             out.append((sc.astype(jnp.float32), _neg_zero(z), xs))
@@ -323,7 +323,9 @@ def _tc_2d(
     if xsum == "xla":  # sum_k x per correction unit by XLA (one reduce), read by the kernel
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
         in_specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
-    elif xsum == "sum":  # x again as uint32 words of bf16 pairs, summed in the kernel
+    elif xsum == "sum":  # x again as uint32 words of bf16 pairs, summed in the kernel (XLA
+        # expands this shape-changing bitcast into a small fusion of its own, on CPU at least;
+        # the tenth session's timings include it)
         args.append(jax.lax.bitcast_convert_type(xb.reshape(m, kw // 2, 2), jnp.uint32))
         in_specs.append(pl.BlockSpec((mp, kw // 2), lambda j, s: (0, 0)))
     elif xsum not in XSUM_MODES:
