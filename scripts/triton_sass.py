@@ -19,8 +19,7 @@ It does not time anything; ``benchmarks/kernels.py`` / ``scripts/probe_int4_gemv
 
 Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_fused``
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
-``SPLIT``, ``LANES`` / ``ROWS``: K chunks side by side / rows per program),
-``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
+``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
 ``SCALE_MODE``, ``XPREFETCH=0``, ``X_IN=kernel``) and ``sparse24_tc``
 (:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``, ``VALUES=int4``, ``X_IN=kernel``), at
 K = N = 8192; env ``M``: rows of x (default 1), ``MMA_SYNC_MIN_N``: the 2-warp MMA's least
@@ -151,10 +150,7 @@ def _tc_problem(kind, p, rng, k, n, block_n):
     driver.MMA_SYNC_MIN_N = int(os.environ.get("MMA_SYNC_MIN_N", driver.MMA_SYNC_MIN_N))
 
     if kind == "int4_tc":
-        extra = {"xsum": os.environ.get("XSUM", "mma")}
-        if int(os.environ.get("LANES", 1)) > 1:  # K chunks side by side in a program
-            extra.update(lanes=int(os.environ["LANES"]), rows=int(os.environ.get("ROWS", 32)))
-        return int4_tc._tc_2d, int4_tc.pack_tc(p, block_n), extra
+        return int4_tc._tc_2d, int4_tc.pack_tc(p, block_n), {"xsum": os.environ.get("XSUM", "mma")}
     codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
     if kind == "sparse24_tc":
         keep = L.random_mask_24(rng, k, n)

@@ -637,16 +637,15 @@ def call_2d(kernel_2d, x, t, *, interpret=None, **kw):
     return y.astype(x.dtype).reshape(*lead, t.n)
 
 
-def program_rows(t, rows: int | None, least: int = 64) -> tuple[int, int]:
+def program_rows(t, rows: int | None) -> tuple[int, int]:
     """``(rows, parts)`` for programs of ``rows`` weight rows (None: the packed tile
     ``t.block_n``) over a tensor-core layout: ``parts`` programs share a packed tile, each
-    streaming its contiguous ``rows``-row part of every block. ``rows`` must be a multiple of
-    ``least`` (64: a warpgroup's rows; 16 where every warp runs all rows) dividing
-    ``t.block_n``."""
+    streaming its contiguous ``rows``-row part of every block. ``rows`` must be a multiple of 64
+    dividing ``t.block_n``."""
     rows = t.block_n if rows is None else rows
-    if t.block_n % rows or rows % least:
+    if t.block_n % rows or rows % 64:
         raise ValueError(
-            f"rows {rows} must be a multiple of {least} dividing the packed block_n {t.block_n}"
+            f"rows {rows} must be a multiple of 64 dividing the packed block_n {t.block_n}"
         )
     return rows, t.block_n // rows
 

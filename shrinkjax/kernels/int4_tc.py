@@ -201,7 +201,7 @@ def _decode_jnp(w, js=range(8), zero=None):
     """Same as :func:`_decode_asm` in jnp (interpret mode / CPU)."""
     out = []
     for j in js:
-        src = w[..., j // 4 :: 2]  # [..., bn, 8]: word 2u + j // 4
+        src = w[:, j // 4 :: 2]  # [bn, 8]: word 2u + j // 4
         sh = 4 * (j % 4)
         pair = jnp.stack([(src >> sh) & 0xF, (src >> (sh + 16)) & 0xF], axis=-1)
         v = pair.reshape(w.shape).astype(jnp.float32) + 128.0
@@ -292,68 +292,15 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
     return acc.T
 
 
-def _kernel_lanes(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, lanes, xsum, interpret):
-    """:func:`_kernel` with ``lanes`` K chunks per loop step side by side, one warp each: the
-    decode and the MMAs run on ``[lanes, bn, ...]`` batches (a 3-D ``tt.dot``), and the lanes'
-    partials are added once, at the end, inside the program. This splits K within a program
-    instead of across programs, so one program can cover all of K and write ``y`` itself (no
-    XLA sum of split-K partials: 1.3-2.2 µs per standalone call on the H100, ``scripts/
-    probe_call_kernels.py``). Group 128 only (a lane's chunk is one scale group).
-
-    Refs: x ``[mp, chunks, 128]`` bf16; ``xs`` ``[mp, chunks]`` f32 sums (``"xla"``) or
-    ``[mp, chunks, 64]`` uint32 bf16 pairs (``"sum"``); weights as in :func:`_kernel`."""
-    sid = pl.program_id(1)
-    decode = _decode_jnp if interpret else _decode_asm
-
-    def token_rows(view):
-        return D.token_rows(view, m)
-
-    def load(c0):  # chunks c0 .. c0 + lanes: scale, zero [lanes, bn, 1]; x sums or words
-        xs = None
-        if xsum == "xla":
-            xs = token_rows(xs_ref.at[:, pl.ds(c0, lanes)])  # [mp, lanes]
-        elif xsum == "sum":
-            xs = token_rows(xs_ref.at[:, pl.ds(c0, lanes), :])  # uint32 [mp, lanes, 64]
-        z = None if z_ref is None else z_ref[pl.ds(c0, lanes)]
-        return s_ref[pl.ds(c0, lanes)], z, xs
-
-    def ready(loaded):  # -> f32 scale, -(128 + zero) [lanes, bn, 1], sum x [lanes, 1, mp]
-        sc, z, xs = loaded
-        if xsum == "sum":
-            lo = D.bf16_bits_to_f32(xs)
-            hi = jax.lax.bitcast_convert_type(xs & jnp.uint32(0xFFFF0000), jnp.float32)
-            xs = jnp.sum(lo + hi, axis=2)
-        return sc.astype(jnp.float32), _neg_zero(z), xs.T[:, None, :]
-
-    base = sid * steps * lanes
-    last = base + (steps - 1) * lanes
-
-    def body(i, carry):
-        acc, cur = carry
-        c0 = base + i * lanes
-        sc, z, x_total = ready(cur)  # (converted before the next loads issue: see _kernel)
-        nxt = load(jnp.minimum(c0 + lanes, last))
-        tiles = decode(w_ref[pl.ds(c0, lanes)])  # 8 x bf16 [lanes, bn, 16] of 128 + q
-        part = jnp.zeros(acc.shape, jnp.float32)
-        for j in range(8):
-            xj = token_rows(x_ref.at[:, pl.ds(c0, lanes), pl.ds(SLAB * j, SLAB)])
-            part = dot_acc(tiles[j], jnp.transpose(xj, (1, 2, 0)), part)  # [lanes, 16, mp]
-        return acc + part * sc + (z * sc) * x_total, nxt
-
-    acc0 = jnp.zeros((lanes, w_ref.shape[1], mp), jnp.float32)
-    acc, _ = jax.lax.fori_loop(0, steps, body, (acc0, load(base)))
-    return jnp.sum(acc, axis=0).T
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows", "lanes"
+        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows"
     ),
 )  # fmt: skip
 def _tc_2d(
     x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xla", out_dtype=None,
-    rows=None, lanes=1,
+    rows=None,
 ):  # fmt: skip
     """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass;
     :func:`.split_k.split_k_call`).
@@ -363,41 +310,27 @@ def _tc_2d(
     if m > MAX_M:
         raise ValueError(f"int4_tc takes M <= {MAX_M} rows, got {m}")
     np_, kw = t.np_, t.kw
-    # rows per program, programs per packed tile (lanes: every warp runs all rows)
-    block_n, parts = D.program_rows(t, rows, least=16 if lanes > 1 else 64)
+    block_n, parts = D.program_rows(t, rows)  # rows per program, programs per packed tile
     gw = t.scales.shape[1]
     chunks = kw // CHUNK
-    if chunks % (split_k * lanes):
-        raise ValueError(
-            f"split_k {split_k} x lanes {lanes} must divide the {chunks} K chunks of {CHUNK} rows"
-        )
-    if lanes > 1 and (t.group != CHUNK or num_warps != lanes or xsum not in ("xla", "sum")):
-        raise ValueError(
-            f"lanes {lanes} > 1 needs group {CHUNK} (got {t.group}), num_warps == lanes (got "
-            f"{num_warps}) and xsum 'xla' or 'sum' (got {xsum!r})"
-        )
+    if chunks % split_k:
+        raise ValueError(f"split_k {split_k} must divide the {chunks} K chunks of {CHUNK} rows")
     xb = D.prepare_x(x2, kw, 1)  # bf16, K padded (K a multiple of 128 needs no copy of x)
     unit = min(t.group, CHUNK)  # K rows per scale correction
-    # the MMA's token side: 8 (mma.sync: 2 warps, or any count with lanes) or 16 ... 128
-    mp = D.mma_tokens(m, 2 if lanes > 1 else num_warps)
+    mp = D.mma_tokens(m, num_warps)  # the MMA's token side: 8 (mma.sync) or 16 ... 128
     in_specs = [pl.BlockSpec((mp, kw), lambda j, s: (0, 0))]  # rows >= M: masked
     args = [xb]
     if xsum == "xla":  # sum_k x per correction unit by XLA (one reduce), read by the kernel
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
         in_specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
-    elif xsum == "sum":  # x again as uint32 words of bf16 pairs, summed in the kernel (on the
-        # H100 XLA makes this bitcast no kernel of its own: scripts/probe_call_kernels.py)
+    elif xsum == "sum":  # x again as uint32 words of bf16 pairs, summed in the kernel (XLA
+        # expands this shape-changing bitcast into a small fusion of its own, on CPU at least;
+        # the tenth session's timings include it)
         args.append(jax.lax.bitcast_convert_type(xb.reshape(m, kw // 2, 2), jnp.uint32))
         in_specs.append(pl.BlockSpec((mp, kw // 2), lambda j, s: (0, 0)))
     elif xsum not in XSUM_MODES:
         raise ValueError(f"xsum must be one of {XSUM_MODES}, got {xsum!r}")
-    static = dict(m=m, mp=mp, steps=chunks // (split_k * lanes), xsum=xsum)
-    if lanes > 1:  # the x operands by chunk: [mp, chunks, 128 or 64] (free reshapes)
-        args = [a.reshape(m, chunks, -1) if a.shape[1] > chunks else a for a in args]
-        in_specs = [pl.BlockSpec((mp, *a.shape[1:]), lambda j, s, n=a.ndim: (0,) * n) for a in args]
-        static["lanes"] = lanes
-    else:
-        static["group"] = t.group
+    static = dict(m=m, mp=mp, steps=chunks // split_k, group=t.group, xsum=xsum)
 
     w_args = [t.words, t.scales] + ([] if t.zeros is None else [t.zeros])
     w_specs = [D.row_part_spec(chunks, block_n, 16, parts)]
@@ -407,15 +340,13 @@ def _tc_2d(
         xs_ref = refs[0] if xsum in ("xla", "sum") else None
         w_refs = refs[len(refs) - len(w_args) :]
         z_ref = w_refs[2] if len(w_refs) == 3 else None
-        kernel = _kernel_lanes if lanes > 1 else _kernel
-        return kernel(x_ref, xs_ref, w_refs[0], w_refs[1], z_ref, interpret=interpret, **static)
+        return _kernel(x_ref, xs_ref, w_refs[0], w_refs[1], z_ref, interpret=interpret, **static)
 
-    lane_tag = f"l{lanes}" if lanes > 1 else ""
     y = split_k_call(
         body, [*args, *w_args], in_specs + w_specs, m=m, mp=mp, bn=block_n, np_=np_,
         split_k=split_k, out_dtype=jnp.float32 if out_dtype is None else out_dtype,
         interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-        name=f"int4_tc_{xsum}_s{split_k}{lane_tag}_k{kw}n{np_}m{mp}",
+        name=f"int4_tc_{xsum}_s{split_k}_k{kw}n{np_}m{mp}",  # shape: per-shape traces
     )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
 
@@ -459,15 +390,7 @@ def default_split(t: TcInt4, m: int = 1, rows: int | None = None) -> int:
 
 
 def resolve_tiles(
-    t: TcInt4,
-    m: int,
-    *,
-    rows=None,
-    split_k=None,
-    num_warps=None,
-    num_stages=None,
-    xsum=None,
-    lanes=1,
+    t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None
 ) -> dict:
     """:func:`_tc_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
     (:func:`default_rows` ...) for those left None. ``xsum`` None: ``DEFAULT_XSUM``, or
@@ -485,13 +408,12 @@ def resolve_tiles(
         num_warps=default_warps(m, xsum) if num_warps is None else num_warps,
         num_stages=default_stages(t, split_k, xsum, m) if num_stages is None else num_stages,
         xsum=xsum,
-        lanes=lanes,
     )
 
 
 def int4_tc_matmul(
     x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
-    lanes=1, interpret=None,
+    interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
 
@@ -507,7 +429,6 @@ def int4_tc_matmul(
     """
     m = math.prod(x.shape[:-1])
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    given["lanes"] = lanes
     kw = resolve_tiles(t, m, xsum=xsum, **given)
     return D.call_2d(_tc_2d, x, t, interpret=interpret, **kw)
 

@@ -23,16 +23,14 @@ dot_acc_p = jax_core.Primitive("shrinkjax_dot_acc")
 
 
 def _check(a, b, acc):
-    batch = a.shape[:-2]  # () or (B,): a batched dot (Triton: every warp on the batch axis)
-    ok = a.ndim in (2, 3) and b.shape[:-2] == batch and a.shape[-1] == b.shape[-2]
-    if not ok or acc.shape != (*batch, a.shape[-2], b.shape[-1]):
+    if a.ndim != 2 or b.ndim != 2 or acc.shape != (a.shape[0], b.shape[1]):
         raise ValueError(f"dot_acc shapes: a {a.shape} @ b {b.shape} into acc {acc.shape}")
     if a.dtype != b.dtype:
         raise ValueError(f"dot_acc needs equal operand dtypes, got {a.dtype} and {b.dtype}")
 
 
 def _impl(a, b, acc):
-    return acc + jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(acc.dtype)
+    return acc + jnp.dot(a, b, preferred_element_type=jnp.float32).astype(acc.dtype)
 
 
 @dot_acc_p.def_abstract_eval
@@ -59,10 +57,7 @@ except (ImportError, AttributeError):  # pragma: no cover - jax without the Trit
 
 
 def dot_acc(a, b, acc):
-    """``acc + a @ b`` (f32 ``acc [M, N]``; ``a [M, K]``, ``b [K, N]`` of one dtype), or a batch
-    of them (``a [B, M, K]``, ``b [B, K, N]``, ``acc [B, M, N]``): Triton's 3-D ``tt.dot``, which
-    puts every warp of the program on the batch axis (``mma.sync``, one batch entry per warp
-    when ``B`` equals the warp count)."""
+    """``acc + a @ b`` (f32 ``acc [M, N]``; ``a [M, K]``, ``b [K, N]`` of one dtype)."""
     _check(a, b, acc)
     if not HAS_TRITON_RULE:  # pragma: no cover
         return _impl(a, b, acc)
