@@ -323,9 +323,8 @@ def _tc_2d(
     if xsum == "xla":  # sum_k x per correction unit by XLA (one reduce), read by the kernel
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
         in_specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
-    elif xsum == "sum":  # x again as uint32 words of bf16 pairs, summed in the kernel (XLA
-        # expands this shape-changing bitcast into a small fusion of its own, on CPU at least;
-        # the tenth session's timings include it)
+    elif xsum == "sum":  # x again as uint32 words of bf16 pairs, summed in the kernel (on the
+        # H100 this bitcast is no kernel of its own: scripts/probe_call_kernels.py)
         args.append(jax.lax.bitcast_convert_type(xb.reshape(m, kw // 2, 2), jnp.uint32))
         in_specs.append(pl.BlockSpec((mp, kw // 2), lambda j, s: (0, 0)))
     elif xsum not in XSUM_MODES:
