@@ -14,9 +14,10 @@ The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layou
   takes ``128 + q`` and the zero point and scale are applied once per group to the f32
   ``[bn, mp]`` result, ``s * sum_k x (128 + q) - (128 + z) s * sum_k x``, with ``sum_k x`` per
   group from a small XLA reduction (``xsum="xla"``, which a model's XLA fuses into x's
-  producer), or from the kernel itself (``"sum"``) where no XLA fusion produces x
-  (:func:`shrinkjax.kernels.dispatch.opaque_input`); ``"none"`` subtracts the zero point in the
-  decode instead (slower).
+  producer), from the kernel itself (``"sum"``) where no XLA fusion produces x
+  (:func:`shrinkjax.kernels.dispatch.opaque_input`), or from one more tensor-core dot against a
+  ones tile (``"mma"``, at 9-16 rows); ``"none"`` subtracts the zero point in the decode
+  instead (slower).
 * **Scales prefetched**: Triton pipelines only tensor-core operands (``cp.async``); the scale and
   zero loads are issued one chunk ahead by hand, and their values converted at the top of the
   next step before its own loads issue (otherwise ptxas waits for the new loads; ncu).
@@ -84,6 +85,13 @@ DEFAULT_XSUM = "xla"  # int4_tc_matmul's default xsum mode (benchmarks/decode.py
 # against 8.7 µs; 8B decode +1.5%, o_proj only). Not elsewhere: a model's XLA fuses the
 # reduction into x's producer for free, and at M >= 16 (wgmma) the in-kernel sum was slower.
 OPAQUE_XSUM = "sum"
+# Above FEW_TOKENS, up to MID_TOKENS rows (batch 9-16): 2 warps (mma.sync) on whole 128-row
+# tiles, with sum_k x from the tensor core (xsum "mma": one more K=16 dot per slab, against a
+# ones tile) instead of XLA's reduction. H100, eleventh session, same calls: 8192² / 4096 x
+# 14336 at M = 16 standalone 19.4 / 17.9 against 22.4 / 21.7 µs (4 warps, wgmma, XLA's sums;
+# scripts/probe_call_kernels.py); 8B decode at batch 16 5904 against 5681 / 5649 tok/s, where
+# XLA's sums fuse into x's producer: the kernel itself is faster (17.8 against 19.1 µs).
+MID_TOKENS = 16
 MAX_M = 128  # tokens per call: the MMA's N side (8 to 128 wide, driver.mma_tokens)
 _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
@@ -357,11 +365,26 @@ def default_rows(t: TcInt4, m: int = 1) -> int:
     return FEW_TOKENS_ROWS if m <= FEW_TOKENS else t.block_n  # (block_n: a multiple of 64)
 
 
+def default_xsum(m: int = 1) -> str:
+    """Where ``sum_k x`` comes from for ``m`` rows: ``"mma"`` above ``FEW_TOKENS`` up to
+    ``MID_TOKENS``; else ``DEFAULT_XSUM`` (XLA's reduction, which a model fuses into x's
+    producer), or ``OPAQUE_XSUM`` up to ``FEW_TOKENS`` inside :func:`.dispatch.opaque_input`
+    (no producer to fuse into)."""
+    if FEW_TOKENS < m <= MID_TOKENS:
+        return "mma"
+    opaque = dispatch.input_is_opaque() and m <= FEW_TOKENS
+    return OPAQUE_XSUM if opaque else DEFAULT_XSUM
+
+
 def default_warps(m: int = 1, xsum: str = DEFAULT_XSUM) -> int:
-    """``FEW_TOKENS_WARPS`` (2: mma.sync) for ``m <= FEW_TOKENS``, else 4 (wgmma). ``xsum="none"``
-    always takes 4: with 2 warps its products were wrong on the H100 at M = 16 and 64 (rel. err
-    0.87; Triton's lowering of the 3-input decode asm; not investigated further)."""
-    return FEW_TOKENS_WARPS if m <= FEW_TOKENS and xsum != "none" else 4
+    """``FEW_TOKENS_WARPS`` (2: mma.sync) for ``m <= FEW_TOKENS``, and with ``xsum="mma"`` up to
+    ``MID_TOKENS``; else 4 (wgmma). ``xsum="none"`` always takes 4: with 2 warps its products
+    were wrong on the H100 at M = 16 and 64 (rel. err 0.87; Triton's lowering of the 3-input
+    decode asm; not investigated further)."""
+    if xsum == "none":
+        return 4
+    few = m <= FEW_TOKENS or (xsum == "mma" and m <= MID_TOKENS)
+    return FEW_TOKENS_WARPS if few else 4
 
 
 def default_stages(t: TcInt4, split_k: int, xsum: str = "xla", m: int = 1) -> int:
@@ -392,12 +415,10 @@ def resolve_tiles(
     t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None
 ) -> dict:
     """:func:`_tc_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
-    (:func:`default_rows` ...) for those left None. ``xsum`` None: ``DEFAULT_XSUM``, or
-    ``OPAQUE_XSUM`` inside :func:`.dispatch.opaque_input` at ``m <= FEW_TOKENS``."""
+    (:func:`default_rows` ...) for those left None; ``xsum`` None: :func:`default_xsum`."""
     rows = default_rows(t, m) if rows is None else rows
     if xsum is None:
-        opaque = dispatch.input_is_opaque() and m <= FEW_TOKENS
-        xsum = OPAQUE_XSUM if opaque else DEFAULT_XSUM
+        xsum = default_xsum(m)
     if xsum == "none" and num_warps == 2:
         raise ValueError('xsum="none" needs num_warps >= 4 (wrong products with 2 on the H100)')
     split_k = default_split(t, m, rows) if split_k is None else split_k
@@ -420,7 +441,8 @@ def int4_tc_matmul(
     :func:`resolve_tiles`): ``"xla"`` a small XLA reduction before the kernel (one more launch,
     ~1.4 µs), ``"sum"`` a reduction of the x tile inside the kernel (issued one chunk ahead,
     like the scales), or ``"mma"`` an extra tensor-core dot with a ones operand inside the
-    kernel (H100: 4-5 µs slower at 8192²); or ``"none"``: no ``sum_k x`` at all, the decode
+    kernel (the default at 9-16 rows; H100 with 2 warps: level with ``"sum"`` at M = 1 and 4,
+    and once 4-5 µs slower at 8192² with 4 warps); or ``"none"``: no ``sum_k x`` at all, the decode
     makes ``q - z`` exactly with one more ``fma.rn.bf16x2`` per two weights (H100: ~1 µs
     slower per call in the 8B decode).
     ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages``: None for the defaults
