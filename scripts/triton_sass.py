@@ -21,8 +21,7 @@ Kernels: ``int4_gemv`` (:mod:`shrinkjax.kernels.int4_gemv`, ``--late``), ``int4_
 (:mod:`shrinkjax.kernels.int_matmul` at its tuned M = 1 tiles), ``int4_tc`` (env ``XSUM``,
 ``SPLIT``), ``mxfp4_tc`` / ``nvfp4_tc`` (:mod:`shrinkjax.kernels.fp4_tc`; env ``SPLIT``,
 ``SCALE_MODE``, ``XPREFETCH=0``, ``X_IN=kernel``) and ``sparse24_tc``
-(:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``, ``VALUES=int4``, ``X_IN=kernel``,
-``XSUM=mma``), at
+(:mod:`shrinkjax.kernels.sparse24_tc`; env ``SPLIT``, ``VALUES=int4``, ``X_IN=kernel``), at
 K = N = 8192; env ``M``: rows of x (default 1), ``MMA_SYNC_MIN_N``: the 2-warp MMA's least
 token side (:func:`shrinkjax.kernels.driver.mma_tokens`);
 ``decode_attention`` and ``decode_attention_update`` (:mod:`shrinkjax.kernels.decode_attention`,
@@ -161,8 +160,6 @@ def _tc_problem(kind, p, rng, k, n, block_n):
         else:
             packed = L.pack_24(np.where(keep, rng.standard_normal((k, n), dtype=np.float32), 0))
         extra = {"x_in": os.environ.get("X_IN", "xla")}
-        if os.environ.get("VALUES") == "int4":
-            extra["xsum"] = os.environ.get("XSUM", "xla")
         return sparse24_tc._tc24_2d, sparse24_tc.pack_24_tc(packed, block_n), extra
     if kind == "mxfp4_tc":
         packed = L.pack_mxfp4(codes, np.full((k // 32, n), 120, np.uint8))

@@ -77,13 +77,6 @@ MAX_M = 128
 # 31.3 / 33.0 against 32.8 / 36.5 µs with x4; with 2 warps 29.5 / 31.1 (grid).
 X_IN_MODES = ("xla", "kernel")
 OPAQUE_MAX_M = 16
-# Where int4 values' sum x per scale unit (the -136 s term) comes from (``xsum``): "xla", a
-# reduction XLA fuses into x's producer in a model, or "mma", dots of a ones tile with the x
-# slabs (ptxas keeps one of the tile's identical row-block dots), which saves a standalone call
-# XLA's reduce kernel: the default where x is read in place (x_in="kernel"). H100, eleventh
-# session, 8192² M = 1 / 4 / 16: see benchmarks/RESULTS.md.
-XSUM_MODES = ("xla", "mma")
-XSUM_WITH_KERNEL_X = "mma"  # default xsum where x_in="kernel" ("xla" elsewhere)
 
 
 @functools.partial(
@@ -264,12 +257,11 @@ def _decode_jnp(v, keep, chunk, int4=False):
 
 
 def _kernel(
-    x_ref, xs_ref, v_ref, k_ref, s_ref, *, m, mp, steps, group, x_in, xsum, interpret
+    x_ref, xs_ref, v_ref, k_ref, s_ref, *, m, mp, steps, group, x_in, interpret
 ):  # fmt: skip
     """One program: ``bn`` weight rows, ``steps`` 256-row steps. int4 (``group`` > 0): per scale
     unit (``min(group, 256)`` rows) the chained partial ``sum (128 + q) x`` becomes
-    ``s * part - 136 s * sum x``, as in int4_tc, with ``sum x`` from ``xs_ref`` (XLA's sums per
-    unit, ``xsum="xla"``) or from dots of a ones tile with the x slabs (``"mma"``).
+    ``s * part - 136 s * sum x`` (``xs_ref``: XLA's sums of x per unit), as in int4_tc.
     ``x_in="xla"``: ``x_ref`` is x4 ``[4, mp, Kw/4]``; ``"kernel"``: ``x_ref`` is x ``[mp, Kw]``
     (a chunk's 64 rows loaded at once and split by position in registers). Returns the
     program's f32 ``[mp, bn]`` partial of y (token-major)."""
@@ -300,10 +292,7 @@ def _kernel(
         for u0 in range(0, per, cpu):
             row0 = t * SUPER + u0 * CHUNK
             sc = D.widen_bits(s_ref[D.idiv(row0, group)])
-            xs = None  # ("mma": summed by the tensor core below)
-            if xsum == "xla":
-                xs = token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T
-            out.append((sc, xs))
+            out.append((sc, token_rows(xs_ref.at[:, pl.ds(D.idiv(row0, unit), 1)]).T))
         return out
 
     def ready(loaded):  # -> (scale, -136 scale) [bn, 1] and sum x [1, mp] per unit
@@ -326,7 +315,6 @@ def _kernel(
         keep = k_ref[t]  # uint16 [bn, 16]: this step's keep masks
         words = v_ref[t] if int4 else None  # int4: one block of codes per step
         part = jnp.zeros(acc.shape, jnp.float32) if int4 else acc
-        x_total = jnp.zeros(acc.shape, jnp.float32)  # xsum="mma": sum x in every row
         for c in range(per):
             if int4:
                 tiles = decode(words, keep, c, True)
@@ -335,13 +323,10 @@ def _kernel(
             xs4 = x_slabs((t * per + c) * 16)  # (the chunk's first group)
             for p in range(4):
                 part = dot_acc(tiles[p], xs4[p], part)
-                if int4 and xsum == "mma":  # (the same dot in every row: ptxas keeps one)
-                    x_total = dot_acc(jnp.ones(tiles[p].shape, jnp.bfloat16), xs4[p], x_total)
             if int4 and (c + 1) % cpu == 0:  # end of a scale unit
                 sc, off, xs = cur[c // cpu]
-                acc = acc + part * sc + off * (x_total if xsum == "mma" else xs)
+                acc = acc + part * sc + off * xs
                 part = jnp.zeros(acc.shape, jnp.float32)
-                x_total = jnp.zeros(acc.shape, jnp.float32)
         return (acc if int4 else part), nxt
 
     acc0 = jnp.zeros((bn, mp), jnp.float32)
@@ -358,17 +343,17 @@ def x_by_position(x2, kw: int):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in", "xsum"
+        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in"
     ),
 )  # fmt: skip
 def _tc24_2d(
     x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None, rows=None,
-    x_in="xla", xsum="xla",
+    x_in="xla",
 ):  # fmt: skip
     """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1; :func:`.split_k.split_k_call`).
     ``rows``: weight rows per program
     (None: ``t.block_n``; a multiple of 64 dividing it, :func:`.driver.program_rows`);
-    ``x_in``: see ``X_IN_MODES``; ``xsum``: ``XSUM_MODES`` (int4 values only)."""
+    ``x_in``: see ``X_IN_MODES``."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"sparse24_tc takes M <= {MAX_M} rows, got {m}")
@@ -380,9 +365,7 @@ def _tc24_2d(
     mp = D.mma_tokens(m, num_warps)  # the MMA's token side
     if x_in not in X_IN_MODES:
         raise ValueError(f"x_in must be one of {X_IN_MODES}, got {x_in!r}")
-    if xsum not in XSUM_MODES:
-        raise ValueError(f"xsum must be one of {XSUM_MODES}, got {xsum!r}")
-    static = dict(m=m, mp=mp, steps=supers // split_k, group=t.group, x_in=x_in, xsum=xsum)
+    static = dict(m=m, mp=mp, steps=supers // split_k, group=t.group, x_in=x_in)
     xb = D.prepare_x(x2, kw, 1)  # bf16, K padded (K a multiple of 256: no copy)
     if x_in == "kernel":  # x as given
         args = [xb]
@@ -390,7 +373,7 @@ def _tc24_2d(
     else:
         args = [x_by_position(xb, kw)]
         specs = [pl.BlockSpec((4, mp, kw // 4), lambda j, s: (0, 0, 0))]  # rows >= M: masked
-    if t.is_int4 and xsum == "xla":  # sum x per scale unit (over all K rows of the unit)
+    if t.is_int4:  # sum x per scale unit (over all K rows of the unit)
         unit = min(t.group, SUPER)
         args.append(xb.astype(jnp.float32).reshape(m, kw // unit, unit).sum(axis=2))
         specs.append(pl.BlockSpec((mp, kw // unit), lambda j, s: (0, 0)))
@@ -404,7 +387,7 @@ def _tc24_2d(
 
     def body(*refs):
         x_ref, rest = refs[0], list(refs[1:])
-        xs_ref = rest.pop(0) if t.is_int4 and xsum == "xla" else None
+        xs_ref = rest.pop(0) if t.is_int4 else None
         s_ref = rest[2] if t.is_int4 else None
         return _kernel(x_ref, xs_ref, rest[0], rest[1], s_ref, interpret=interpret, **static)
 
@@ -466,15 +449,12 @@ def default_x_in(m: int = 1) -> str:
 
 
 def resolve_tiles(
-    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None,
-    xsum=None,
+    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None
 ):  # fmt: skip
     """:func:`_tc24_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
     (:func:`default_rows`, :func:`default_split`, :func:`default_x_in` ...) for those left
-    None; ``xsum`` None: ``XSUM_WITH_KERNEL_X`` where x is read in place, else ``"xla"``."""
+    None."""
     x_in = default_x_in(m) if x_in is None else x_in
-    if xsum is None:
-        xsum = XSUM_WITH_KERNEL_X if x_in == "kernel" else "xla"
     rows = default_rows(t, m, x_in) if rows is None else rows
     return dict(
         rows=rows,
@@ -482,19 +462,18 @@ def resolve_tiles(
         num_warps=default_warps(t, m, x_in) if num_warps is None else num_warps,
         num_stages=default_stages(t, m, x_in) if num_stages is None else num_stages,
         x_in=x_in,
-        xsum=xsum,
     )
 
 
 def tc24_matmul(
     x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, x_in=None,
-    xsum=None, interpret=None,
+    interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
-    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in`` / ``xsum``: None for the
-    defaults (:func:`resolve_tiles`)."""
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in``: None for the defaults
+    (:func:`resolve_tiles`)."""
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    kw = resolve_tiles(t, math.prod(x.shape[:-1]), x_in=x_in, xsum=xsum, **given)
+    kw = resolve_tiles(t, math.prod(x.shape[:-1]), x_in=x_in, **given)
     return D.call_2d(_tc24_2d, x, t, interpret=interpret, **kw)
 
 

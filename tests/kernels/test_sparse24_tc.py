@@ -110,20 +110,16 @@ def test_dequantize_is_bit_exact(kind, k, n):
     ],
 )
 @pytest.mark.parametrize("x_in", S.X_IN_MODES)
-@pytest.mark.parametrize("xsum", S.XSUM_MODES)
-def test_kernel_equals_float64_and_reference(kind, group, k, n, m, split, x_in, xsum):
-    """Both sources of x: XLA's by-position copy, or x read in place and split by position;
-    int4 values: both sources of the sums of x (XLA's, or the ones-tile dots)."""
-    if kind == "bf16" and xsum != "xla":
-        pytest.skip("bf16 values have no zero-point term")
+def test_kernel_equals_float64_and_reference(kind, group, k, n, m, split, x_in):
+    """Both sources of x: XLA's by-position copy, or x read in place and split by position."""
     rng = np.random.default_rng([k, n, m])
     p, t, w64 = _problem(rng, k, n, kind=kind, group=group or 128)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    y = S.tc24_matmul(x, t, split_k=split, x_in=x_in, xsum=xsum, interpret=True)
+    y = S.tc24_matmul(x, t, split_k=split, x_in=x_in, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     r64 = np.asarray(x, np.float64) @ w64
     assert rel_err(y, r64) < TOL
-    kw = dict(split_k=split, num_warps=4, num_stages=1, x_in=x_in, xsum=xsum, interpret=True)
+    kw = dict(split_k=split, num_warps=4, num_stages=1, x_in=x_in, interpret=True)
     y32 = S._tc24_2d(x, t, **kw)
     assert rel_err(y32, r64) < 1e-5  # exact weights (codes, scales in f32) and x, f32 sums
     assert rel_err(y, np.asarray(R.matmul_ref(x, p).astype(jnp.float32), np.float64)) < TOL
@@ -161,9 +157,8 @@ def test_int4_values_with_x_in_place_take_the_few_token_tiles_up_to_m16(monkeypa
     keep = jax.ShapeDtypeStruct((64, 32, 128, 16), jnp.uint16)
     t = S.Tc24(keep, keep, None, k=8192, n=8192, block_n=128, group=128)
     got = S.resolve_tiles(t, 16, x_in="kernel")
-    assert got == dict(rows=64, split_k=4, num_warps=2, num_stages=2, x_in="kernel", xsum="mma")
-    xla = S.resolve_tiles(t, 16, x_in="xla")
-    assert xla["num_warps"] == 4 and xla["xsum"] == "xla"
+    assert got == dict(rows=64, split_k=4, num_warps=2, num_stages=2, x_in="kernel")
+    assert S.resolve_tiles(t, 16, x_in="xla")["num_warps"] == 4
 
 
 def test_bf16_value_defaults_do_not_depend_on_m():
@@ -204,8 +199,6 @@ def test_opaque_input_reads_x_in_the_kernel(kind):
     assert rel_err(opaque(big), np.asarray(big, np.float64) @ w64) < TOL
     with pytest.raises(ValueError, match="x_in must be one of"):
         S.tc24_matmul(x, t, x_in="strided", interpret=True)
-    with pytest.raises(ValueError, match="xsum must be one of"):
-        S.tc24_matmul(x, t, xsum="sum", interpret=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -257,10 +250,8 @@ def test_gpu_native_matches_float64(kind, m, k, n):
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = S.tc24_linear(x, t)
     if m <= S.MAX_M:
-        for xsum in S.XSUM_MODES if kind == "int4" else ("xla",):
-            kw = dict(split_k=2, num_warps=4, num_stages=3, xsum=xsum, interpret=False)
-            y32 = S._tc24_2d(x, t, **kw)
-            assert rel_err(y32, np.asarray(x, np.float64) @ w64) < 1e-5
+        y32 = S._tc24_2d(x, t, split_k=2, num_warps=4, num_stages=3, interpret=False)
+        assert rel_err(y32, np.asarray(x, np.float64) @ w64) < 1e-5
     else:
         w = np.asarray(S.dequantize_24_tc(t))[:k, :n]
         np.testing.assert_array_equal(
