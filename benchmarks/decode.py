@@ -349,7 +349,7 @@ def main(argv=None):
         default=None,
         choices=("none", "xla", "sum", "mma"),
         help="int4_tc's sum-of-x mode (default: int4_tc.DEFAULT_XSUM) outside batches "
-        "int4_tc.FEW_TOKENS + 1 .. MID_TOKENS (9-16), which sum x on the tensor core",
+        "int4_tc.FEW_TOKENS + 1 .. MID_TOKENS (9-32), which sum x on the tensor core",
     )
     ap.add_argument(
         "--int4-opaque-xsum",

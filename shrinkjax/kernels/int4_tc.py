@@ -16,7 +16,7 @@ The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layou
   group from a small XLA reduction (``xsum="xla"``, which a model's XLA fuses into x's
   producer), from the kernel itself (``"sum"``) where no XLA fusion produces x
   (:func:`shrinkjax.kernels.dispatch.opaque_input`), or from one more tensor-core dot against a
-  ones tile (``"mma"``, at 9-16 rows); ``"none"`` subtracts the zero point in the decode
+  ones tile (``"mma"``, at 9-32 rows); ``"none"`` subtracts the zero point in the decode
   instead (slower).
 * **Scales prefetched**: Triton pipelines only tensor-core operands (``cp.async``); the scale and
   zero loads are issued one chunk ahead by hand, and their values converted at the top of the
@@ -85,13 +85,15 @@ DEFAULT_XSUM = "xla"  # int4_tc_matmul's default xsum mode (benchmarks/decode.py
 # against 8.7 µs; 8B decode +1.5%, o_proj only). Not elsewhere: a model's XLA fuses the
 # reduction into x's producer for free, and at M >= 16 (wgmma) the in-kernel sum was slower.
 OPAQUE_XSUM = "sum"
-# Above FEW_TOKENS, up to MID_TOKENS rows (batch 9-16): 2 warps (mma.sync) on whole 128-row
-# tiles, with sum_k x from the tensor core (xsum "mma": one more K=16 dot per slab, against a
-# ones tile) instead of XLA's reduction. H100, eleventh session, same calls: 8192² / 4096 x
-# 14336 at M = 16 standalone 19.4 / 17.9 against 22.4 / 21.7 µs (4 warps, wgmma, XLA's sums;
-# scripts/probe_call_kernels.py); 8B decode at batch 16 5904 against 5681 / 5649 tok/s, where
-# XLA's sums fuse into x's producer: the kernel itself is faster (17.8 against 19.1 µs).
-MID_TOKENS = 16
+# Above FEW_TOKENS, up to MID_TOKENS rows (batch 9-32): 2 warps (mma.sync) on whole 128-row
+# tiles, with sum_k x from the tensor core (xsum "mma": one more K=16 dot per slab against a
+# ones tile; its row blocks are the same dot, which ptxas issues once) instead of XLA's
+# reduction. H100, eleventh session, same calls: 8192² / 4096 x 14336 at M = 16 standalone 19.4
+# / 17.9 against 22.4 / 21.7 µs (4 warps, wgmma, XLA's sums; scripts/probe_call_kernels.py),
+# 8192² at M = 32 27.4 against 33.9 µs, M = 64 106 against 47.6 (so not there); 8B decode at
+# batch 16 5870 / 5914 against 5591 tok/s and at batch 32 8759 against 8058 / 8004, where XLA's
+# sums fuse into x's producer: the kernel itself is faster (M = 16: 17.8 against 19.1 µs).
+MID_TOKENS = 32
 MAX_M = 128  # tokens per call: the MMA's N side (8 to 128 wide, driver.mma_tokens)
 _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
@@ -441,7 +443,7 @@ def int4_tc_matmul(
     :func:`resolve_tiles`): ``"xla"`` a small XLA reduction before the kernel (one more launch,
     ~1.4 µs), ``"sum"`` a reduction of the x tile inside the kernel (issued one chunk ahead,
     like the scales), or ``"mma"`` an extra tensor-core dot with a ones operand inside the
-    kernel (the default at 9-16 rows; H100 with 2 warps: level with ``"sum"`` at M = 1 and 4,
+    kernel (the default at 9-32 rows; H100 with 2 warps: level with ``"sum"`` at M = 1 and 4,
     and once 4-5 µs slower at 8192² with 4 warps); or ``"none"``: no ``sum_k x`` at all, the decode
     makes ``q - z`` exactly with one more ``fma.rn.bf16x2`` per two weights (H100: ~1 µs
     slower per call in the 8B decode).

@@ -129,7 +129,7 @@ def test_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("xsum", ["none", "xla", "sum", "mma"])
-@pytest.mark.parametrize("m", [1, 8, 12, 16, 64, 600])
+@pytest.mark.parametrize("m", [1, 8, 12, 16, 32, 64, 600])
 @pytest.mark.parametrize("k,n,group", [(1024, 768, 128), (1088, 760, 64)], ids=["even", "ragged"])
 def test_gpu_native_matches_float64(xsum, m, k, n, group):
     """Real Triton lowering (inline-PTX decode, chained wgmma) on the GPU; M = 600 runs the
@@ -197,13 +197,13 @@ def test_default_split_is_the_measured_rule(monkeypatch, k, n, m, want, stages):
     assert T.default_stages(t, want, "sum", m) == (3 if m == 1 and not short else 2)
     assert T.default_warps(m) == (2 if m <= T.FEW_TOKENS else 4)  # mma.sync / wgmma
     assert T.default_warps(m, "none") == 4
-    assert T.default_warps(m, "mma") == 2  # batch 9-16: mma.sync with the ones-tile sums
+    assert T.default_warps(m, "mma") == 2  # batch 9-32: mma.sync with the ones-tile sums
     assert T.default_xsum(m) == ("mma" if T.FEW_TOKENS < m <= T.MID_TOKENS else "xla")
 
 
 def test_opaque_input_sums_x_in_the_kernel():
     """Inside ``dispatch.opaque_input`` the default ``sum_k x`` moves into the kernel
-    (``OPAQUE_XSUM``) for up to ``FEW_TOKENS`` rows; the product is the same. At 9-16 rows the
+    (``OPAQUE_XSUM``) for up to ``FEW_TOKENS`` rows; the product is the same. At 9-32 rows the
     tensor core sums x either way, above that XLA does."""
     from shrinkjax.kernels import dispatch
 
@@ -220,11 +220,11 @@ def test_opaque_input_sums_x_in_the_kernel():
 
     assert "int4_tc_xla" in str(jax.make_jaxpr(plain)(x))
     assert "int4_tc_sum" in str(jax.make_jaxpr(opaque)(x))
-    x16 = jnp.tile(x, (8, 1))  # 9-16 rows: sums on the tensor core, opaque or not
+    x16 = jnp.tile(x, (8, 1))  # 9-32 rows: sums on the tensor core, opaque or not
     assert "int4_tc_mma" in str(jax.make_jaxpr(opaque)(x16))
     assert "int4_tc_mma" in str(jax.make_jaxpr(plain)(x16))
-    x18 = jnp.tile(x, (9, 1))  # above MID_TOKENS: XLA's, opaque or not (wgmma)
-    assert "int4_tc_xla" in str(jax.make_jaxpr(opaque)(x18))
+    x34 = jnp.tile(x, (17, 1))  # above MID_TOKENS (32): XLA's, opaque or not (wgmma)
+    assert "int4_tc_xla" in str(jax.make_jaxpr(opaque)(x34))
     assert not dispatch.input_is_opaque()
     np.testing.assert_allclose(
         np.asarray(opaque(x), np.float32), np.asarray(plain(x), np.float32), rtol=2e-2, atol=2e-2
