@@ -162,17 +162,20 @@ def test_int4_values_with_x_in_place_take_the_few_token_tiles_up_to_m16(monkeypa
 
 
 def test_bf16_value_defaults_do_not_depend_on_m():
-    """bf16 values: whole tiles, 3 stages and the same split at every M; 4 warps with XLA's x4,
-    2 (mma.sync) with x read in place."""
+    """bf16 values: whole tiles, 3 stages and the same split at every M; 2 warps (mma.sync) with
+    x read in place, and with XLA's x4 at 9 to BF16_MMA_SYNC_MAX_M rows, else 4."""
     rng = np.random.default_rng(9)
     _, tb, _ = _problem(rng, 4096, 4096, block_n=64)
     for m in (1, 4, 16):
-        assert S.default_rows(tb, m) == 64 and S.default_warps(tb, m) == 4
+        assert S.default_rows(tb, m) == 64
+        assert S.default_warps(tb, m) == (2 if m > 8 else 4)
         assert S.default_warps(tb, m, "kernel") == 2
         assert S.default_stages(tb, m) == 3 == S.default_stages(tb, m, "kernel")
     assert (
         S.default_split(tb, 1) == S.default_split(tb, 16) == S.default_split(tb, 16, x_in="kernel")
     )
+    assert S.default_warps(tb, S.BF16_MMA_SYNC_MAX_M) == 2
+    assert S.default_warps(tb, S.BF16_MMA_SYNC_MAX_M + 1) == 4
 
 
 @pytest.mark.parametrize("kind", KINDS)
