@@ -24,12 +24,14 @@ The default int4 kernel on GPU (:func:`shrinkjax.kernels.convert.to_kernel_layou
   **Chained dots** through :func:`shrinkjax.kernels.triton_ext.dot_acc` (``tt.dot(a, b, acc)``:
   no FADD per dot).
 
-Measured (one H100, device time, ``benchmarks/RESULTS.md``, tenth session): 8192 x 8192 g128
-at M = 1 in 16.6 µs (0.71 of the copy bandwidth), 4096 x 4096 in 7.0 µs, against 27.5 / 11.6 µs
-for ``torch._weight_int4pack_mm`` (faster at every M measured); Llama-3-8B-shaped W4 decode
-2.62x bf16 at batch 1 (every linear and the lm_head in int4). For M <= ``FEW_TOKENS`` a program
-runs 64 of a tile's 128 rows with 2 warps (``mma.sync``; module constants below); above, whole
-tiles with 4 (``wgmma``).
+Measured (one H100, device time, ``benchmarks/RESULTS.md``, tenth and eleventh sessions):
+8192 x 8192 g128 at M = 1 in 16.6 µs (0.71 of the copy bandwidth; the kernel alone 15.6 µs,
+0.75, the rest is XLA's split-K sum), at M = 16 in 19.4 µs, 4096 x 4096 at M = 1 in 7.0 µs,
+against 27.5 / 79.7 / 11.6 µs for ``torch._weight_int4pack_mm`` (faster at every M measured);
+Llama-3-8B-shaped W4 decode 2.64x bf16 at batch 1 and 2.15x at batch 16 (every linear and the
+lm_head in int4). For M <= ``FEW_TOKENS`` a program runs 64 of a tile's 128 rows with 2 warps
+(``mma.sync``; module constants below); up to ``MID_TOKENS`` whole tiles with 2 warps and the
+tensor core's ``sum_k x``; above, whole tiles with 4 (``wgmma``).
 
 Layout (:class:`TcInt4`, built once per weight by :func:`pack_tc`, jit-able; the tile
 ``block_n`` is fixed at packing, a program runs all of a tile or a 64-row multiple of it).
