@@ -24,6 +24,7 @@ import argparse
 import collections
 import functools
 import gzip
+import importlib
 import json
 import os
 import sys
@@ -65,7 +66,7 @@ def per_call(events: list[dict], calls: int) -> dict:
     for i, e in enumerate(ev):
         by_name[e["name"]][0] += float(e["dur"])
         by_name[e["name"]][1] += 1
-        if i:
+        if i:  # idle since the latest end among the few kernels before (they may overlap)
             gaps += max(0.0, e["ts"] - max(p["ts"] + p["dur"] for p in ev[max(0, i - 4) : i]))
     span = (max(e["ts"] + e["dur"] for e in ev) - ev[0]["ts"]) if ev else 0.0
     kernels = sorted(
@@ -77,7 +78,6 @@ def per_call(events: list[dict], calls: int) -> dict:
 
 def trace_one(exe, xs, ws, calls):
     KB = benchmark_kernels()
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import jax
     import trace_summary as TS
 
@@ -120,9 +120,7 @@ def main(argv=None):
     patch_constants(parse_assignments(args.set, "set"))
     results = []
     for kind, m, sets, tiles in specs:
-        import importlib
-
-        saved = []
+        saved = []  # (the spec's constants are restored after it)
         for name, _ in sets:
             mod_name, _, const = name.rpartition(".")
             mod = importlib.import_module(f"shrinkjax.kernels.{mod_name}")
@@ -142,7 +140,9 @@ def main(argv=None):
             got = np.asarray(jax.jit(fn)(xs[0], p), np.float32)
             err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
             if not err < 2e-2:
-                raise SystemExit(f"{kind} M={m} {sets}: does not match the reference ({err:.2e})")
+                raise SystemExit(
+                    f"{kind} M={m} {sets} {tiles}: does not match the reference ({err:.2e})"
+                )
             ws = KB.copies_of(p, args.calls)
             exe = KB.build_multi(fn, xs, ws)
             res = trace_one(exe, xs, ws, args.calls) if gpu else None
