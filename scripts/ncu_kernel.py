@@ -60,12 +60,22 @@ def parse_assignments(items, what):
 
 
 def patch_constants(assignments):
-    """Set ``module.CONST`` of :mod:`shrinkjax.kernels` modules (``int4_tc.FEW_TOKENS=4``)."""
+    """Set ``module.CONST`` of :mod:`shrinkjax.kernels` modules (``int4_tc.FEW_TOKENS=4``);
+    returns ``[(module, CONST, previous value)]``, for :func:`restore_constants`."""
+    saved = []
     for name, value in assignments:
         mod_name, _, const = name.rpartition(".")
         mod = importlib.import_module(f"shrinkjax.kernels.{mod_name}")
         if not hasattr(mod, const):
             raise SystemExit(f"--set: shrinkjax.kernels.{mod_name} has no {const}")
+        saved.append((mod, const, getattr(mod, const)))
+        setattr(mod, const, value)
+    return saved
+
+
+def restore_constants(saved):
+    """Undo :func:`patch_constants` (its return value), last patch first."""
+    for mod, const, value in reversed(saved):
         setattr(mod, const, value)
 
 

@@ -24,7 +24,6 @@ import argparse
 import collections
 import functools
 import gzip
-import importlib
 import json
 import os
 import sys
@@ -37,7 +36,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from ncu_kernel import benchmark_kernels, parse_assignments, patch_constants  # noqa: E402
+from ncu_kernel import (  # noqa: E402
+    benchmark_kernels,
+    parse_assignments,
+    patch_constants,
+    restore_constants,
+)
 
 KINDS = ("int4_g128", "mxfp4", "nvfp4", "2:4_bf16", "2:4_int4")
 
@@ -120,12 +124,7 @@ def main(argv=None):
     patch_constants(parse_assignments(args.set, "set"))
     results = []
     for kind, m, sets, tiles in specs:
-        saved = []  # (the spec's constants are restored after it)
-        for name, _ in sets:
-            mod_name, _, const = name.rpartition(".")
-            mod = importlib.import_module(f"shrinkjax.kernels.{mod_name}")
-            saved.append((mod, const, getattr(mod, const, None)))
-        patch_constants(sets)
+        saved = patch_constants(sets)  # (restored after the spec)
         try:
             rng = np.random.default_rng([0, k, n])
             p, plain = KB.make_problem(kind, k, n, rng)
@@ -147,8 +146,7 @@ def main(argv=None):
             exe = KB.build_multi(fn, xs, ws)
             res = trace_one(exe, xs, ws, args.calls) if gpu else None
         finally:
-            for mod, const, value in saved:
-                setattr(mod, const, value)
+            restore_constants(saved)
         given = [f"{a}={b}" for a, b in sets] + [f"{a}={b}" for a, b in tiles.items()]
         row = dict(kind=kind, m=m, k=k, n=n, set=given, rel_err=err)
         row.update(res or {})

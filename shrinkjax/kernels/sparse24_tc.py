@@ -77,11 +77,11 @@ MAX_M = 128
 # 31.3 / 33.0 against 32.8 / 36.5 µs with x4; with 2 warps 29.5 / 31.1 (grid).
 X_IN_MODES = ("xla", "kernel")
 OPAQUE_MAX_M = 16
-# bf16 values at 9 to this many rows take 2 warps with XLA's x4 too (a model's linears). H100,
+# bf16 values at these many rows take 2 warps with XLA's x4 too (a model's linears). H100,
 # eleventh session, same call: 8B decode (2:4 bf16) at batch 16 / 32 3611 / 6129 against 3270 /
 # 4779 tok/s with 4 warps; standalone 8192² at M = 32 40.1 against 53.9 µs (x read in place:
 # 32.7). Batches up to 8 keep 4 warps (not measured in the model).
-BF16_MMA_SYNC_MAX_M = 32
+BF16_MMA_SYNC_ROWS = range(9, 33)
 
 
 @functools.partial(
@@ -423,9 +423,9 @@ def default_warps(t: Tc24, m: int = 1, x_in: str = "xla") -> int:
     """2 (``mma.sync``) in the :func:`_few` regime, wherever x is read in place (``x_in=
     "kernel"``: its by-position split stays in registers, the ``mma.sync`` operand layout, where
     ``wgmma`` takes it through shared memory; H100 probe, bf16 values at M = 16: 8192² 30.7 µs
-    against 32.5 with 4 warps, 4096² 11.6 against 12.5) and for bf16 values at 9 to
-    ``BF16_MMA_SYNC_MAX_M`` rows; else 4 (``wgmma``)."""
-    mid = not t.is_int4 and 8 < m <= BF16_MMA_SYNC_MAX_M
+    against 32.5 with 4 warps, 4096² 11.6 against 12.5) and for bf16 values at
+    ``BF16_MMA_SYNC_ROWS`` (9-32) rows; else 4 (``wgmma``)."""
+    mid = not t.is_int4 and m in BF16_MMA_SYNC_ROWS
     return 2 if _few(t, m, x_in) or x_in == "kernel" or mid else 4
 
 

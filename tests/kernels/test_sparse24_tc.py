@@ -163,7 +163,7 @@ def test_int4_values_with_x_in_place_take_the_few_token_tiles_up_to_m16(monkeypa
 
 def test_bf16_value_defaults_do_not_depend_on_m():
     """bf16 values: whole tiles, 3 stages and the same split at every M; 2 warps (mma.sync) with
-    x read in place, and with XLA's x4 at 9 to BF16_MMA_SYNC_MAX_M rows, else 4."""
+    x read in place, and with XLA's x4 at BF16_MMA_SYNC_ROWS (9-32) rows, else 4."""
     rng = np.random.default_rng(9)
     _, tb, _ = _problem(rng, 4096, 4096, block_n=64)
     for m in (1, 4, 16):
@@ -174,8 +174,7 @@ def test_bf16_value_defaults_do_not_depend_on_m():
     assert (
         S.default_split(tb, 1) == S.default_split(tb, 16) == S.default_split(tb, 16, x_in="kernel")
     )
-    assert S.default_warps(tb, S.BF16_MMA_SYNC_MAX_M) == 2
-    assert S.default_warps(tb, S.BF16_MMA_SYNC_MAX_M + 1) == 4
+    assert S.default_warps(tb, 32) == 2 and S.default_warps(tb, 33) == 4
 
 
 @pytest.mark.parametrize("kind", KINDS)
