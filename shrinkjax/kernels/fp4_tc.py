@@ -56,7 +56,7 @@ from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedMXFP4, PackedNVFP4, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
-from shrinkjax.kernels.split_k import default_split_sum, new_locks, split_k_call
+from shrinkjax.kernels.split_k import split_k_call
 from shrinkjax.kernels.triton_ext import dot_acc
 
 try:
@@ -106,7 +106,7 @@ _SIGN_MASK = 0x80008000
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["words", "scales", "tensor_scale", "locks"],
+    data_fields=["words", "scales", "tensor_scale"],
     meta_fields=["k", "n", "fmt", "block_n"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,6 @@ class TcFP4(D.TcLayout):
     n: int
     fmt: str  # "mxfp4" or "nvfp4"
     block_n: int
-    locks: jax.Array | None = None  # int32 arrival counters, all 0 (split_k.new_locks)
 
     @property
     def group(self) -> int:
@@ -166,8 +165,7 @@ def pack_fp4_tc(p: PackedMXFP4 | PackedNVFP4, block_n: int = DEFAULT_BLOCK_N) ->
     s = s.reshape(kw // g // GROUPS, GROUPS, np_ // block_n, block_n)
     s = jnp.transpose(s, (2, 0, 3, 1))  # [tile, step, row, group of the step]
     ts = p.tensor_scale.astype(jnp.float32) if nv else jnp.float32(1.0)
-    locks = new_locks(np_)
-    return TcFP4(w, s, ts, k=p.k, n=p.n, fmt=fmt, block_n=block_n, locks=locks)
+    return TcFP4(w, s, ts, k=p.k, n=p.n, fmt=fmt, block_n=block_n)
 
 
 def _pair_ptx(i: int, src: str) -> str:
@@ -369,15 +367,15 @@ def group_columns(x, group: int, mc: int = 1):
     jax.jit,
     static_argnames=(
         "split_k", "num_warps", "num_stages", "scale_mode", "x_prefetch", "out_dtype", "interpret",
-        "x_in", "split_sum",
+        "x_in",
     ),
 )  # fmt: skip
 def _fp4_tc_2d(
     x2, t: TcFP4, *, split_k, num_warps, num_stages, interpret, scale_mode="auto",
-    x_prefetch=True, out_dtype=None, x_in="xla", split_sum="xla",
+    x_prefetch=True, out_dtype=None, x_in="xla",
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
-    "kernel" with ``t.locks``; :func:`.split_k.split_k_call`). ``x_in``: see ``X_IN_MODES``."""
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel;
+    :func:`.split_k.split_k_call`). ``x_in``: see ``X_IN_MODES``."""
     m = x2.shape[0]
     if m > MAX_M:
         raise ValueError(f"fp4_tc takes M <= {MAX_M} rows, got {m}")
@@ -426,8 +424,8 @@ def _fp4_tc_2d(
     y = split_k_call(
         body, [xh, ts, t.words, t.scales], in_specs, m=m, mp=mp, bn=bn, np_=np_,
         split_k=split_k, out_dtype=jnp.float32 if out_dtype is None else out_dtype,
-        interpret=interpret, num_warps=num_warps, num_stages=num_stages, split_sum=split_sum,
-        locks=t.locks, name=f"{t.fmt}_tc_{'col' if columns else 'late'}_s{split_k}_k{kw}n{np_}m{mp}",
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+        name=f"{t.fmt}_tc_{'col' if columns else 'late'}_s{split_k}_k{kw}n{np_}m{mp}",
     )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
 
@@ -484,41 +482,37 @@ def default_warps(columns: bool, m: int = 1) -> int:
 
 def resolve_tiles(
     t: TcFP4, m: int, *, scale_mode="auto", split_k=None, num_warps=None, num_stages=None,
-    x_in=None, split_sum=None,
+    x_in=None,
 ) -> dict:  # fmt: skip
     """:func:`_fp4_tc_2d`'s keywords for ``m`` rows of x: the scale mode ``"auto"`` resolves
     to (:func:`use_columns`), the given tiles, and the defaults (:func:`default_split`,
-    :func:`default_warps`, :func:`default_stages`, :func:`default_x_in`,
-    :func:`.split_k.default_split_sum`) for those left None."""
+    :func:`default_warps`, :func:`default_stages`, :func:`default_x_in`) for those left None."""
     if scale_mode not in SCALE_MODES:  # (before "auto" resolves it)
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
     columns = use_columns(scale_mode, m, t.fmt)
-    split_k = default_split(t, columns, m) if split_k is None else split_k
     return dict(
-        split_k=split_k,
+        split_k=default_split(t, columns, m) if split_k is None else split_k,
         num_warps=default_warps(columns, m) if num_warps is None else num_warps,
         num_stages=default_stages(t, columns, m) if num_stages is None else num_stages,
         scale_mode="columns" if columns else "late",
         x_in=default_x_in(columns, m) if x_in is None else x_in,
-        split_sum=default_split_sum(t, m, split_k) if split_sum is None else split_sum,
     )
 
 
 def fp4_tc_matmul(
     x, t: TcFP4, *, split_k=None, num_warps=None, num_stages=None, scale_mode="auto",
-    x_prefetch=True, x_in=None, split_sum=None, interpret=None,
+    x_prefetch=True, x_in=None, interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcFP4` weight and at most 128 rows of x; ``x.dtype``.
     ``scale_mode``: ``"auto"``, ``"late"`` or ``"columns"`` (M <= 8; module docstring);
-    ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in`` / ``split_sum`` (who adds the K
-    split's partials, :mod:`.split_k`): None for the defaults (:func:`resolve_tiles`).
+    ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in``: None for the defaults
+    (:func:`resolve_tiles`).
     ``x_prefetch`` (``"columns"``): the x slabs of the next step are loaded a step ahead into
     registers (the measured default); False loads them at use, which Triton pipelines through
     shared memory: at M = 4 (MXFP4, block_n 128) 124 registers instead of 181, so four
     programs per SM instead of two, for 759 loop instructions instead of 710 (offline SASS,
     ``scripts/triton_sass.py``; not yet timed on a GPU)."""
     given = dict(split_k=split_k, num_warps=num_warps, num_stages=num_stages, x_in=x_in)
-    given["split_sum"] = split_sum
     kw = resolve_tiles(t, math.prod(x.shape[:-1]), scale_mode=scale_mode, **given)
     return D.call_2d(_fp4_tc_2d, x, t, x_prefetch=x_prefetch, interpret=interpret, **kw)
 

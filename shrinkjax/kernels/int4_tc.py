@@ -62,7 +62,7 @@ from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedInt, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
-from shrinkjax.kernels.split_k import default_split_sum, new_locks, split_k_call
+from shrinkjax.kernels.split_k import split_k_call
 from shrinkjax.kernels.triton_ext import dot_acc
 
 try:
@@ -105,7 +105,7 @@ XSUM_MODES = ("none", "xla", "sum", "mma")
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["words", "scales", "zeros", "locks"],
+    data_fields=["words", "scales", "zeros"],
     meta_fields=["k", "n", "group", "block_n"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,6 @@ class TcInt4(D.TcLayout):
     n: int
     group: int
     block_n: int  # weight rows (output columns) per packed tile; a program runs all or part
-    locks: jax.Array | None = None  # int32 arrival counters, all 0 (split_k.new_locks)
 
 
 def supports(p: PackedInt) -> bool:
@@ -164,8 +163,7 @@ def pack_tc(p: PackedInt, block_n: int | None = None) -> TcInt4:
         return jnp.transpose(a.reshape(gw, np_ // block_n, block_n), (1, 0, 2))[..., None]
 
     z = None if z is None else tiles(z)
-    locks = new_locks(np_)
-    return TcInt4(w, tiles(s), z, k=p.k, n=p.n, group=p.group, block_n=block_n, locks=locks)
+    return TcInt4(w, tiles(s), z, k=p.k, n=p.n, group=p.group, block_n=block_n)
 
 
 def _neg_zero(z):
@@ -309,16 +307,15 @@ def _kernel(x_ref, xs_ref, w_ref, s_ref, z_ref, *, m, mp, steps, group, xsum, in
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows",
-        "split_sum",
+        "split_k", "num_warps", "num_stages", "xsum", "out_dtype", "interpret", "rows"
     ),
 )  # fmt: skip
 def _tc_2d(
     x2, t: TcInt4, *, split_k, num_warps, num_stages, interpret, xsum="xla", out_dtype=None,
-    rows=None, split_sum="xla",
+    rows=None,
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
-    "kernel" with ``t.locks``; :func:`.split_k.split_k_call`).
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1: written by the kernel, no XLA pass;
+    :func:`.split_k.split_k_call`).
     ``rows``: weight rows per program (None: ``t.block_n``; a multiple of 64 dividing it: a
     program streams its contiguous ``rows * 64``-byte part of each chunk block)."""
     m = x2.shape[0]
@@ -359,8 +356,8 @@ def _tc_2d(
     y = split_k_call(
         body, [*args, *w_args], in_specs + w_specs, m=m, mp=mp, bn=block_n, np_=np_,
         split_k=split_k, out_dtype=jnp.float32 if out_dtype is None else out_dtype,
-        interpret=interpret, num_warps=num_warps, num_stages=num_stages, split_sum=split_sum,
-        locks=t.locks, name=f"int4_tc_{xsum}_s{split_k}_k{kw}n{np_}m{mp}",  # shape: per-shape traces
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+        name=f"int4_tc_{xsum}_s{split_k}_k{kw}n{np_}m{mp}",  # shape: per-shape traces
     )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
 
@@ -419,12 +416,10 @@ def default_split(t: TcInt4, m: int = 1, rows: int | None = None) -> int:
 
 
 def resolve_tiles(
-    t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None,
-    split_sum=None,
+    t: TcInt4, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, xsum=None
 ) -> dict:
     """:func:`_tc_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
-    (:func:`default_rows` ...) for those left None; ``xsum`` None: :func:`default_xsum`;
-    ``split_sum`` None: :func:`.split_k.default_split_sum`."""
+    (:func:`default_rows` ...) for those left None; ``xsum`` None: :func:`default_xsum`."""
     rows = default_rows(t, m) if rows is None else rows
     if xsum is None:
         xsum = default_xsum(m)
@@ -437,13 +432,12 @@ def resolve_tiles(
         num_warps=default_warps(m, xsum) if num_warps is None else num_warps,
         num_stages=default_stages(t, split_k, xsum, m) if num_stages is None else num_stages,
         xsum=xsum,
-        split_sum=default_split_sum(t, m, split_k) if split_sum is None else split_sum,
     )
 
 
 def int4_tc_matmul(
     x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
-    split_sum=None, interpret=None,
+    interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
 
@@ -455,14 +449,11 @@ def int4_tc_matmul(
     and once 4-5 µs slower at 8192² with 4 warps); or ``"none"``: no ``sum_k x`` at all, the decode
     makes ``q - z`` exactly with one more ``fma.rn.bf16x2`` per two weights (H100: ~1 µs
     slower per call in the 8B decode).
-    ``split_sum``: who adds the K split's partials, ``"xla"`` or ``"kernel"`` (needs
-    ``t.locks``; :mod:`.split_k`).
-    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``split_sum``: None for the
-    defaults (:func:`resolve_tiles`).
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages``: None for the defaults
+    (:func:`resolve_tiles`).
     """
     m = math.prod(x.shape[:-1])
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    given["split_sum"] = split_sum
     kw = resolve_tiles(t, m, xsum=xsum, **given)
     return D.call_2d(_tc_2d, x, t, interpret=interpret, **kw)
 

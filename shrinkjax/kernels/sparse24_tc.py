@@ -45,7 +45,7 @@ from shrinkjax.kernels import dispatch
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import Packed24, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
-from shrinkjax.kernels.split_k import default_split_sum, new_locks, split_k_call
+from shrinkjax.kernels.split_k import split_k_call
 from shrinkjax.kernels.triton_ext import dot_acc
 
 try:
@@ -86,7 +86,7 @@ BF16_MMA_SYNC_ROWS = range(9, 33)
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["values", "keep", "scales", "locks"],
+    data_fields=["values", "keep", "scales"],
     meta_fields=["k", "n", "block_n", "group"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +103,6 @@ class Tc24(D.TcLayout):
     n: int
     block_n: int
     group: int = 0  # int4: K rows per scale (0: bf16 values)
-    locks: jax.Array | None = None  # int32 arrival counters, all 0 (split_k.new_locks)
 
     @property
     def is_int4(self) -> bool:
@@ -176,8 +175,7 @@ def pack_24_tc(p: Packed24, block_n: int | None = None) -> Tc24:
     mword = jnp.sum(mword, axis=1, dtype=jnp.uint16)  # [step, w, tile, row]: disjoint bits
     mword = jnp.transpose(mword, (2, 0, 3, 1))  # [tile, step, row, w]
     group = p.group if p.is_int4 else 0
-    locks = new_locks(np_)
-    return Tc24(words, mword, scales, k=p.k, n=p.n, block_n=block_n, group=group, locks=locks)
+    return Tc24(words, mword, scales, k=p.k, n=p.n, block_n=block_n, group=group)
 
 
 _BF16_128 = 0x43004300  # two bf16 128.0
@@ -350,16 +348,14 @@ def x_by_position(x2, kw: int):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in",
-        "split_sum",
+        "split_k", "num_warps", "num_stages", "out_dtype", "interpret", "rows", "x_in"
     ),
 )  # fmt: skip
 def _tc24_2d(
     x2, t: Tc24, *, split_k, num_warps, num_stages, interpret, out_dtype=None, rows=None,
-    x_in="xla", split_sum="xla",
+    x_in="xla",
 ):  # fmt: skip
-    """f32 ``[M, N]`` (``out_dtype`` where the kernel writes y: ``split_k`` 1 or ``split_sum``
-    "kernel" with ``t.locks``; :func:`.split_k.split_k_call`).
+    """f32 ``[M, N]`` (``out_dtype`` when ``split_k`` is 1; :func:`.split_k.split_k_call`).
     ``rows``: weight rows per program
     (None: ``t.block_n``; a multiple of 64 dividing it, :func:`.driver.program_rows`);
     ``x_in``: see ``X_IN_MODES``."""
@@ -403,8 +399,8 @@ def _tc24_2d(
     y = split_k_call(
         body, args, specs, m=m, mp=mp, bn=bn, np_=np_, split_k=split_k,
         out_dtype=jnp.float32 if out_dtype is None else out_dtype,
-        interpret=interpret, num_warps=num_warps, num_stages=num_stages, split_sum=split_sum,
-        locks=t.locks, name=f"sparse24_tc{'_int4' if t.is_int4 else ''}_s{split_k}_k{kw}n{np_}m{mp}",
+        interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+        name=f"sparse24_tc{'_int4' if t.is_int4 else ''}_s{split_k}_k{kw}n{np_}m{mp}",
     )  # fmt: skip
     return y if np_ == t.n else y[:, : t.n]
 
@@ -460,34 +456,30 @@ def default_x_in(m: int = 1) -> str:
 
 
 def resolve_tiles(
-    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None,
-    split_sum=None,
+    t: Tc24, m: int, *, rows=None, split_k=None, num_warps=None, num_stages=None, x_in=None
 ):  # fmt: skip
     """:func:`_tc24_2d`'s tile keywords for ``m`` rows of x: the given ones, and the defaults
-    (:func:`default_rows`, :func:`default_split`, :func:`default_x_in`,
-    :func:`.split_k.default_split_sum` ...) for those left None."""
+    (:func:`default_rows`, :func:`default_split`, :func:`default_x_in` ...) for those left
+    None."""
     x_in = default_x_in(m) if x_in is None else x_in
     rows = default_rows(t, m, x_in) if rows is None else rows
-    split_k = default_split(t, m, rows, x_in) if split_k is None else split_k
     return dict(
         rows=rows,
-        split_k=split_k,
+        split_k=default_split(t, m, rows, x_in) if split_k is None else split_k,
         num_warps=default_warps(t, m, x_in) if num_warps is None else num_warps,
         num_stages=default_stages(t, m, x_in) if num_stages is None else num_stages,
         x_in=x_in,
-        split_sum=default_split_sum(t, m, split_k) if split_sum is None else split_sum,
     )
 
 
 def tc24_matmul(
     x, t: Tc24, *, split_k=None, num_warps=None, num_stages=None, rows=None, x_in=None,
-    split_sum=None, interpret=None,
+    interpret=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`Tc24` weight and at most 128 rows of x; ``x.dtype``.
-    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in`` / ``split_sum`` (who adds
-    the K split's partials, :mod:`.split_k`): None for the defaults (:func:`resolve_tiles`)."""
+    ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages`` / ``x_in``: None for the defaults
+    (:func:`resolve_tiles`)."""
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
-    given["split_sum"] = split_sum
     kw = resolve_tiles(t, math.prod(x.shape[:-1]), x_in=x_in, **given)
     return D.call_2d(_tc24_2d, x, t, interpret=interpret, **kw)
 
