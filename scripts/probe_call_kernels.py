@@ -110,6 +110,9 @@ def main(argv=None):
     ap.add_argument("--x-context", default="opaque", choices=("opaque", "fusible"))
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.CONST=VALUE")
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument(
+        "--keep-going", action="store_true", help="report a spec that fails and go on to the next"
+    )
     args = ap.parse_args(argv)
     specs = [parse_spec(s) for s in args.specs]
 
@@ -123,7 +126,7 @@ def main(argv=None):
     n = args.n or (8192 if gpu else 256)
     patch_constants(parse_assignments(args.set, "set"))
     results = []
-    for kind, m, sets, tiles in specs:
+    for spec, (kind, m, sets, tiles) in zip(args.specs, specs):
         saved = patch_constants(sets)  # (restored after the spec)
         try:
             rng = np.random.default_rng([0, k, n])
@@ -145,6 +148,12 @@ def main(argv=None):
             ws = KB.copies_of(p, args.calls)
             exe = KB.build_multi(fn, xs, ws)
             res = trace_one(exe, xs, ws, args.calls) if gpu else None
+        except (Exception, SystemExit) as e:  # (SystemExit: a mismatch)
+            if not args.keep_going:
+                raise
+            print(f"{spec}: FAILED: {type(e).__name__}: {str(e)[:300]}")
+            results.append(dict(kind=kind, m=m, spec=spec, error=f"{type(e).__name__}: {e}"))
+            continue
         finally:
             restore_constants(saved)
         given = [f"{a}={b}" for a, b in sets] + [f"{a}={b}" for a, b in tiles.items()]

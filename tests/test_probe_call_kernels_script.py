@@ -5,6 +5,7 @@ mode (no device timeline on the CPU)."""
 import os
 import sys
 
+import jax
 import pytest
 
 from tests.conftest import ROOT
@@ -51,4 +52,14 @@ def test_checked_run_restores_patched_constants(tmp_path, capsys):
     )
     assert int4_tc.FEW_TOKENS == before and out.exists()
     assert rows[0]["set"] == ["int4_tc.FEW_TOKENS=1", "split_k=2"] and rows[0]["rel_err"] < 2e-2
-    assert "no device timeline" in capsys.readouterr().out
+    gpu = jax.default_backend() == "gpu"  # (a GPU gives the timeline, the CPU says it has none)
+    assert ("span" if gpu else "no device timeline") in capsys.readouterr().out
+
+
+def test_keep_going_reports_a_failing_spec_and_runs_the_next(capsys):
+    args = ["int4_g128:1:rows=48", "int4_g128:1", "--k", "256", "--n", "128", "--calls", "2"]
+    with pytest.raises(ValueError, match="rows 48 must be a multiple of 64"):
+        P.main(args)
+    rows = P.main(args + ["--keep-going"])
+    assert "rows 48 must be a multiple of 64" in rows[0]["error"] and rows[1]["rel_err"] < 2e-2
+    assert "int4_g128:1:rows=48: FAILED: ValueError" in capsys.readouterr().out
