@@ -1,0 +1,270 @@
+"""Can a Pallas *Mosaic GPU* kernel stream an int4 weight faster than the Triton-lowered decode
+kernels? A probe for issue 5's decode target, not a library kernel.
+
+    python3 scripts/probe_mgpu_int4.py --tokens 8,16 --tile-k 256,512 --steps 4,6
+
+The Triton kernels (``shrinkjax.kernels.int4_tc``) need a K split to keep the SMs busy, and so
+a second kernel (XLA's sum of the partials, 1.3-2.2 µs per standalone call; an in-kernel sum
+was slower twice: ``shrinkjax/kernels/split_k.py``). Hopper's own tools remove that need: one
+CTA per 64-row weight tile streams the whole K through TMA copies issued by a producer
+warpgroup (``plgpu.emit_pipeline_warp_specialized``), while one consumer warpgroup upcasts the
+int4 tile to bf16 in registers (Mosaic GPU's ``WGMMA_LAYOUT_UPCAST_4X``) and runs ``wgmma``
+with x^T ``[K, T]`` from shared memory. 8192 rows are 128 CTAs on 132 SMs, one kernel, no
+partials. This probe runs the bare stream + upcast + MMA (signed int4 codes, no scales), checks
+it against float32 on fresh random inputs, and times it as ``benchmarks/kernels.py`` times the
+decode kernels (distinct weight copies per call, device time from a profiler trace), beside the
+copy bandwidth of the same run. Needs jax with Mosaic GPU (jax >= 0.10) and a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+
+def mgpu_int4_gemv(
+    w_NxK, x, *, tile_m=64, tile_k=256, steps=4, wgs=1, split="k", x_tokens_major=False,
+    num_sms=None,
+):  # fmt: skip
+    """``y^T [N, T] = W [N, K] (int4) @ x^T [K, T] (bf16)`` in bf16: one CTA per weight tile
+    over all of K (``steps`` TMA stages of ``[rows, tile_k]``). ``wgs`` consumer warpgroups of
+    ``tile_m`` (64) rows each: ``split="k"``: a CTA tile is ``tile_m`` rows and each group takes
+    its ``tile_k / wgs`` columns of every stage into its own accumulator; at the end warpgroup
+    1 leaves its sum in shared memory for warpgroup 0 (two CTA-local barrier rounds), which
+    writes y. ``split="rows"``: a CTA tile is ``wgs * tile_m`` rows, one part per group (the x
+    stage is shared: half the x traffic per weight byte, half as many CTAs).
+    ``x``: x^T ``[K, T]``, or with ``x_tokens_major`` x ``[T, K]`` (a stage's TMA box is then
+    T rows of ``2 tile_k`` bytes instead of ``tile_k`` rows of ``2 T`` bytes; the wgmma reads
+    it transposed). y is f32 for T = 8 (bf16 rows of 16 bytes have no swizzle)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    n, k = w_NxK.shape
+    t = x.shape[0] if x_tokens_major else x.shape[1]
+    if n % tile_m or k % tile_k:
+        raise ValueError(f"N {n} / K {k} must be multiples of tile_m {tile_m} / tile_k {tile_k}")
+    if wgs not in (1, 2) or split not in ("k", "rows"):
+        raise ValueError(f"wgs must be 1 or 2 and split 'k' or 'rows', got {wgs}, {split!r}")
+    part = tile_k // wgs if split == "k" else tile_k  # K columns of a stage per group
+    cta_m = tile_m * wgs if split == "rows" else tile_m  # weight rows per CTA tile
+    if n % cta_m:
+        raise ValueError(f"N {n} must be a multiple of {cta_m} rows per CTA")
+
+    a_sw = plgpu.find_swizzle(tile_k * 4, "lhs")
+    b_sw = plgpu.find_swizzle((tile_k if x_tokens_major else t) * 16, "rhs")
+    y_dtype = jnp.bfloat16 if t >= 16 else jnp.float32  # (rows of 32 bytes at least: swizzle)
+    y_bits = 16 if t >= 16 else 32
+    o_sw = plgpu.find_swizzle(t * y_bits, "out")
+    a_tr = (plgpu.TilingTransform((8, a_sw * 8 // 4)), plgpu.SwizzleTransform(a_sw))
+    b_tr = (plgpu.TilingTransform((8, b_sw * 8 // 16)), plgpu.SwizzleTransform(b_sw))
+    o_tr = (plgpu.TilingTransform((8, o_sw * 8 // y_bits)), plgpu.SwizzleTransform(o_sw))
+    r_sw = plgpu.find_swizzle(t * 32, "out")
+    r_tr = (plgpu.TilingTransform((8, r_sw * 8 // 32)), plgpu.SwizzleTransform(r_sw))
+    k_iters, m_iters = k // tile_k, n // cta_m
+
+    def kernel(a_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
+        def get_pipeline(body, ctx):
+            return plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(k_iters,),
+                memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec(
+                        (cta_m, tile_k), lambda kk: (0, kk), transforms=a_tr,
+                        memory_space=plgpu.SMEM,
+                    ),
+                    plgpu.BlockSpec(
+                        (t, tile_k) if x_tokens_major else (tile_k, t),
+                        (lambda kk: (0, kk)) if x_tokens_major else (lambda kk: (kk, 0)),
+                        transforms=b_tr,
+                        memory_space=plgpu.SMEM,
+                    ),
+                ],
+                wg_axis="wg",
+                num_compute_wgs=wgs,
+                max_concurrent_steps=steps,
+                compute_context=ctx,
+            )  # fmt: skip
+
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
+            collective_axes="wg",
+        )
+        def _scope(allocs):
+            @plgpu.nd_loop((m_iters,), collective_axes="sm")
+            def _tiles(info):
+                (mi,) = info.index
+                rows = pl.ds(mi * cta_m, cta_m)
+
+                def ctx(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, t), jnp.float32))
+                    def _acc(acc):
+                        eval_pipeline(acc)
+                        wg = lax.axis_index("wg")
+
+                        def write(y, slot=0, dst=out_gmem.at[rows]):
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            out_smem[slot] = y.astype(y_dtype)
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(out_smem.at[slot], dst)
+
+                        if wgs == 1 or split == "rows":
+                            write(acc[...], wg, out_gmem.at[rows].at[pl.ds(wg * tile_m, tile_m)])
+                            return
+
+                        @pl.when(wg == 1)
+                        def _park():
+                            red_smem[...] = acc[...]
+
+                        plgpu.barrier_arrive(red_bar)
+                        plgpu.barrier_wait(red_bar)  # warpgroup 1's sum is in red_smem
+
+                        @pl.when(wg == 0)
+                        def _out():
+                            write(acc[...] + red_smem[...])
+
+                        plgpu.barrier_arrive(red_bar)
+                        plgpu.barrier_wait(red_bar)  # red_smem read: free for the next tile
+
+                def body(_, a_smem, b_smem, acc):
+                    wg = lax.axis_index("wg")
+                    for i in range(wgs):  # (static slices: a tile-aligned K part per group)
+
+                        @pl.when(wg == i)
+                        def _mma(i=i):
+                            if split == "rows":
+                                a = a_smem.at[pl.ds(i * tile_m, tile_m)][...]
+                                b = b_smem
+                            else:
+                                cols = pl.ds(i * part, part)
+                                a = a_smem.at[:, cols][...]
+                                b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
+                            if x_tokens_major:  # (sliced first: a transposed view takes none)
+                                b = b.transpose((1, 0))
+                            plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
+
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                get_pipeline(body, ctx)(a_gmem.at[rows], b_gmem, allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    num_sms = num_sms or getattr(jax.devices()[0], "core_count", 132)
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((n, t), y_dtype),
+        grid=(min(num_sms, m_iters),),
+        grid_names=("sm",),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        scratch_types=dict(
+            out_smem=plgpu.SMEM((wgs, tile_m, t), y_dtype, transforms=o_tr),
+            red_smem=plgpu.SMEM((tile_m, t), jnp.float32, transforms=r_tr),
+            red_bar=plgpu.Barrier(num_arrivals=wgs),
+        ),
+    )
+    return f(w_NxK, x)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--k", type=int, default=8192)
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument(
+        "--tokens", default="16", help="T: rows of x, the wgmma's N side (16 or more: swizzle)"
+    )
+    ap.add_argument("--tile-k", default="256", help="K rows per TMA stage")
+    ap.add_argument("--steps", default="4", help="TMA stages in flight")
+    ap.add_argument("--wgs", default="1", help="consumer warpgroups per CTA (1 or 2)")
+    ap.add_argument("--split", default="k", help="how 2 groups share a CTA: k, rows or k,rows")
+    ap.add_argument("--x-layout", default="kt", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
+    ap.add_argument("--calls", type=int, default=8)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    from ncu_kernel import benchmark_kernels
+    from probe_call_kernels import trace_one
+
+    KB = benchmark_kernels()
+    k, n = args.k, args.n
+    rng = np.random.default_rng([k, n])
+    codes = rng.integers(-8, 8, size=(n, k), dtype=np.int8)
+    w = jnp.asarray(codes).astype(jnp.int4)
+    ws = KB.copies_of(w, args.calls)
+    copy = KB.copy_bandwidth().get("copy_tbps") if jax.default_backend() == "gpu" else None
+    rows = []
+    for t in (int(v) for v in args.tokens.split(",")):
+        xs = [jnp.asarray(rng.standard_normal((k, t)), jnp.bfloat16) for _ in range(args.calls)]
+        want = codes.astype(np.float32) @ np.asarray(xs[0], np.float32)
+        by_layout = {"kt": xs, "tk": [jnp.asarray(x.T) for x in xs]}
+        for tile_k in (int(v) for v in args.tile_k.split(",")):
+            for steps, wgs, split, xl in itertools.product(
+                [int(v) for v in args.steps.split(",")],
+                [int(v) for v in args.wgs.split(",")],
+                args.split.split(","),
+                args.x_layout.split(","),
+            ):
+                if wgs == 1 and split == "rows":
+                    continue  # (the same kernel as split "k")
+                label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} split={split} x={xl}"
+                row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, split=split, k=k, n=n)
+                row["x_layout"] = xl
+                tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split)
+                tiles["x_tokens_major"] = xl == "tk"
+                try:
+
+                    def fn(x, w, tiles=tiles):  # (x, w): as build_multi calls it
+                        return mgpu_int4_gemv(w, x, **tiles)
+
+                    xin = by_layout[xl]
+                    got = np.asarray(jax.jit(fn)(xin[0], ws[0]), np.float32)
+                    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                    row["rel_err"] = err
+                    if not err < 1e-2:
+                        raise ValueError(f"does not match float32 ({err:.2e})")
+                    exe = KB.build_multi(fn, xin, ws)
+                    res = trace_one(exe, xin, ws, args.calls)
+                    row.update(res or {})
+                except Exception as e:  # a config Mosaic rejects: report it, go on
+                    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                    print(f"{label}: FAILED {row['error']}", flush=True)
+                    rows.append(row)
+                    continue
+                nbytes = n * k // 2 + 2 * k * t + (2 if t >= 16 else 4) * n * t
+                if res and copy:
+                    row["bw_frac"] = nbytes / (res["span_us"] * 1e-6) / (copy * 1e12)
+                    print(f"{label}: {res['span_us']:.2f} µs, {row['bw_frac']:.3f} of copy, "
+                          f"err {err:.1e}", flush=True)  # fmt: skip
+                    for r in res["kernels"]:
+                        print(f"    {r['us']:8.2f} µs  x{r['count']:.2f}  {r['name'][:80]}")
+                else:
+                    print(f"{label}: err {err:.1e} (no device timeline)")
+                rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            out = dict(device=str(jax.devices()[0].device_kind), copy_tbps=copy, rows=rows)
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

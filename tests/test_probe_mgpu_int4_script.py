@@ -1,0 +1,62 @@
+"""``scripts/probe_mgpu_int4.py``'s Mosaic GPU kernel: clear errors for tiles it does not take,
+its variants lower for CUDA on this CPU machine (Mosaic GPU lowers in Python; only the PTX
+step needs the GPU), and on a GPU it equals float32 on random int4 codes."""
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from probe_mgpu_int4 import mgpu_int4_gemv  # noqa: E402
+
+VARIANTS = [  # (tokens, tile_k, steps, wgs, split, x_tokens_major)
+    (16, 256, 2, 1, "k", False),
+    (8, 512, 2, 2, "k", True),
+    (16, 256, 2, 2, "rows", True),
+]
+
+
+def test_clear_errors_for_tiles_it_does_not_take():
+    w = jax.ShapeDtypeStruct((192, 512), jnp.int4)
+    x = jax.ShapeDtypeStruct((512, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="K 512 must be multiples of tile_m 64 / tile_k 384"):
+        jax.eval_shape(functools.partial(mgpu_int4_gemv, tile_k=384), w, x)
+    with pytest.raises(ValueError, match="wgs must be 1 or 2 and split 'k' or 'rows', got 3"):
+        jax.eval_shape(functools.partial(mgpu_int4_gemv, wgs=3), w, x)
+    with pytest.raises(ValueError, match="N 192 must be a multiple of 128 rows per CTA"):
+        jax.eval_shape(functools.partial(mgpu_int4_gemv, wgs=2, split="rows"), w, x)
+
+
+@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major", VARIANTS)
+def test_variants_lower_for_cuda(t, tile_k, steps, wgs, split, tokens_major):
+    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+    x = jax.ShapeDtypeStruct((t, 2048) if tokens_major else (2048, t), jnp.bfloat16)
+    fn = functools.partial(
+        mgpu_int4_gemv, tile_k=tile_k, steps=steps, wgs=wgs, split=split,
+        x_tokens_major=tokens_major, num_sms=4,
+    )  # fmt: skip
+    text = jax.jit(fn).trace(w, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major", VARIANTS)
+def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major):
+    rng = np.random.default_rng([t, tile_k, wgs])
+    codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
+    xt = rng.standard_normal((2048, t)).astype(np.float32)
+    xb = jnp.asarray(xt, jnp.bfloat16)
+    y = mgpu_int4_gemv(
+        jnp.asarray(codes).astype(jnp.int4), xb.T if tokens_major else xb, tile_k=tile_k,
+        steps=steps, wgs=wgs, split=split, x_tokens_major=tokens_major,
+    )  # fmt: skip
+    want = codes.astype(np.float64) @ np.asarray(xb, np.float64)
+    err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
+    assert y.shape == (256, t) and err < 1e-2
