@@ -30,6 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
+GROUP = 128  # K rows per scale (g128, mgpu_int4_g128_gemv)
 
 
 def mgpu_int4_gemv(
@@ -184,6 +185,153 @@ def mgpu_int4_gemv(
     return f(w_NxK, x)
 
 
+def mgpu_int4_g128_gemv(
+    w_NxK, s_GxN, x_TxK, *, tile_m=64, tile_k=512, steps=3, wgs=2, num_sms=None
+):
+    """``y^T [N, T] = (W * s) @ x^T`` for symmetric int4 codes ``W [N, K]`` with one bf16 scale
+    per 128 K rows of a weight row, ``s [K / 128, N]`` (group-major: a stage's scales are one
+    TMA box of ``tile_k / 128`` rows of ``2 tile_m`` bytes), and x tokens-major ``[T, K]``.
+    :func:`mgpu_int4_gemv`'s structure (``split="k"``); each consumer warpgroup runs one
+    ``wgmma`` per scale group of its part into a fresh accumulator and adds it scaled per
+    weight row (a ``[tile_m]`` vector in the accumulator's row layout) into its carried sum."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    n, k = w_NxK.shape
+    t = x_TxK.shape[0]
+    part = tile_k // wgs
+    if n % tile_m or k % tile_k or part % GROUP or wgs not in (1, 2):
+        raise ValueError(
+            f"N {n} / K {k} must be multiples of tile_m {tile_m} / tile_k {tile_k}, and "
+            f"tile_k / wgs ({wgs}) a multiple of {GROUP}"
+        )
+    if s_GxN.shape != (k // GROUP, n):
+        raise ValueError(f"scales must be [K / {GROUP}, N] = {(k // GROUP, n)}, got {s_GxN.shape}")
+    a_sw = 64  # int4 tiles of 128 columns: a scale group is one tile (find_swizzle: 256)
+    b_sw = plgpu.find_swizzle(tile_k * 16, "rhs")
+    y_dtype = jnp.bfloat16 if t >= 16 else jnp.float32
+    y_bits = 16 if t >= 16 else 32
+    o_sw = plgpu.find_swizzle(t * y_bits, "out")
+    r_sw = plgpu.find_swizzle(t * 32, "out")
+    a_tr = (plgpu.TilingTransform((8, a_sw * 8 // 4)), plgpu.SwizzleTransform(a_sw))
+    b_tr = (plgpu.TilingTransform((8, b_sw * 8 // 16)), plgpu.SwizzleTransform(b_sw))
+    o_tr = (plgpu.TilingTransform((8, o_sw * 8 // y_bits)), plgpu.SwizzleTransform(o_sw))
+    r_tr = (plgpu.TilingTransform((8, r_sw * 8 // 32)), plgpu.SwizzleTransform(r_sw))
+    k_iters, m_iters, groups = k // tile_k, n // tile_m, tile_k // GROUP
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def kernel(a_gmem, s_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
+        def get_pipeline(body, ctx):
+            return plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(k_iters,),
+                memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec(
+                        (tile_m, tile_k), lambda kk: (0, kk), transforms=a_tr,
+                        memory_space=plgpu.SMEM,
+                    ),
+                    plgpu.BlockSpec(
+                        (groups, tile_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM
+                    ),
+                    plgpu.BlockSpec(
+                        (t, tile_k), lambda kk: (0, kk), transforms=b_tr, memory_space=plgpu.SMEM
+                    ),
+                ],
+                wg_axis="wg",
+                num_compute_wgs=wgs,
+                max_concurrent_steps=steps,
+                compute_context=ctx,
+            )  # fmt: skip
+
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, s_gmem, b_gmem),
+            collective_axes="wg",
+        )
+        def _scope(allocs):
+            @plgpu.nd_loop((m_iters,), collective_axes="sm")
+            def _tiles(info):
+                (mi,) = info.index
+                rows = pl.ds(mi * tile_m, tile_m)
+
+                def ctx(eval_pipeline):
+                    zero = plgpu.layout_cast(
+                        jnp.zeros((tile_m, t), jnp.float32), plgpu.Layout.WGMMA
+                    )
+                    acc = eval_pipeline(zero)
+                    wg = lax.axis_index("wg")
+
+                    def write(y):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem[...] = y.astype(y_dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows])
+
+                    if wgs == 1:
+                        write(acc)
+                        return
+
+                    @pl.when(wg == 1)
+                    def _park():
+                        red_smem[...] = acc
+
+                    plgpu.barrier_arrive(red_bar)
+                    plgpu.barrier_wait(red_bar)
+
+                    @pl.when(wg == 0)
+                    def _out():
+                        write(acc + red_smem[...])
+
+                    plgpu.barrier_arrive(red_bar)
+                    plgpu.barrier_wait(red_bar)
+
+                def body(_, a_smem, s_smem, b_smem, acc):
+                    wg = lax.axis_index("wg")
+                    for g in range(part // GROUP):
+                        c = pl.multiple_of(wg * part + g * GROUP, GROUP)
+                        a = a_smem.at[:, pl.ds(c, GROUP)][...].astype(jnp.bfloat16)
+                        b = b_smem.at[:, pl.ds(c, GROUP)].transpose((1, 0))
+
+                        def mm(acc_ref, a=a, b=b):
+                            plgpu.wgmma(acc_ref, a, b)
+                            return acc_ref[...]
+
+                        dot = pl.run_scoped(mm, plgpu.ACC((tile_m, t), jnp.float32))
+                        gi = wg * (part // GROUP) + g
+                        sc = plgpu.load(s_smem.at[gi], (), layout=row_layout).astype(jnp.float32)
+                        acc = acc + dot * lax.broadcast_in_dim(sc, dot.shape, [0])
+                    return acc
+
+                get_pipeline(body, ctx)(
+                    a_gmem.at[rows], s_gmem.at[:, rows], b_gmem, allocations=allocs
+                )
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    num_sms = num_sms or getattr(jax.devices()[0], "core_count", 132)
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((n, t), y_dtype),
+        grid=(min(num_sms, m_iters),),
+        grid_names=("sm",),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        scratch_types=dict(
+            out_smem=plgpu.SMEM((tile_m, t), y_dtype, transforms=o_tr),
+            red_smem=plgpu.SMEM((tile_m, t), jnp.float32, transforms=r_tr),
+            red_bar=plgpu.Barrier(num_arrivals=wgs),
+        ),
+    )
+    return f(w_NxK, s_GxN, x_TxK)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--k", type=int, default=8192)
@@ -196,6 +344,11 @@ def main(argv=None):
     ap.add_argument("--wgs", default="1", help="consumer warpgroups per CTA (1 or 2)")
     ap.add_argument("--split", default="k", help="how 2 groups share a CTA: k, rows or k,rows")
     ap.add_argument("--x-layout", default="kt", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
+    ap.add_argument(
+        "--scaled",
+        action="store_true",
+        help="mgpu_int4_g128_gemv: a bf16 scale per 128 K rows (x tokens-major, split k only)",
+    )
     ap.add_argument("--calls", type=int, default=8)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
@@ -210,12 +363,15 @@ def main(argv=None):
     rng = np.random.default_rng([k, n])
     codes = rng.integers(-8, 8, size=(n, k), dtype=np.int8)
     w = jnp.asarray(codes).astype(jnp.int4)
-    ws = KB.copies_of(w, args.calls)
+    scales = rng.uniform(0.5, 1.5, size=(k // GROUP, n)).astype(np.float32)
+    s_bf16 = jnp.asarray(scales, jnp.bfloat16)
+    dense = codes.astype(np.float32) * np.repeat(np.asarray(s_bf16, np.float32), GROUP, 0).T
+    ws = KB.copies_of((w, s_bf16) if args.scaled else w, args.calls)
     copy = KB.copy_bandwidth().get("copy_tbps") if jax.default_backend() == "gpu" else None
     rows = []
     for t in (int(v) for v in args.tokens.split(",")):
         xs = [jnp.asarray(rng.standard_normal((k, t)), jnp.bfloat16) for _ in range(args.calls)]
-        want = codes.astype(np.float32) @ np.asarray(xs[0], np.float32)
+        want = (dense if args.scaled else codes.astype(np.float32)) @ np.asarray(xs[0], np.float32)
         by_layout = {"kt": xs, "tk": [jnp.asarray(x.T) for x in xs]}
         for tile_k in (int(v) for v in args.tile_k.split(",")):
             for steps, wgs, split, xl in itertools.product(
@@ -224,16 +380,19 @@ def main(argv=None):
                 args.split.split(","),
                 args.x_layout.split(","),
             ):
-                if wgs == 1 and split == "rows":
-                    continue  # (the same kernel as split "k")
+                if (wgs == 1 and split == "rows") or (args.scaled and (split, xl) != ("k", "tk")):
+                    continue  # (the same kernel as split "k"; the scaled kernel has one mode)
                 label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} split={split} x={xl}"
                 row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, split=split, k=k, n=n)
-                row["x_layout"] = xl
+                row["x_layout"], row["scaled"] = xl, args.scaled
                 tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split)
                 tiles["x_tokens_major"] = xl == "tk"
                 try:
 
                     def fn(x, w, tiles=tiles):  # (x, w): as build_multi calls it
+                        if args.scaled:
+                            kw = {a: b for a, b in tiles.items() if a in ("tile_k", "steps", "wgs")}
+                            return mgpu_int4_g128_gemv(w[0], w[1], x, **kw)
                         return mgpu_int4_gemv(w, x, **tiles)
 
                     xin = by_layout[xl]
@@ -251,6 +410,7 @@ def main(argv=None):
                     rows.append(row)
                     continue
                 nbytes = n * k // 2 + 2 * k * t + (2 if t >= 16 else 4) * n * t
+                nbytes += 2 * n * (k // GROUP) if args.scaled else 0
                 if res and copy:
                     row["bw_frac"] = nbytes / (res["span_us"] * 1e-6) / (copy * 1e12)
                     print(f"{label}: {res['span_us']:.2f} µs, {row['bw_frac']:.3f} of copy, "

@@ -1,4 +1,5 @@
-"""``scripts/probe_mgpu_int4.py``'s Mosaic GPU kernel: clear errors for tiles it does not take,
+"""``scripts/probe_mgpu_int4.py``'s Mosaic GPU kernels (bare int4, and int4 with a scale per 128
+K rows): clear errors for tiles they do not take,
 its variants lower for CUDA on this CPU machine (Mosaic GPU lowers in Python; only the PTX
 step needs the GPU), and on a GPU it equals float32 on random int4 codes."""
 
@@ -14,7 +15,7 @@ import pytest
 from tests.conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from probe_mgpu_int4 import mgpu_int4_gemv  # noqa: E402
+from probe_mgpu_int4 import mgpu_int4_g128_gemv, mgpu_int4_gemv  # noqa: E402
 
 VARIANTS = [  # (tokens, tile_k, steps, wgs, split, x_tokens_major)
     (16, 256, 2, 1, "k", False),
@@ -58,5 +59,44 @@ def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major):
         steps=steps, wgs=wgs, split=split, x_tokens_major=tokens_major,
     )  # fmt: skip
     want = codes.astype(np.float64) @ np.asarray(xb, np.float64)
+    err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
+    assert y.shape == (256, t) and err < 1e-2
+
+
+G128_VARIANTS = [(8, 512, 2, 2), (16, 256, 2, 1)]  # (tokens, tile_k, steps, wgs)
+
+
+def test_g128_clear_errors():
+    w = jax.ShapeDtypeStruct((128, 1024), jnp.int4)
+    x = jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((8, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"tile_k / wgs \(2\) a multiple of 128"):
+        jax.eval_shape(functools.partial(mgpu_int4_g128_gemv, tile_k=128), w, s, x)
+    bad = jax.ShapeDtypeStruct((128, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"scales must be \[K / 128, N\] = \(8, 128\)"):
+        jax.eval_shape(mgpu_int4_g128_gemv, w, bad, x)
+
+
+@pytest.mark.parametrize("t,tile_k,steps,wgs", G128_VARIANTS)
+def test_g128_lowers_for_cuda(t, tile_k, steps, wgs):
+    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+    s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)
+    fn = functools.partial(mgpu_int4_g128_gemv, tile_k=tile_k, steps=steps, wgs=wgs, num_sms=4)
+    assert "mosaic_gpu" in jax.jit(fn).trace(w, s, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,tile_k,steps,wgs", G128_VARIANTS)
+def test_gpu_g128_equals_float64(t, tile_k, steps, wgs):
+    rng = np.random.default_rng([t, tile_k, wgs, 128])
+    codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, size=(16, 256)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((t, 2048)), jnp.bfloat16)
+    y = mgpu_int4_g128_gemv(
+        jnp.asarray(codes).astype(jnp.int4), s, x, tile_k=tile_k, steps=steps, wgs=wgs
+    )
+    dense = codes.astype(np.float64) * np.repeat(np.asarray(s, np.float64), 128, 0).T
+    want = dense @ np.asarray(x, np.float64).T
     err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
     assert y.shape == (256, t) and err < 1e-2
