@@ -1,19 +1,29 @@
 """Can a Pallas *Mosaic GPU* kernel stream an int4 weight faster than the Triton-lowered decode
 kernels? A probe for issue 5's decode target, not a library kernel.
 
-    python3 scripts/probe_mgpu_int4.py --tokens 8,16 --tile-k 256,512 --steps 4,6
+    python3 scripts/probe_mgpu_int4.py            # the best config found, at T = 8 and 16
+    python3 scripts/probe_mgpu_int4.py --scaled   # the same with a scale per 128 K rows
+    python3 scripts/probe_mgpu_int4.py --tokens 16 --tile-k 256,512 --steps 3,4 --wgs 1,2 \
+        --x-layout kt,tk                          # a sweep (configs Mosaic rejects are reported)
 
 The Triton kernels (``shrinkjax.kernels.int4_tc``) need a K split to keep the SMs busy, and so
 a second kernel (XLA's sum of the partials, 1.3-2.2 µs per standalone call; an in-kernel sum
 was slower twice: ``shrinkjax/kernels/split_k.py``). Hopper's own tools remove that need: one
 CTA per 64-row weight tile streams the whole K through TMA copies issued by a producer
-warpgroup (``plgpu.emit_pipeline_warp_specialized``), while one consumer warpgroup upcasts the
-int4 tile to bf16 in registers (Mosaic GPU's ``WGMMA_LAYOUT_UPCAST_4X``) and runs ``wgmma``
-with x^T ``[K, T]`` from shared memory. 8192 rows are 128 CTAs on 132 SMs, one kernel, no
-partials. This probe runs the bare stream + upcast + MMA (signed int4 codes, no scales), checks
-it against float32 on fresh random inputs, and times it as ``benchmarks/kernels.py`` times the
-decode kernels (distinct weight copies per call, device time from a profiler trace), beside the
-copy bandwidth of the same run. Needs jax with Mosaic GPU (jax >= 0.10) and a Hopper GPU.
+warpgroup (``plgpu.emit_pipeline_warp_specialized``), while one or two consumer warpgroups
+upcast the int4 tile to bf16 in registers (Mosaic GPU's ``WGMMA_LAYOUT_UPCAST_4X``) and run
+``wgmma`` with x from shared memory. 8192 rows are 128 CTAs on 132 SMs, one kernel, no
+partials. :func:`mgpu_int4_gemv` is the bare stream + upcast + MMA (signed int4 codes, no
+scales); :func:`mgpu_int4_g128_gemv` adds a bf16 scale per 128 K rows (``--scaled``). Each
+config is checked against float32 on fresh random inputs, then timed as
+``benchmarks/kernels.py`` times the decode kernels (distinct weight copies per call, device time
+from a profiler trace), beside the copy bandwidth of the same run. Needs jax with Mosaic GPU
+(jax >= 0.10) and a Hopper GPU; CI only lowers the kernels (Mosaic GPU's interpret mode in jax
+0.10.2 has no ``wgmma`` with a register operand).
+
+H100, 8192² (``benchmarks/RESULTS.md``, twelfth session): x tokens-major, 2 consumers, tile_k
+512: 16.8 µs at T = 8 and 17.4 at T = 16 without scales (0.67 / 0.65 of copy); with scales 17.4
+/ 18.2 µs, against int4_tc's 17.8 / 19.9 µs (g128 with zero points) in the same call.
 """
 
 from __future__ import annotations
@@ -337,13 +347,13 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument(
-        "--tokens", default="16", help="T: rows of x, the wgmma's N side (16 or more: swizzle)"
+        "--tokens", default="8,16", help="T: rows of x, the wgmma's N side (8 needs x layout tk)"
     )
-    ap.add_argument("--tile-k", default="256", help="K rows per TMA stage")
-    ap.add_argument("--steps", default="4", help="TMA stages in flight")
-    ap.add_argument("--wgs", default="1", help="consumer warpgroups per CTA (1 or 2)")
+    ap.add_argument("--tile-k", default="512", help="K rows per TMA stage")
+    ap.add_argument("--steps", default="3", help="TMA stages in flight")
+    ap.add_argument("--wgs", default="2", help="consumer warpgroups per CTA (1 or 2)")
     ap.add_argument("--split", default="k", help="how 2 groups share a CTA: k, rows or k,rows")
-    ap.add_argument("--x-layout", default="kt", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
+    ap.add_argument("--x-layout", default="tk", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
     ap.add_argument(
         "--scaled",
         action="store_true",
