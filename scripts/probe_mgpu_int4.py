@@ -43,21 +43,145 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 GROUP = 128  # K rows per scale (g128, mgpu_int4_g128_gemv)
 
 
+def _transforms(row_bits, elem_bits, kind, swizzle=None):
+    """Tiling + swizzle of a shared-memory tile with ``row_bits`` per row (``swizzle`` bytes,
+    or Mosaic GPU's choice)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    sw = swizzle or plgpu.find_swizzle(row_bits, kind)
+    return (plgpu.TilingTransform((8, sw * 8 // elem_bits)), plgpu.SwizzleTransform(sw))
+
+
+def _y_type(t):
+    """y's dtype and bits for ``t`` tokens: bf16, or f32 below 16 (swizzled rows of 32 bytes)."""
+    import jax.numpy as jnp
+
+    return (jnp.bfloat16, 16) if t >= 16 else (jnp.float32, 32)
+
+
+def _pipeline(in_specs, *, k_iters, wgs, steps):
+    """``get_pipeline(body, ctx)``: the warp-specialized TMA pipeline over the K stages."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def get_pipeline(body, ctx):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k_iters,),
+            memory_registers=40,
+            in_specs=in_specs,
+            wg_axis="wg",
+            num_compute_wgs=wgs,
+            max_concurrent_steps=steps,
+            compute_context=ctx,
+        )
+
+    return get_pipeline
+
+
+def _over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile):
+    """The kernel's loop: this CTA's weight tiles (``tile(rows, allocs)`` each, ``rows`` the
+    tile's ``pl.ds``), over pipeline buffers allocated once; then the last y copy is awaited."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    ignore = lambda *_, **__: None  # noqa: E731  (functions do not change the allocations)
+
+    @functools.partial(
+        pl.run_scoped,
+        allocs=get_pipeline(ignore, ignore).get_allocations(*gmem),
+        collective_axes="wg",
+    )
+    def _scope(allocs):
+        @plgpu.nd_loop((m_iters,), collective_axes="sm")
+        def _tiles(info):
+            (mi,) = info.index
+            tile(pl.ds(mi * cta_m, cta_m), allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _writer(out_smem, y_dtype):
+    """``write(y, slot, dst)``: y through ``out_smem[slot]`` to the GMEM ref ``dst`` (TMA)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def write(y, slot, dst):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem[slot] = y.astype(y_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[slot], dst)
+
+    return write
+
+
+def _finish(read_acc, write, wg, *, wgs, red_smem, red_bar):
+    """y from the consumer warpgroups' sums: ``write(read_acc())`` with one group; with two,
+    group 1 parks its sum in ``red_smem`` and group 0 adds it and writes (two CTA-local
+    barrier rounds; the second frees ``red_smem`` for the next tile)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if wgs == 1:
+        write(read_acc())
+        return
+
+    @pl.when(wg == 1)
+    def _park():
+        red_smem[...] = read_acc()
+
+    plgpu.barrier_arrive(red_bar)
+    plgpu.barrier_wait(red_bar)  # warpgroup 1's sum is in red_smem
+
+    @pl.when(wg == 0)
+    def _out():
+        write(read_acc() + red_smem[...])
+
+    plgpu.barrier_arrive(red_bar)
+    plgpu.barrier_wait(red_bar)  # red_smem read: free for the next tile
+
+
+def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms):
+    """Run ``kernel(*gmem refs, out_gmem, out_smem, red_smem, red_bar)``: one CTA per SM (at
+    most one per tile), ``wgs`` consumer warpgroups and the producer; y ``[n, t]``."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    y_dtype, y_bits = _y_type(t)
+    num_sms = num_sms or getattr(jax.devices()[0], "core_count", 132)
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((n, t), y_dtype),
+        grid=(min(num_sms, m_iters),),
+        grid_names=("sm",),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        scratch_types=dict(
+            out_smem=plgpu.SMEM(
+                (out_slots, tile_m, t), y_dtype, transforms=_transforms(t * y_bits, y_bits, "out")
+            ),
+            red_smem=plgpu.SMEM(
+                (tile_m, t), jnp.float32, transforms=_transforms(t * 32, 32, "out")
+            ),
+            red_bar=plgpu.Barrier(num_arrivals=wgs),
+        ),
+    )
+    return f(*args)
+
+
 def mgpu_int4_gemv(
     w_NxK, x, *, tile_m=64, tile_k=256, steps=4, wgs=1, split="k", x_tokens_major=False,
     num_sms=None,
 ):  # fmt: skip
-    """``y^T [N, T] = W [N, K] (int4) @ x^T [K, T] (bf16)`` in bf16: one CTA per weight tile
-    over all of K (``steps`` TMA stages of ``[rows, tile_k]``). ``wgs`` consumer warpgroups of
+    """``y^T [N, T] = W [N, K] (int4) @ x^T [K, T] (bf16)``: one CTA per weight tile over all
+    of K (``steps`` TMA stages of ``[rows, tile_k]``). ``wgs`` consumer warpgroups of
     ``tile_m`` (64) rows each: ``split="k"``: a CTA tile is ``tile_m`` rows and each group takes
-    its ``tile_k / wgs`` columns of every stage into its own accumulator; at the end warpgroup
-    1 leaves its sum in shared memory for warpgroup 0 (two CTA-local barrier rounds), which
-    writes y. ``split="rows"``: a CTA tile is ``wgs * tile_m`` rows, one part per group (the x
+    its ``tile_k / wgs`` columns of every stage into its own accumulator (:func:`_finish` adds
+    them). ``split="rows"``: a CTA tile is ``wgs * tile_m`` rows, one part per group (the x
     stage is shared: half the x traffic per weight byte, half as many CTAs).
     ``x``: x^T ``[K, T]``, or with ``x_tokens_major`` x ``[T, K]`` (a stage's TMA box is then
     T rows of ``2 tile_k`` bytes instead of ``tile_k`` rows of ``2 T`` bytes; the wgmma reads
-    it transposed). y is f32 for T = 8 (bf16 rows of 16 bytes have no swizzle)."""
-    import jax
+    it transposed). y is bf16, f32 below T = 16 (bf16 rows of 16 bytes have no swizzle)."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -73,126 +197,68 @@ def mgpu_int4_gemv(
     cta_m = tile_m * wgs if split == "rows" else tile_m  # weight rows per CTA tile
     if n % cta_m:
         raise ValueError(f"N {n} must be a multiple of {cta_m} rows per CTA")
-
-    a_sw = plgpu.find_swizzle(tile_k * 4, "lhs")
-    b_sw = plgpu.find_swizzle((tile_k if x_tokens_major else t) * 16, "rhs")
-    y_dtype = jnp.bfloat16 if t >= 16 else jnp.float32  # (rows of 32 bytes at least: swizzle)
-    y_bits = 16 if t >= 16 else 32
-    o_sw = plgpu.find_swizzle(t * y_bits, "out")
-    a_tr = (plgpu.TilingTransform((8, a_sw * 8 // 4)), plgpu.SwizzleTransform(a_sw))
-    b_tr = (plgpu.TilingTransform((8, b_sw * 8 // 16)), plgpu.SwizzleTransform(b_sw))
-    o_tr = (plgpu.TilingTransform((8, o_sw * 8 // y_bits)), plgpu.SwizzleTransform(o_sw))
-    r_sw = plgpu.find_swizzle(t * 32, "out")
-    r_tr = (plgpu.TilingTransform((8, r_sw * 8 // 32)), plgpu.SwizzleTransform(r_sw))
-    k_iters, m_iters = k // tile_k, n // cta_m
+    x_rows = tile_k if x_tokens_major else t  # elements per row of x's stage tile
+    get_pipeline = _pipeline(
+        [
+            plgpu.BlockSpec(
+                (cta_m, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 4, 4, "lhs"),
+                memory_space=plgpu.SMEM,
+            ),
+            plgpu.BlockSpec(
+                (t, tile_k) if x_tokens_major else (tile_k, t),
+                (lambda kk: (0, kk)) if x_tokens_major else (lambda kk: (kk, 0)),
+                transforms=_transforms(x_rows * 16, 16, "rhs"),
+                memory_space=plgpu.SMEM,
+            ),
+        ],
+        k_iters=k // tile_k, wgs=wgs, steps=steps,
+    )  # fmt: skip
 
     def kernel(a_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
-        def get_pipeline(body, ctx):
-            return plgpu.emit_pipeline_warp_specialized(
-                body,
-                grid=(k_iters,),
-                memory_registers=40,
-                in_specs=[
-                    plgpu.BlockSpec(
-                        (cta_m, tile_k), lambda kk: (0, kk), transforms=a_tr,
-                        memory_space=plgpu.SMEM,
-                    ),
-                    plgpu.BlockSpec(
-                        (t, tile_k) if x_tokens_major else (tile_k, t),
-                        (lambda kk: (0, kk)) if x_tokens_major else (lambda kk: (kk, 0)),
-                        transforms=b_tr,
-                        memory_space=plgpu.SMEM,
-                    ),
-                ],
-                wg_axis="wg",
-                num_compute_wgs=wgs,
-                max_concurrent_steps=steps,
-                compute_context=ctx,
-            )  # fmt: skip
-
-        ignore = lambda *_, **__: None  # noqa: E731
-
-        @functools.partial(
-            pl.run_scoped,
-            allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-            collective_axes="wg",
-        )
-        def _scope(allocs):
-            @plgpu.nd_loop((m_iters,), collective_axes="sm")
-            def _tiles(info):
-                (mi,) = info.index
-                rows = pl.ds(mi * cta_m, cta_m)
-
-                def ctx(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, t), jnp.float32))
-                    def _acc(acc):
-                        eval_pipeline(acc)
-                        wg = lax.axis_index("wg")
-
-                        def write(y, slot=0, dst=out_gmem.at[rows]):
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                            out_smem[slot] = y.astype(y_dtype)
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(out_smem.at[slot], dst)
-
-                        if wgs == 1 or split == "rows":
-                            write(acc[...], wg, out_gmem.at[rows].at[pl.ds(wg * tile_m, tile_m)])
-                            return
-
-                        @pl.when(wg == 1)
-                        def _park():
-                            red_smem[...] = acc[...]
-
-                        plgpu.barrier_arrive(red_bar)
-                        plgpu.barrier_wait(red_bar)  # warpgroup 1's sum is in red_smem
-
-                        @pl.when(wg == 0)
-                        def _out():
-                            write(acc[...] + red_smem[...])
-
-                        plgpu.barrier_arrive(red_bar)
-                        plgpu.barrier_wait(red_bar)  # red_smem read: free for the next tile
-
-                def body(_, a_smem, b_smem, acc):
+        def tile(rows, allocs):
+            def ctx(eval_pipeline):
+                @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, t), jnp.float32))
+                def _acc(acc):
+                    eval_pipeline(acc)
                     wg = lax.axis_index("wg")
-                    for i in range(wgs):  # (static slices: a tile-aligned K part per group)
+                    write = _writer(out_smem, _y_type(t)[0])
+                    if split == "rows":  # each group writes its own rows
+                        dst = out_gmem.at[rows].at[pl.ds(wg * tile_m, tile_m)]
+                        write(acc[...], wg, dst)
+                        return
+                    _finish(
+                        lambda: acc[...], lambda y: write(y, 0, out_gmem.at[rows]), wg, wgs=wgs,
+                        red_smem=red_smem, red_bar=red_bar,
+                    )  # fmt: skip
 
-                        @pl.when(wg == i)
-                        def _mma(i=i):
-                            if split == "rows":
-                                a = a_smem.at[pl.ds(i * tile_m, tile_m)][...]
-                                b = b_smem
-                            else:
-                                cols = pl.ds(i * part, part)
-                                a = a_smem.at[:, cols][...]
-                                b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
-                            if x_tokens_major:  # (sliced first: a transposed view takes none)
-                                b = b.transpose((1, 0))
-                            plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
+            def body(_, a_smem, b_smem, acc):
+                wg = lax.axis_index("wg")
+                for i in range(wgs):  # (static slices: a tile-aligned K part per group)
 
-                    plgpu.wgmma_wait(0)
-                    return acc
+                    @pl.when(wg == i)
+                    def _mma(i=i):
+                        if split == "rows":
+                            a = a_smem.at[pl.ds(i * tile_m, tile_m)][...]
+                            b = b_smem
+                        else:
+                            cols = pl.ds(i * part, part)
+                            a = a_smem.at[:, cols][...]
+                            b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
+                        if x_tokens_major:  # (sliced first: a transposed view takes none)
+                            b = b.transpose((1, 0))
+                        plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
 
-                get_pipeline(body, ctx)(a_gmem.at[rows], b_gmem, allocations=allocs)
+                plgpu.wgmma_wait(0)
+                return acc
 
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            get_pipeline(body, ctx)(a_gmem.at[rows], b_gmem, allocations=allocs)
 
-    num_sms = num_sms or getattr(jax.devices()[0], "core_count", 132)
-    f = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((n, t), y_dtype),
-        grid=(min(num_sms, m_iters),),
-        grid_names=("sm",),
-        num_threads=wgs + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        scratch_types=dict(
-            out_smem=plgpu.SMEM((wgs, tile_m, t), y_dtype, transforms=o_tr),
-            red_smem=plgpu.SMEM((tile_m, t), jnp.float32, transforms=r_tr),
-            red_bar=plgpu.Barrier(num_arrivals=wgs),
-        ),
-    )
-    return f(w_NxK, x)
+        _over_tiles(get_pipeline, (a_gmem, b_gmem), m_iters=n // cta_m, cta_m=cta_m, tile=tile)
+
+    return _launch(
+        kernel, (w_NxK, x), n=n, t=t, tile_m=tile_m, m_iters=n // cta_m, wgs=wgs, out_slots=wgs,
+        num_sms=num_sms,
+    )  # fmt: skip
 
 
 def mgpu_int4_g128_gemv(
@@ -204,7 +270,6 @@ def mgpu_int4_g128_gemv(
     :func:`mgpu_int4_gemv`'s structure (``split="k"``); each consumer warpgroup runs one
     ``wgmma`` per scale group of its part into a fresh accumulator and adds it scaled per
     weight row (a ``[tile_m]`` vector in the accumulator's row layout) into its carried sum."""
-    import jax
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -220,126 +285,60 @@ def mgpu_int4_g128_gemv(
         )
     if s_GxN.shape != (k // GROUP, n):
         raise ValueError(f"scales must be [K / {GROUP}, N] = {(k // GROUP, n)}, got {s_GxN.shape}")
-    a_sw = 64  # int4 tiles of 128 columns: a scale group is one tile (find_swizzle: 256)
-    b_sw = plgpu.find_swizzle(tile_k * 16, "rhs")
-    y_dtype = jnp.bfloat16 if t >= 16 else jnp.float32
-    y_bits = 16 if t >= 16 else 32
-    o_sw = plgpu.find_swizzle(t * y_bits, "out")
-    r_sw = plgpu.find_swizzle(t * 32, "out")
-    a_tr = (plgpu.TilingTransform((8, a_sw * 8 // 4)), plgpu.SwizzleTransform(a_sw))
-    b_tr = (plgpu.TilingTransform((8, b_sw * 8 // 16)), plgpu.SwizzleTransform(b_sw))
-    o_tr = (plgpu.TilingTransform((8, o_sw * 8 // y_bits)), plgpu.SwizzleTransform(o_sw))
-    r_tr = (plgpu.TilingTransform((8, r_sw * 8 // 32)), plgpu.SwizzleTransform(r_sw))
-    k_iters, m_iters, groups = k // tile_k, n // tile_m, tile_k // GROUP
     row_layout = plgpu.Layout.WGMMA.reduce(1)
+    get_pipeline = _pipeline(
+        [
+            plgpu.BlockSpec(  # swizzle 64: int4 tiles of 128 columns, one scale group each
+                (tile_m, tile_k), lambda kk: (0, kk), transforms=_transforms(0, 4, "lhs", 64),
+                memory_space=plgpu.SMEM,
+            ),
+            plgpu.BlockSpec((tile_k // GROUP, tile_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+            plgpu.BlockSpec(
+                (t, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 16, 16, "rhs"),
+                memory_space=plgpu.SMEM,
+            ),
+        ],
+        k_iters=k // tile_k, wgs=wgs, steps=steps,
+    )  # fmt: skip
 
     def kernel(a_gmem, s_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
-        def get_pipeline(body, ctx):
-            return plgpu.emit_pipeline_warp_specialized(
-                body,
-                grid=(k_iters,),
-                memory_registers=40,
-                in_specs=[
-                    plgpu.BlockSpec(
-                        (tile_m, tile_k), lambda kk: (0, kk), transforms=a_tr,
-                        memory_space=plgpu.SMEM,
-                    ),
-                    plgpu.BlockSpec(
-                        (groups, tile_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM
-                    ),
-                    plgpu.BlockSpec(
-                        (t, tile_k), lambda kk: (0, kk), transforms=b_tr, memory_space=plgpu.SMEM
-                    ),
-                ],
-                wg_axis="wg",
-                num_compute_wgs=wgs,
-                max_concurrent_steps=steps,
-                compute_context=ctx,
-            )  # fmt: skip
+        def tile(rows, allocs):
+            def ctx(eval_pipeline):
+                zero = plgpu.layout_cast(jnp.zeros((tile_m, t), jnp.float32), plgpu.Layout.WGMMA)
+                acc = eval_pipeline(zero)
+                wg = lax.axis_index("wg")
+                write = _writer(out_smem, _y_type(t)[0])
+                _finish(
+                    lambda: acc, lambda y: write(y, 0, out_gmem.at[rows]), wg, wgs=wgs,
+                    red_smem=red_smem, red_bar=red_bar,
+                )  # fmt: skip
 
-        ignore = lambda *_, **__: None  # noqa: E731
+            def body(_, a_smem, s_smem, b_smem, acc):
+                wg = lax.axis_index("wg")
+                for g in range(part // GROUP):
+                    c = pl.multiple_of(wg * part + g * GROUP, GROUP)
+                    a = a_smem.at[:, pl.ds(c, GROUP)][...].astype(jnp.bfloat16)
+                    b = b_smem.at[:, pl.ds(c, GROUP)].transpose((1, 0))
 
-        @functools.partial(
-            pl.run_scoped,
-            allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, s_gmem, b_gmem),
-            collective_axes="wg",
-        )
-        def _scope(allocs):
-            @plgpu.nd_loop((m_iters,), collective_axes="sm")
-            def _tiles(info):
-                (mi,) = info.index
-                rows = pl.ds(mi * tile_m, tile_m)
+                    def mm(acc_ref, a=a, b=b):
+                        plgpu.wgmma(acc_ref, a, b)
+                        return acc_ref[...]
 
-                def ctx(eval_pipeline):
-                    zero = plgpu.layout_cast(
-                        jnp.zeros((tile_m, t), jnp.float32), plgpu.Layout.WGMMA
-                    )
-                    acc = eval_pipeline(zero)
-                    wg = lax.axis_index("wg")
+                    dot = pl.run_scoped(mm, plgpu.ACC((tile_m, t), jnp.float32))
+                    gi = wg * (part // GROUP) + g
+                    sc = plgpu.load(s_smem.at[gi], (), layout=row_layout).astype(jnp.float32)
+                    acc = acc + dot * lax.broadcast_in_dim(sc, dot.shape, [0])
+                return acc
 
-                    def write(y):
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem[...] = y.astype(y_dtype)
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows])
+            get_pipeline(body, ctx)(a_gmem.at[rows], s_gmem.at[:, rows], b_gmem, allocations=allocs)
 
-                    if wgs == 1:
-                        write(acc)
-                        return
+        gmem = (a_gmem, s_gmem, b_gmem)
+        _over_tiles(get_pipeline, gmem, m_iters=n // tile_m, cta_m=tile_m, tile=tile)
 
-                    @pl.when(wg == 1)
-                    def _park():
-                        red_smem[...] = acc
-
-                    plgpu.barrier_arrive(red_bar)
-                    plgpu.barrier_wait(red_bar)
-
-                    @pl.when(wg == 0)
-                    def _out():
-                        write(acc + red_smem[...])
-
-                    plgpu.barrier_arrive(red_bar)
-                    plgpu.barrier_wait(red_bar)
-
-                def body(_, a_smem, s_smem, b_smem, acc):
-                    wg = lax.axis_index("wg")
-                    for g in range(part // GROUP):
-                        c = pl.multiple_of(wg * part + g * GROUP, GROUP)
-                        a = a_smem.at[:, pl.ds(c, GROUP)][...].astype(jnp.bfloat16)
-                        b = b_smem.at[:, pl.ds(c, GROUP)].transpose((1, 0))
-
-                        def mm(acc_ref, a=a, b=b):
-                            plgpu.wgmma(acc_ref, a, b)
-                            return acc_ref[...]
-
-                        dot = pl.run_scoped(mm, plgpu.ACC((tile_m, t), jnp.float32))
-                        gi = wg * (part // GROUP) + g
-                        sc = plgpu.load(s_smem.at[gi], (), layout=row_layout).astype(jnp.float32)
-                        acc = acc + dot * lax.broadcast_in_dim(sc, dot.shape, [0])
-                    return acc
-
-                get_pipeline(body, ctx)(
-                    a_gmem.at[rows], s_gmem.at[:, rows], b_gmem, allocations=allocs
-                )
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    num_sms = num_sms or getattr(jax.devices()[0], "core_count", 132)
-    f = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((n, t), y_dtype),
-        grid=(min(num_sms, m_iters),),
-        grid_names=("sm",),
-        num_threads=wgs + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        scratch_types=dict(
-            out_smem=plgpu.SMEM((tile_m, t), y_dtype, transforms=o_tr),
-            red_smem=plgpu.SMEM((tile_m, t), jnp.float32, transforms=r_tr),
-            red_bar=plgpu.Barrier(num_arrivals=wgs),
-        ),
-    )
-    return f(w_NxK, s_GxN, x_TxK)
+    return _launch(
+        kernel, (w_NxK, s_GxN, x_TxK), n=n, t=t, tile_m=tile_m, m_iters=n // tile_m, wgs=wgs,
+        out_slots=1, num_sms=num_sms,
+    )  # fmt: skip
 
 
 def main(argv=None):
