@@ -23,7 +23,11 @@ from a profiler trace), beside the copy bandwidth of the same run. Needs jax wit
 
 H100, 8192² (``benchmarks/RESULTS.md``, twelfth session): x tokens-major, 2 consumers, tile_k
 512: 16.8 µs at T = 8 and 17.4 at T = 16 without scales (0.67 / 0.65 of copy); with scales 17.4
-/ 18.2 µs, against int4_tc's 17.8 / 19.9 µs (g128 with zero points) in the same call.
+/ 18.2 µs, against int4_tc's 17.8 / 19.9 µs (g128 with zero points) in the same call. Those
+runs read W ``[N, K]`` row-major: a stage is 64 runs of ``tile_k / 2`` bytes, ``K / 2`` bytes
+apart. ``--w-layout tiled`` (:func:`tile_weight`: a stage is one contiguous block, as int4_tc's
+packing makes each step) was written after the session's GPU time ran out: it lowers, and its
+GPU tests wait for the next session.
 """
 
 from __future__ import annotations
@@ -50,6 +54,36 @@ def _transforms(row_bits, elem_bits, kind, swizzle=None):
 
     sw = swizzle or plgpu.find_swizzle(row_bits, kind)
     return (plgpu.TilingTransform((8, sw * 8 // elem_bits)), plgpu.SwizzleTransform(sw))
+
+
+def tile_weight(w_NxK, rows, tile_k):
+    """``W [N, K]`` -> ``[N / rows, K / tile_k, rows, tile_k]``: each TMA stage of a CTA one
+    contiguous block (``rows * tile_k / 2`` bytes of int4), as int4_tc's packing makes each
+    program's step one contiguous block, instead of ``rows`` runs of ``tile_k / 2`` bytes
+    that lie ``K / 2`` bytes apart."""
+    n, k = w_NxK.shape
+    return w_NxK.reshape(n // rows, rows, k // tile_k, tile_k).transpose(0, 2, 1, 3)
+
+
+def _weight(w, tiled, cta_m, tile_k, tr):
+    """(N, K, the weight's BlockSpec with transforms ``tr``, ``a_at(a_gmem, mi, rows)``: the
+    tile's GMEM view) for a weight ``[N, K]`` or, ``tiled``, :func:`tile_weight`'s
+    ``[N / cta_m, K / tile_k, cta_m, tile_k]``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not tiled:
+        n, k = w.shape
+        spec = plgpu.BlockSpec(
+            (cta_m, tile_k), lambda kk: (0, kk), transforms=tr, memory_space=plgpu.SMEM
+        )
+        return n, k, spec, lambda a, mi, rows: a.at[rows]
+    nt, kt, rows, cols = w.shape
+    if (rows, cols) != (cta_m, tile_k):
+        raise ValueError(f"a tiled weight needs blocks of {(cta_m, tile_k)}, got {(rows, cols)}")
+    spec = plgpu.BlockSpec(
+        (None, cta_m, tile_k), lambda kk: (kk, 0, 0), transforms=tr, memory_space=plgpu.SMEM
+    )
+    return nt * rows, kt * cols, spec, lambda a, mi, rows: a.at[mi]
 
 
 def _y_type(t):
@@ -79,8 +113,9 @@ def _pipeline(in_specs, *, k_iters, wgs, steps):
 
 
 def _over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile):
-    """The kernel's loop: this CTA's weight tiles (``tile(rows, allocs)`` each, ``rows`` the
-    tile's ``pl.ds``), over pipeline buffers allocated once; then the last y copy is awaited."""
+    """The kernel's loop: this CTA's weight tiles (``tile(mi, rows, allocs)`` each: the tile's
+    index and its rows' ``pl.ds``), over pipeline buffers allocated once; then the last y copy
+    is awaited."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -95,7 +130,7 @@ def _over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile):
         @plgpu.nd_loop((m_iters,), collective_axes="sm")
         def _tiles(info):
             (mi,) = info.index
-            tile(pl.ds(mi * cta_m, cta_m), allocs)
+            tile(mi, pl.ds(mi * cta_m, cta_m), allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -171,7 +206,7 @@ def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms):
 
 def mgpu_int4_gemv(
     w_NxK, x, *, tile_m=64, tile_k=256, steps=4, wgs=1, split="k", x_tokens_major=False,
-    num_sms=None,
+    w_tiled=False, num_sms=None,
 ):  # fmt: skip
     """``y^T [N, T] = W [N, K] (int4) @ x^T [K, T] (bf16)``: one CTA per weight tile over all
     of K (``steps`` TMA stages of ``[rows, tile_k]``). ``wgs`` consumer warpgroups of
@@ -181,29 +216,29 @@ def mgpu_int4_gemv(
     stage is shared: half the x traffic per weight byte, half as many CTAs).
     ``x``: x^T ``[K, T]``, or with ``x_tokens_major`` x ``[T, K]`` (a stage's TMA box is then
     T rows of ``2 tile_k`` bytes instead of ``tile_k`` rows of ``2 T`` bytes; the wgmma reads
-    it transposed). y is bf16, f32 below T = 16 (bf16 rows of 16 bytes have no swizzle)."""
+    it transposed). y is bf16, f32 below T = 16 (bf16 rows of 16 bytes have no swizzle).
+    ``w_tiled``: ``w_NxK`` is :func:`tile_weight`'s ``[N / rows, K / tile_k, rows, tile_k]``
+    for the CTA's ``rows``."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    n, k = w_NxK.shape
-    t = x.shape[0] if x_tokens_major else x.shape[1]
-    if n % tile_m or k % tile_k:
-        raise ValueError(f"N {n} / K {k} must be multiples of tile_m {tile_m} / tile_k {tile_k}")
     if wgs not in (1, 2) or split not in ("k", "rows"):
         raise ValueError(f"wgs must be 1 or 2 and split 'k' or 'rows', got {wgs}, {split!r}")
     part = tile_k // wgs if split == "k" else tile_k  # K columns of a stage per group
     cta_m = tile_m * wgs if split == "rows" else tile_m  # weight rows per CTA tile
+    a_tr = _transforms(tile_k * 4, 4, "lhs")
+    n, k, a_spec, a_at = _weight(w_NxK, w_tiled, cta_m, tile_k, a_tr)
+    t = x.shape[0] if x_tokens_major else x.shape[1]
+    if n % tile_m or k % tile_k:
+        raise ValueError(f"N {n} / K {k} must be multiples of tile_m {tile_m} / tile_k {tile_k}")
     if n % cta_m:
         raise ValueError(f"N {n} must be a multiple of {cta_m} rows per CTA")
     x_rows = tile_k if x_tokens_major else t  # elements per row of x's stage tile
     get_pipeline = _pipeline(
         [
-            plgpu.BlockSpec(
-                (cta_m, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 4, 4, "lhs"),
-                memory_space=plgpu.SMEM,
-            ),
+            a_spec,
             plgpu.BlockSpec(
                 (t, tile_k) if x_tokens_major else (tile_k, t),
                 (lambda kk: (0, kk)) if x_tokens_major else (lambda kk: (kk, 0)),
@@ -215,7 +250,7 @@ def mgpu_int4_gemv(
     )  # fmt: skip
 
     def kernel(a_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
-        def tile(rows, allocs):
+        def tile(mi, rows, allocs):
             def ctx(eval_pipeline):
                 @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, t), jnp.float32))
                 def _acc(acc):
@@ -251,7 +286,7 @@ def mgpu_int4_gemv(
                 plgpu.wgmma_wait(0)
                 return acc
 
-            get_pipeline(body, ctx)(a_gmem.at[rows], b_gmem, allocations=allocs)
+            get_pipeline(body, ctx)(a_at(a_gmem, mi, rows), b_gmem, allocations=allocs)
 
         _over_tiles(get_pipeline, (a_gmem, b_gmem), m_iters=n // cta_m, cta_m=cta_m, tile=tile)
 
@@ -262,20 +297,22 @@ def mgpu_int4_gemv(
 
 
 def mgpu_int4_g128_gemv(
-    w_NxK, s_GxN, x_TxK, *, tile_m=64, tile_k=512, steps=3, wgs=2, num_sms=None
+    w_NxK, s_GxN, x_TxK, *, tile_m=64, tile_k=512, steps=3, wgs=2, w_tiled=False, num_sms=None
 ):
     """``y^T [N, T] = (W * s) @ x^T`` for symmetric int4 codes ``W [N, K]`` with one bf16 scale
     per 128 K rows of a weight row, ``s [K / 128, N]`` (group-major: a stage's scales are one
     TMA box of ``tile_k / 128`` rows of ``2 tile_m`` bytes), and x tokens-major ``[T, K]``.
     :func:`mgpu_int4_gemv`'s structure (``split="k"``); each consumer warpgroup runs one
     ``wgmma`` per scale group of its part into a fresh accumulator and adds it scaled per
-    weight row (a ``[tile_m]`` vector in the accumulator's row layout) into its carried sum."""
+    weight row (a ``[tile_m]`` vector in the accumulator's row layout) into its carried sum.
+    ``w_tiled``: as :func:`mgpu_int4_gemv`'s (blocks of ``tile_m`` rows)."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    n, k = w_NxK.shape
+    a_tr = _transforms(0, 4, "lhs", 64)  # int4 tiles of 128 columns: a scale group each
+    n, k, a_spec, a_at = _weight(w_NxK, w_tiled, tile_m, tile_k, a_tr)
     t = x_TxK.shape[0]
     part = tile_k // wgs
     if n % tile_m or k % tile_k or part % GROUP or wgs not in (1, 2):
@@ -288,10 +325,7 @@ def mgpu_int4_g128_gemv(
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     get_pipeline = _pipeline(
         [
-            plgpu.BlockSpec(  # swizzle 64: int4 tiles of 128 columns, one scale group each
-                (tile_m, tile_k), lambda kk: (0, kk), transforms=_transforms(0, 4, "lhs", 64),
-                memory_space=plgpu.SMEM,
-            ),
+            a_spec,
             plgpu.BlockSpec((tile_k // GROUP, tile_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
             plgpu.BlockSpec(
                 (t, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 16, 16, "rhs"),
@@ -302,7 +336,7 @@ def mgpu_int4_g128_gemv(
     )  # fmt: skip
 
     def kernel(a_gmem, s_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
-        def tile(rows, allocs):
+        def tile(mi, rows, allocs):
             def ctx(eval_pipeline):
                 zero = plgpu.layout_cast(jnp.zeros((tile_m, t), jnp.float32), plgpu.Layout.WGMMA)
                 acc = eval_pipeline(zero)
@@ -330,7 +364,8 @@ def mgpu_int4_g128_gemv(
                     acc = acc + dot * lax.broadcast_in_dim(sc, dot.shape, [0])
                 return acc
 
-            get_pipeline(body, ctx)(a_gmem.at[rows], s_gmem.at[:, rows], b_gmem, allocations=allocs)
+            a_tile = a_at(a_gmem, mi, rows)
+            get_pipeline(body, ctx)(a_tile, s_gmem.at[:, rows], b_gmem, allocations=allocs)
 
         gmem = (a_gmem, s_gmem, b_gmem)
         _over_tiles(get_pipeline, gmem, m_iters=n // tile_m, cta_m=tile_m, tile=tile)
@@ -354,6 +389,11 @@ def main(argv=None):
     ap.add_argument("--split", default="k", help="how 2 groups share a CTA: k, rows or k,rows")
     ap.add_argument("--x-layout", default="tk", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
     ap.add_argument(
+        "--w-layout",
+        default="rowmajor",
+        help="the weight as W [N, K] (rowmajor), as tile_weight's blocks (tiled), or both",
+    )
+    ap.add_argument(
         "--scaled",
         action="store_true",
         help="mgpu_int4_g128_gemv: a bf16 scale per 128 K rows (x tokens-major, split k only)",
@@ -375,7 +415,18 @@ def main(argv=None):
     scales = rng.uniform(0.5, 1.5, size=(k // GROUP, n)).astype(np.float32)
     s_bf16 = jnp.asarray(scales, jnp.bfloat16)
     dense = codes.astype(np.float32) * np.repeat(np.asarray(s_bf16, np.float32), GROUP, 0).T
-    ws = KB.copies_of((w, s_bf16) if args.scaled else w, args.calls)
+    copies = {}
+
+    def weights(layout, cta_m, tile_k):  # the calls' weight copies (one tiled set kept)
+        key = "rowmajor" if layout == "rowmajor" else (cta_m, tile_k)
+        if key not in copies:
+            for old in [c for c in copies if c != "rowmajor"]:
+                del copies[old]  # (GPU memory)
+            wl = w if key == "rowmajor" else jnp.asarray(tile_weight(codes, cta_m, tile_k))
+            wl = wl.astype(jnp.int4)  # (tiled as int8 codes on the host)
+            copies[key] = KB.copies_of((wl, s_bf16) if args.scaled else wl, args.calls)
+        return copies[key]
+
     copy = KB.copy_bandwidth().get("copy_tbps") if jax.default_backend() == "gpu" else None
     rows = []
     for t in (int(v) for v in args.tokens.split(",")):
@@ -383,28 +434,31 @@ def main(argv=None):
         want = (dense if args.scaled else codes.astype(np.float32)) @ np.asarray(xs[0], np.float32)
         by_layout = {"kt": xs, "tk": [jnp.asarray(x.T) for x in xs]}
         for tile_k in (int(v) for v in args.tile_k.split(",")):
-            for steps, wgs, split, xl in itertools.product(
+            for steps, wgs, split, xl, wl in itertools.product(
                 [int(v) for v in args.steps.split(",")],
                 [int(v) for v in args.wgs.split(",")],
                 args.split.split(","),
                 args.x_layout.split(","),
+                args.w_layout.split(","),
             ):
                 if (wgs == 1 and split == "rows") or (args.scaled and (split, xl) != ("k", "tk")):
                     continue  # (the same kernel as split "k"; the scaled kernel has one mode)
-                label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} split={split} x={xl}"
+                label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} split={split} x={xl} w={wl}"
                 row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, split=split, k=k, n=n)
-                row["x_layout"], row["scaled"] = xl, args.scaled
+                row.update(x_layout=xl, w_layout=wl, scaled=args.scaled)
                 tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split)
-                tiles["x_tokens_major"] = xl == "tk"
+                tiles.update(x_tokens_major=xl == "tk", w_tiled=wl == "tiled")
+                cta_m = 64 * wgs if split == "rows" else 64
                 try:
 
                     def fn(x, w, tiles=tiles):  # (x, w): as build_multi calls it
                         if args.scaled:
-                            kw = {a: b for a, b in tiles.items() if a in ("tile_k", "steps", "wgs")}
+                            keep = ("tile_k", "steps", "wgs", "w_tiled")
+                            kw = {a: b for a, b in tiles.items() if a in keep}
                             return mgpu_int4_g128_gemv(w[0], w[1], x, **kw)
                         return mgpu_int4_gemv(w, x, **tiles)
 
-                    xin = by_layout[xl]
+                    xin, ws = by_layout[xl], weights(wl, cta_m, tile_k)
                     got = np.asarray(jax.jit(fn)(xin[0], ws[0]), np.float32)
                     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
                     row["rel_err"] = err

@@ -15,13 +15,29 @@ import pytest
 from tests.conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from probe_mgpu_int4 import mgpu_int4_g128_gemv, mgpu_int4_gemv  # noqa: E402
+from probe_mgpu_int4 import mgpu_int4_g128_gemv, mgpu_int4_gemv, tile_weight  # noqa: E402
 
-VARIANTS = [  # (tokens, tile_k, steps, wgs, split, x_tokens_major)
-    (16, 256, 2, 1, "k", False),
-    (8, 512, 2, 2, "k", True),
-    (16, 256, 2, 2, "rows", True),
+VARIANTS = [  # (tokens, tile_k, steps, wgs, split, x_tokens_major, w_tiled)
+    (16, 256, 2, 1, "k", False, False),
+    (8, 512, 2, 2, "k", True, False),
+    (16, 256, 2, 2, "rows", True, False),
+    (8, 512, 2, 2, "k", True, True),
+    (16, 256, 2, 2, "rows", True, True),
 ]
+
+
+def _weight(codes, tiled, rows, tile_k):
+    """int4 W [N, K], or tile_weight's blocks of it."""
+    return jnp.asarray(tile_weight(codes, rows, tile_k) if tiled else codes).astype(jnp.int4)
+
+
+def test_tile_weight_makes_each_stage_one_block():
+    w = np.arange(4 * 6).reshape(4, 6)
+    got = tile_weight(w, 2, 3)  # [N / 2, K / 3, 2, 3]
+    assert got.shape == (2, 2, 2, 3)
+    for i in range(2):
+        for j in range(2):
+            np.testing.assert_array_equal(got[i, j], w[2 * i : 2 * i + 2, 3 * j : 3 * j + 3])
 
 
 def test_clear_errors_for_tiles_it_does_not_take():
@@ -33,37 +49,44 @@ def test_clear_errors_for_tiles_it_does_not_take():
         jax.eval_shape(functools.partial(mgpu_int4_gemv, wgs=3), w, x)
     with pytest.raises(ValueError, match="N 192 must be a multiple of 128 rows per CTA"):
         jax.eval_shape(functools.partial(mgpu_int4_gemv, wgs=2, split="rows"), w, x)
+    tiled = jax.ShapeDtypeStruct((3, 2, 64, 256), jnp.int4)  # blocks of 64 x 256
+    with pytest.raises(ValueError, match=r"needs blocks of \(64, 512\), got \(64, 256\)"):
+        jax.eval_shape(functools.partial(mgpu_int4_gemv, tile_k=512, w_tiled=True), tiled, x)
 
 
-@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major", VARIANTS)
-def test_variants_lower_for_cuda(t, tile_k, steps, wgs, split, tokens_major):
-    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major,w_tiled", VARIANTS)
+def test_variants_lower_for_cuda(t, tile_k, steps, wgs, split, tokens_major, w_tiled):
+    rows = 64 * wgs if split == "rows" else 64
+    shape = (256 // rows, 2048 // tile_k, rows, tile_k) if w_tiled else (256, 2048)
+    w = jax.ShapeDtypeStruct(shape, jnp.int4)
     x = jax.ShapeDtypeStruct((t, 2048) if tokens_major else (2048, t), jnp.bfloat16)
     fn = functools.partial(
         mgpu_int4_gemv, tile_k=tile_k, steps=steps, wgs=wgs, split=split,
-        x_tokens_major=tokens_major, num_sms=4,
+        x_tokens_major=tokens_major, w_tiled=w_tiled, num_sms=4,
     )  # fmt: skip
     text = jax.jit(fn).trace(w, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major", VARIANTS)
-def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major):
+@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major,w_tiled", VARIANTS)
+def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major, w_tiled):
     rng = np.random.default_rng([t, tile_k, wgs])
     codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
     xt = rng.standard_normal((2048, t)).astype(np.float32)
     xb = jnp.asarray(xt, jnp.bfloat16)
+    w = _weight(codes, w_tiled, 64 * wgs if split == "rows" else 64, tile_k)
     y = mgpu_int4_gemv(
-        jnp.asarray(codes).astype(jnp.int4), xb.T if tokens_major else xb, tile_k=tile_k,
-        steps=steps, wgs=wgs, split=split, x_tokens_major=tokens_major,
+        w, xb.T if tokens_major else xb, tile_k=tile_k, steps=steps, wgs=wgs, split=split,
+        x_tokens_major=tokens_major, w_tiled=w_tiled,
     )  # fmt: skip
     want = codes.astype(np.float64) @ np.asarray(xb, np.float64)
     err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
     assert y.shape == (256, t) and err < 1e-2
 
 
-G128_VARIANTS = [(8, 512, 2, 2), (16, 256, 2, 1)]  # (tokens, tile_k, steps, wgs)
+G128_VARIANTS = [(8, 512, 2, 2, False), (16, 256, 2, 1, False), (8, 512, 2, 2, True)]
+# (tokens, tile_k, steps, wgs, w_tiled)
 
 
 def test_g128_clear_errors():
@@ -77,25 +100,27 @@ def test_g128_clear_errors():
         jax.eval_shape(mgpu_int4_g128_gemv, w, bad, x)
 
 
-@pytest.mark.parametrize("t,tile_k,steps,wgs", G128_VARIANTS)
-def test_g128_lowers_for_cuda(t, tile_k, steps, wgs):
-    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled", G128_VARIANTS)
+def test_g128_lowers_for_cuda(t, tile_k, steps, wgs, w_tiled):
+    shape = (4, 2048 // tile_k, 64, tile_k) if w_tiled else (256, 2048)
+    w = jax.ShapeDtypeStruct(shape, jnp.int4)
     s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
     x = jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)
-    fn = functools.partial(mgpu_int4_g128_gemv, tile_k=tile_k, steps=steps, wgs=wgs, num_sms=4)
+    fn = functools.partial(
+        mgpu_int4_g128_gemv, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled, num_sms=4
+    )
     assert "mosaic_gpu" in jax.jit(fn).trace(w, s, x).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,tile_k,steps,wgs", G128_VARIANTS)
-def test_gpu_g128_equals_float64(t, tile_k, steps, wgs):
+@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled", G128_VARIANTS)
+def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled):
     rng = np.random.default_rng([t, tile_k, wgs, 128])
     codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
     s = jnp.asarray(rng.uniform(0.5, 1.5, size=(16, 256)), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((t, 2048)), jnp.bfloat16)
-    y = mgpu_int4_g128_gemv(
-        jnp.asarray(codes).astype(jnp.int4), s, x, tile_k=tile_k, steps=steps, wgs=wgs
-    )
+    w = _weight(codes, w_tiled, 64, tile_k)
+    y = mgpu_int4_g128_gemv(w, s, x, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled)
     dense = codes.astype(np.float64) * np.repeat(np.asarray(s, np.float64), 128, 0).T
     want = dense @ np.asarray(x, np.float64).T
     err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
