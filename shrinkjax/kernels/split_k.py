@@ -15,9 +15,10 @@ at 8192² and M = 1, 4, 16: 0.2-0.7 µs at M = 1, up to 2.7 µs at M = 16 (count
 atomic's round trip at each program's end, the last program's reads;
 ``benchmarks/results/split_sum_ninth.json``). The twelfth session took the memset away (the
 counters kept in the packed weight, reset by the last program: commit c25d511): still slower
-in 13 of 15 kernel x M cells, level in the other two (int4 at M = 1: 17.4 against 16.5 µs). The fence, atomic and
-reads at each program's end put ~2.1 µs on the kernel's tail (15.6 -> 17.7 µs), more than XLA's
-whole sum kernel (1.4 µs; ``benchmarks/results/split_sum_locks_twelfth.json``).
+in 13 of 15 kernel x M cells, level in the other two (int4 at M = 1: 17.4 against 16.5 µs).
+The fence, atomic and reads at each program's end put ~2.1 µs on the kernel's tail (15.6 ->
+17.7 µs), more than XLA's whole sum kernel (1.4 µs;
+``benchmarks/results/split_sum_locks_twelfth.json``).
 """
 
 from __future__ import annotations
