@@ -26,8 +26,9 @@ H100, 8192² (``benchmarks/RESULTS.md``, twelfth session): x tokens-major, 2 con
 / 18.2 µs, against int4_tc's 17.8 / 19.9 µs (g128 with zero points) in the same call. Those
 runs read W ``[N, K]`` row-major: a stage is 64 runs of ``tile_k / 2`` bytes, ``K / 2`` bytes
 apart. ``--w-layout tiled`` (:func:`tile_weight`: a stage is one contiguous block, as int4_tc's
-packing makes each step) was written after the session's GPU time ran out: it lowers, and its
-GPU tests wait for the next session.
+packing makes each step) and ``--zeros`` (zero points, subtracted from the upcast codes) were
+written after the session's GPU time ran out: they lower, and their GPU tests wait for the
+next session.
 """
 
 from __future__ import annotations
@@ -297,15 +298,19 @@ def mgpu_int4_gemv(
 
 
 def mgpu_int4_g128_gemv(
-    w_NxK, s_GxN, x_TxK, *, tile_m=64, tile_k=512, steps=3, wgs=2, w_tiled=False, num_sms=None
-):
+    w_NxK, s_GxN, x_TxK, z_GxN=None, *, tile_m=64, tile_k=512, steps=3, wgs=2, w_tiled=False,
+    num_sms=None,
+):  # fmt: skip
     """``y^T [N, T] = (W * s) @ x^T`` for symmetric int4 codes ``W [N, K]`` with one bf16 scale
     per 128 K rows of a weight row, ``s [K / 128, N]`` (group-major: a stage's scales are one
     TMA box of ``tile_k / 128`` rows of ``2 tile_m`` bytes), and x tokens-major ``[T, K]``.
     :func:`mgpu_int4_gemv`'s structure (``split="k"``); each consumer warpgroup runs one
     ``wgmma`` per scale group of its part into a fresh accumulator and adds it scaled per
     weight row (a ``[tile_m]`` vector in the accumulator's row layout) into its carried sum.
-    ``w_tiled``: as :func:`mgpu_int4_gemv`'s (blocks of ``tile_m`` rows)."""
+    ``w_tiled``: as :func:`mgpu_int4_gemv`'s (blocks of ``tile_m`` rows). ``z_GxN``: bf16
+    zero points relative to the signed codes (``z - 8`` for 4-bit ``q = code + 8``), laid out as
+    ``s``; the group's ``[tile_m]`` vector is subtracted from the upcast codes (exact in bf16),
+    so ``W = s * (code - z)``."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -320,13 +325,19 @@ def mgpu_int4_g128_gemv(
             f"N {n} / K {k} must be multiples of tile_m {tile_m} / tile_k {tile_k}, and "
             f"tile_k / wgs ({wgs}) a multiple of {GROUP}"
         )
-    if s_GxN.shape != (k // GROUP, n):
-        raise ValueError(f"scales must be [K / {GROUP}, N] = {(k // GROUP, n)}, got {s_GxN.shape}")
+    for name, a in (("scales", s_GxN), ("zeros", z_GxN)):
+        if a is not None and a.shape != (k // GROUP, n):
+            raise ValueError(f"{name} must be [K / {GROUP}, N] = {(k // GROUP, n)}, got {a.shape}")
+    zeros = z_GxN is not None
+    per_group = plgpu.BlockSpec(
+        (tile_k // GROUP, tile_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM
+    )
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     get_pipeline = _pipeline(
         [
             a_spec,
-            plgpu.BlockSpec((tile_k // GROUP, tile_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM),
+            per_group,
+            *([per_group] if zeros else []),
             plgpu.BlockSpec(
                 (t, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 16, 16, "rhs"),
                 memory_space=plgpu.SMEM,
@@ -335,7 +346,10 @@ def mgpu_int4_g128_gemv(
         k_iters=k // tile_k, wgs=wgs, steps=steps,
     )  # fmt: skip
 
-    def kernel(a_gmem, s_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
+    def kernel(*refs, out_smem, red_smem, red_bar):
+        *gmem, out_gmem = refs
+        a_gmem, b_gmem = gmem[0], gmem[-1]
+
         def tile(mi, rows, allocs):
             def ctx(eval_pipeline):
                 zero = plgpu.layout_cast(jnp.zeros((tile_m, t), jnp.float32), plgpu.Layout.WGMMA)
@@ -347,11 +361,16 @@ def mgpu_int4_g128_gemv(
                     red_smem=red_smem, red_bar=red_bar,
                 )  # fmt: skip
 
-            def body(_, a_smem, s_smem, b_smem, acc):
+            def body(_, a_smem, s_smem, *rest):
+                *z_smem, b_smem, acc = rest
                 wg = lax.axis_index("wg")
                 for g in range(part // GROUP):
                     c = pl.multiple_of(wg * part + g * GROUP, GROUP)
+                    gi = wg * (part // GROUP) + g
                     a = a_smem.at[:, pl.ds(c, GROUP)][...].astype(jnp.bfloat16)
+                    if zeros:
+                        zr = plgpu.load(z_smem[0].at[gi], (), layout=row_layout)
+                        a = a - lax.broadcast_in_dim(zr, a.shape, [0])
                     b = b_smem.at[:, pl.ds(c, GROUP)].transpose((1, 0))
 
                     def mm(acc_ref, a=a, b=b):
@@ -359,20 +378,19 @@ def mgpu_int4_g128_gemv(
                         return acc_ref[...]
 
                     dot = pl.run_scoped(mm, plgpu.ACC((tile_m, t), jnp.float32))
-                    gi = wg * (part // GROUP) + g
                     sc = plgpu.load(s_smem.at[gi], (), layout=row_layout).astype(jnp.float32)
                     acc = acc + dot * lax.broadcast_in_dim(sc, dot.shape, [0])
                 return acc
 
+            groups = [g.at[:, rows] for g in gmem[1:-1]]  # scales (and zeros)
             a_tile = a_at(a_gmem, mi, rows)
-            get_pipeline(body, ctx)(a_tile, s_gmem.at[:, rows], b_gmem, allocations=allocs)
+            get_pipeline(body, ctx)(a_tile, *groups, b_gmem, allocations=allocs)
 
-        gmem = (a_gmem, s_gmem, b_gmem)
         _over_tiles(get_pipeline, gmem, m_iters=n // tile_m, cta_m=tile_m, tile=tile)
 
     return _launch(
-        kernel, (w_NxK, s_GxN, x_TxK), n=n, t=t, tile_m=tile_m, m_iters=n // tile_m, wgs=wgs,
-        out_slots=1, num_sms=num_sms,
+        kernel, (w_NxK, s_GxN, *([z_GxN] if zeros else []), x_TxK), n=n, t=t, tile_m=tile_m,
+        m_iters=n // tile_m, wgs=wgs, out_slots=1, num_sms=num_sms,
     )  # fmt: skip
 
 
@@ -398,9 +416,12 @@ def main(argv=None):
         action="store_true",
         help="mgpu_int4_g128_gemv: a bf16 scale per 128 K rows (x tokens-major, split k only)",
     )
+    ap.add_argument("--zeros", action="store_true", help="--scaled with zero points (bf16)")
     ap.add_argument("--calls", type=int, default=8)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
+    if args.zeros and not args.scaled:
+        ap.error("--zeros goes with --scaled")
 
     import jax
     import jax.numpy as jnp
@@ -414,7 +435,10 @@ def main(argv=None):
     w = jnp.asarray(codes).astype(jnp.int4)
     scales = rng.uniform(0.5, 1.5, size=(k // GROUP, n)).astype(np.float32)
     s_bf16 = jnp.asarray(scales, jnp.bfloat16)
-    dense = codes.astype(np.float32) * np.repeat(np.asarray(s_bf16, np.float32), GROUP, 0).T
+    z_rel = rng.integers(-8, 8, size=(k // GROUP, n)).astype(np.float32) if args.zeros else None
+    z_bf16 = None if z_rel is None else jnp.asarray(z_rel, jnp.bfloat16)
+    deq = codes.astype(np.float32) - (0 if z_rel is None else np.repeat(z_rel, GROUP, 0).T)
+    dense = deq * np.repeat(np.asarray(s_bf16, np.float32), GROUP, 0).T
     copies = {}
 
     def weights(layout, cta_m, tile_k):  # the calls' weight copies (one tiled set kept)
@@ -424,7 +448,7 @@ def main(argv=None):
                 del copies[old]  # (GPU memory)
             wl = w if key == "rowmajor" else jnp.asarray(tile_weight(codes, cta_m, tile_k))
             wl = wl.astype(jnp.int4)  # (tiled as int8 codes on the host)
-            copies[key] = KB.copies_of((wl, s_bf16) if args.scaled else wl, args.calls)
+            copies[key] = KB.copies_of((wl, s_bf16, z_bf16) if args.scaled else wl, args.calls)
         return copies[key]
 
     copy = KB.copy_bandwidth().get("copy_tbps") if jax.default_backend() == "gpu" else None
@@ -445,7 +469,7 @@ def main(argv=None):
                     continue  # (the same kernel as split "k"; the scaled kernel has one mode)
                 label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} split={split} x={xl} w={wl}"
                 row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, split=split, k=k, n=n)
-                row.update(x_layout=xl, w_layout=wl, scaled=args.scaled)
+                row.update(x_layout=xl, w_layout=wl, scaled=args.scaled, zeros=args.zeros)
                 tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split)
                 tiles.update(x_tokens_major=xl == "tk", w_tiled=wl == "tiled")
                 cta_m = 64 * wgs if split == "rows" else 64
@@ -455,7 +479,7 @@ def main(argv=None):
                         if args.scaled:
                             keep = ("tile_k", "steps", "wgs", "w_tiled")
                             kw = {a: b for a, b in tiles.items() if a in keep}
-                            return mgpu_int4_g128_gemv(w[0], w[1], x, **kw)
+                            return mgpu_int4_g128_gemv(w[0], w[1], x, w[2], **kw)
                         return mgpu_int4_gemv(w, x, **tiles)
 
                     xin, ws = by_layout[xl], weights(wl, cta_m, tile_k)
@@ -473,7 +497,7 @@ def main(argv=None):
                     rows.append(row)
                     continue
                 nbytes = n * k // 2 + 2 * k * t + (2 if t >= 16 else 4) * n * t
-                nbytes += 2 * n * (k // GROUP) if args.scaled else 0
+                nbytes += 2 * n * (k // GROUP) * (int(args.scaled) + int(args.zeros))
                 if res and copy:
                     row["bw_frac"] = nbytes / (res["span_us"] * 1e-6) / (copy * 1e12)
                     print(f"{label}: {res['span_us']:.2f} µs, {row['bw_frac']:.3f} of copy, "

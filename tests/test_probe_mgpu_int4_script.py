@@ -85,8 +85,13 @@ def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major, w_tiled)
     assert y.shape == (256, t) and err < 1e-2
 
 
-G128_VARIANTS = [(8, 512, 2, 2, False), (16, 256, 2, 1, False), (8, 512, 2, 2, True)]
-# (tokens, tile_k, steps, wgs, w_tiled)
+G128_VARIANTS = [  # (tokens, tile_k, steps, wgs, w_tiled, zeros)
+    (8, 512, 2, 2, False, False),
+    (16, 256, 2, 1, False, False),
+    (8, 512, 2, 2, True, False),
+    (8, 512, 2, 2, False, True),
+    (16, 512, 2, 2, True, True),
+]
 
 
 def test_g128_clear_errors():
@@ -98,10 +103,12 @@ def test_g128_clear_errors():
     bad = jax.ShapeDtypeStruct((128, 8), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"scales must be \[K / 128, N\] = \(8, 128\)"):
         jax.eval_shape(mgpu_int4_g128_gemv, w, bad, x)
+    with pytest.raises(ValueError, match=r"zeros must be \[K / 128, N\] = \(8, 128\)"):
+        jax.eval_shape(mgpu_int4_g128_gemv, w, s, x, bad)
 
 
-@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled", G128_VARIANTS)
-def test_g128_lowers_for_cuda(t, tile_k, steps, wgs, w_tiled):
+@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled,zeros", G128_VARIANTS)
+def test_g128_lowers_for_cuda(t, tile_k, steps, wgs, w_tiled, zeros):
     shape = (4, 2048 // tile_k, 64, tile_k) if w_tiled else (256, 2048)
     w = jax.ShapeDtypeStruct(shape, jnp.int4)
     s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
@@ -109,19 +116,23 @@ def test_g128_lowers_for_cuda(t, tile_k, steps, wgs, w_tiled):
     fn = functools.partial(
         mgpu_int4_g128_gemv, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled, num_sms=4
     )
-    assert "mosaic_gpu" in jax.jit(fn).trace(w, s, x).lower(lowering_platforms=("cuda",)).as_text()
+    args = (w, s, x, s) if zeros else (w, s, x)  # (zero points: bf16, laid out as the scales)
+    assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled", G128_VARIANTS)
-def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled):
+@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled,zeros", G128_VARIANTS)
+def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros):
     rng = np.random.default_rng([t, tile_k, wgs, 128])
     codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
     s = jnp.asarray(rng.uniform(0.5, 1.5, size=(16, 256)), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((t, 2048)), jnp.bfloat16)
+    z = rng.integers(-8, 8, size=(16, 256)).astype(np.float64) if zeros else np.zeros((16, 256))
     w = _weight(codes, w_tiled, 64, tile_k)
-    y = mgpu_int4_g128_gemv(w, s, x, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled)
-    dense = codes.astype(np.float64) * np.repeat(np.asarray(s, np.float64), 128, 0).T
+    zb = jnp.asarray(z, jnp.bfloat16) if zeros else None
+    y = mgpu_int4_g128_gemv(w, s, x, zb, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled)
+    deq = codes.astype(np.float64) - np.repeat(z, 128, 0).T
+    dense = deq * np.repeat(np.asarray(s, np.float64), 128, 0).T
     want = dense @ np.asarray(x, np.float64).T
     err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
     assert y.shape == (256, t) and err < 1e-2
