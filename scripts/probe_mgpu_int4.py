@@ -48,12 +48,12 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 GROUP = 128  # K rows per scale (g128, mgpu_int4_g128_gemv)
 
 
-def _transforms(row_bits, elem_bits, kind, swizzle=None):
-    """Tiling + swizzle of a shared-memory tile with ``row_bits`` per row (``swizzle`` bytes,
-    or Mosaic GPU's choice)."""
+def _transforms(row_bits, elem_bits, kind):
+    """Tiling + swizzle (Mosaic GPU's choice for rows of ``row_bits``) of a shared-memory tile
+    of ``elem_bits`` elements."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    sw = swizzle or plgpu.find_swizzle(row_bits, kind)
+    sw = plgpu.find_swizzle(row_bits, kind)
     return (plgpu.TilingTransform((8, sw * 8 // elem_bits)), plgpu.SwizzleTransform(sw))
 
 
@@ -316,7 +316,7 @@ def mgpu_int4_g128_gemv(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    a_tr = _transforms(0, 4, "lhs", 64)  # int4 tiles of 128 columns: a scale group each
+    a_tr = _transforms(GROUP * 4, 4, "lhs")  # int4 tiles of 128 columns: a scale group each
     n, k, a_spec, a_at = _weight(w_NxK, w_tiled, tile_m, tile_k, a_tr)
     t = x_TxK.shape[0]
     part = tile_k // wgs
@@ -420,6 +420,17 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=8)
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
+    lists = (
+        ("split", ("k", "rows")),
+        ("x_layout", ("kt", "tk")),
+        ("w_layout", ("rowmajor", "tiled")),
+    )
+    for flag, allowed in lists:
+        for value in getattr(args, flag).split(","):
+            if value not in allowed:
+                ap.error(f"--{flag.replace('_', '-')} takes {' / '.join(allowed)}, got {value!r}")
+    if args.scaled and (args.split != "k" or args.x_layout != "tk"):
+        ap.error("--scaled runs --split k with --x-layout tk only")
     if args.zeros and not args.scaled:
         ap.error("--zeros goes with --scaled")
 
@@ -465,8 +476,8 @@ def main(argv=None):
                 args.x_layout.split(","),
                 args.w_layout.split(","),
             ):
-                if (wgs == 1 and split == "rows") or (args.scaled and (split, xl) != ("k", "tk")):
-                    continue  # (the same kernel as split "k"; the scaled kernel has one mode)
+                if wgs == 1 and split == "rows":
+                    continue  # (the same kernel as split "k")
                 label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} split={split} x={xl} w={wl}"
                 row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, split=split, k=k, n=n)
                 row.update(x_layout=xl, w_layout=wl, scaled=args.scaled, zeros=args.zeros)

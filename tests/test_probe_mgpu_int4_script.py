@@ -136,3 +136,21 @@ def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros):
     want = dense @ np.asarray(x, np.float64).T
     err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
     assert y.shape == (256, t) and err < 1e-2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--x-layout", "kt,kx"], "--x-layout takes kt / tk, got 'kx'"),
+        (["--w-layout", "tile"], "--w-layout takes rowmajor / tiled, got 'tile'"),
+        (["--split", "n"], "--split takes k / rows, got 'n'"),
+        (["--scaled", "--x-layout", "kt"], "--scaled runs --split k with --x-layout tk only"),
+        (["--zeros"], "--zeros goes with --scaled"),
+    ],
+)
+def test_cli_rejects_bad_flags_by_name(argv, message, capsys):
+    from probe_mgpu_int4 import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
