@@ -87,6 +87,13 @@ def _weight(w, tiled, cta_m, tile_k, tr):
     return nt * rows, kt * cols, spec, lambda a, mi, rows: a.at[mi]
 
 
+def _multicast(cluster):
+    """x's BlockSpec ``collective_axes``: with a cluster, each x stage is one TMA multicast to
+    all the cluster's CTAs (their weight tiles differ, their x stages are the same), so x
+    crosses L2 once per cluster instead of once per CTA."""
+    return ("c",) if cluster > 1 else ()
+
+
 def _y_type(t):
     """y's dtype and bits for ``t`` tokens: bf16, or f32 below 16 (swizzled rows of 32 bytes)."""
     import jax.numpy as jnp
@@ -113,10 +120,12 @@ def _pipeline(in_specs, *, k_iters, wgs, steps):
     return get_pipeline
 
 
-def _over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile):
+def _over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile, cluster=1):
     """The kernel's loop: this CTA's weight tiles (``tile(mi, rows, allocs)`` each: the tile's
     index and its rows' ``pl.ds``), over pipeline buffers allocated once; then the last y copy
-    is awaited."""
+    is awaited. With a ``cluster`` of CTAs (axis ``"c"``), the loop runs over groups of
+    ``cluster`` adjacent tiles, one per CTA of the cluster."""
+    from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -128,9 +137,11 @@ def _over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile):
         collective_axes="wg",
     )
     def _scope(allocs):
-        @plgpu.nd_loop((m_iters,), collective_axes="sm")
+        @plgpu.nd_loop((m_iters // cluster,), collective_axes="sm")
         def _tiles(info):
             (mi,) = info.index
+            if cluster > 1:
+                mi = mi * cluster + lax.axis_index("c")
             tile(mi, pl.ds(mi * cta_m, cta_m), allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -150,34 +161,39 @@ def _writer(out_smem, y_dtype):
 
 
 def _finish(read_acc, write, wg, *, wgs, red_smem, red_bar):
-    """y from the consumer warpgroups' sums: ``write(read_acc())`` with one group; with two,
-    group 1 parks its sum in ``red_smem`` and group 0 adds it and writes (two CTA-local
-    barrier rounds; the second frees ``red_smem`` for the next tile)."""
+    """y from the consumer warpgroups' sums: ``write(read_acc())`` with one group; with more,
+    groups 1.. park their sums in ``red_smem[g - 1]`` and group 0 adds them and writes (two
+    CTA-local barrier rounds; the second frees ``red_smem`` for the next tile)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if wgs == 1:
         write(read_acc())
         return
+    for g in range(1, wgs):
 
-    @pl.when(wg == 1)
-    def _park():
-        red_smem[...] = read_acc()
+        @pl.when(wg == g)
+        def _park(g=g):
+            red_smem[g - 1] = read_acc()
 
     plgpu.barrier_arrive(red_bar)
-    plgpu.barrier_wait(red_bar)  # warpgroup 1's sum is in red_smem
+    plgpu.barrier_wait(red_bar)  # the other groups' sums are in red_smem
 
     @pl.when(wg == 0)
     def _out():
-        write(read_acc() + red_smem[...])
+        y = read_acc()
+        for g in range(1, wgs):
+            y = y + red_smem[g - 1]
+        write(y)
 
     plgpu.barrier_arrive(red_bar)
     plgpu.barrier_wait(red_bar)  # red_smem read: free for the next tile
 
 
-def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms):
+def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms, cluster=1):
     """Run ``kernel(*gmem refs, out_gmem, out_smem, red_smem, red_bar)``: one CTA per SM (at
-    most one per tile), ``wgs`` consumer warpgroups and the producer; y ``[n, t]``."""
+    most one per tile) in clusters of ``cluster`` CTAs (axis ``"c"``), ``wgs`` consumer
+    warpgroups and the producer; y ``[n, t]``."""
     import jax
     import jax.numpy as jnp
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -187,8 +203,9 @@ def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms):
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((n, t), y_dtype),
-        grid=(min(num_sms, m_iters),),
+        grid=(min(num_sms, m_iters) // cluster,),
         grid_names=("sm",),
+        **(dict(cluster=(cluster,), cluster_names=("c",)) if cluster > 1 else {}),
         num_threads=wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -197,7 +214,7 @@ def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms):
                 (out_slots, tile_m, t), y_dtype, transforms=_transforms(t * y_bits, y_bits, "out")
             ),
             red_smem=plgpu.SMEM(
-                (tile_m, t), jnp.float32, transforms=_transforms(t * 32, 32, "out")
+                (max(wgs - 1, 1), tile_m, t), jnp.float32, transforms=_transforms(t * 32, 32, "out")
             ),
             red_bar=plgpu.Barrier(num_arrivals=wgs),
         ),
@@ -207,7 +224,7 @@ def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms):
 
 def mgpu_int4_gemv(
     w_NxK, x, *, tile_m=64, tile_k=256, steps=4, wgs=1, split="k", x_tokens_major=False,
-    w_tiled=False, num_sms=None,
+    w_tiled=False, num_sms=None, cluster=1,
 ):  # fmt: skip
     """``y^T [N, T] = W [N, K] (int4) @ x^T [K, T] (bf16)``: one CTA per weight tile over all
     of K (``steps`` TMA stages of ``[rows, tile_k]``). ``wgs`` consumer warpgroups of
@@ -225,17 +242,17 @@ def mgpu_int4_gemv(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if wgs not in (1, 2) or split not in ("k", "rows"):
-        raise ValueError(f"wgs must be 1 or 2 and split 'k' or 'rows', got {wgs}, {split!r}")
+    if wgs not in (1, 2, 4) or split not in ("k", "rows"):
+        raise ValueError(f"wgs must be 1, 2 or 4 and split 'k' or 'rows', got {wgs}, {split!r}")
     part = tile_k // wgs if split == "k" else tile_k  # K columns of a stage per group
     cta_m = tile_m * wgs if split == "rows" else tile_m  # weight rows per CTA tile
-    a_tr = _transforms(tile_k * 4, 4, "lhs")
+    a_tr = _transforms(part * 4, 4, "lhs")  # (swizzled to the columns one group reads)
     n, k, a_spec, a_at = _weight(w_NxK, w_tiled, cta_m, tile_k, a_tr)
     t = x.shape[0] if x_tokens_major else x.shape[1]
     if n % tile_m or k % tile_k:
         raise ValueError(f"N {n} / K {k} must be multiples of tile_m {tile_m} / tile_k {tile_k}")
-    if n % cta_m:
-        raise ValueError(f"N {n} must be a multiple of {cta_m} rows per CTA")
+    if n % (cta_m * cluster):
+        raise ValueError(f"N {n} must be a multiple of {cta_m} rows per CTA x cluster {cluster}")
     x_rows = tile_k if x_tokens_major else t  # elements per row of x's stage tile
     get_pipeline = _pipeline(
         [
@@ -245,6 +262,7 @@ def mgpu_int4_gemv(
                 (lambda kk: (0, kk)) if x_tokens_major else (lambda kk: (kk, 0)),
                 transforms=_transforms(x_rows * 16, 16, "rhs"),
                 memory_space=plgpu.SMEM,
+                collective_axes=_multicast(cluster),
             ),
         ],
         k_iters=k // tile_k, wgs=wgs, steps=steps,
@@ -289,17 +307,20 @@ def mgpu_int4_gemv(
 
             get_pipeline(body, ctx)(a_at(a_gmem, mi, rows), b_gmem, allocations=allocs)
 
-        _over_tiles(get_pipeline, (a_gmem, b_gmem), m_iters=n // cta_m, cta_m=cta_m, tile=tile)
+        _over_tiles(
+            get_pipeline, (a_gmem, b_gmem), m_iters=n // cta_m, cta_m=cta_m, tile=tile,
+            cluster=cluster,
+        )  # fmt: skip
 
     return _launch(
         kernel, (w_NxK, x), n=n, t=t, tile_m=tile_m, m_iters=n // cta_m, wgs=wgs, out_slots=wgs,
-        num_sms=num_sms,
+        num_sms=num_sms, cluster=cluster,
     )  # fmt: skip
 
 
 def mgpu_int4_g128_gemv(
     w_NxK, s_GxN, x_TxK, z_GxN=None, *, tile_m=64, tile_k=512, steps=3, wgs=2, w_tiled=False,
-    num_sms=None,
+    num_sms=None, cluster=1,
 ):  # fmt: skip
     """``y^T [N, T] = (W * s) @ x^T`` for symmetric int4 codes ``W [N, K]`` with one bf16 scale
     per 128 K rows of a weight row, ``s [K / 128, N]`` (group-major: a stage's scales are one
@@ -320,10 +341,10 @@ def mgpu_int4_g128_gemv(
     n, k, a_spec, a_at = _weight(w_NxK, w_tiled, tile_m, tile_k, a_tr)
     t = x_TxK.shape[0]
     part = tile_k // wgs
-    if n % tile_m or k % tile_k or part % GROUP or wgs not in (1, 2):
+    if n % (tile_m * cluster) or k % tile_k or part % GROUP or wgs not in (1, 2, 4):
         raise ValueError(
-            f"N {n} / K {k} must be multiples of tile_m {tile_m} / tile_k {tile_k}, and "
-            f"tile_k / wgs ({wgs}) a multiple of {GROUP}"
+            f"N {n} / K {k} must be multiples of tile_m {tile_m} x cluster {cluster} / tile_k "
+            f"{tile_k}, and tile_k / wgs ({wgs}; 1, 2 or 4) a multiple of {GROUP}"
         )
     for name, a in (("scales", s_GxN), ("zeros", z_GxN)):
         if a is not None and a.shape != (k // GROUP, n):
@@ -340,7 +361,7 @@ def mgpu_int4_g128_gemv(
             *([per_group] if zeros else []),
             plgpu.BlockSpec(
                 (t, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 16, 16, "rhs"),
-                memory_space=plgpu.SMEM,
+                memory_space=plgpu.SMEM, collective_axes=_multicast(cluster),
             ),
         ],
         k_iters=k // tile_k, wgs=wgs, steps=steps,
@@ -386,11 +407,13 @@ def mgpu_int4_g128_gemv(
             a_tile = a_at(a_gmem, mi, rows)
             get_pipeline(body, ctx)(a_tile, *groups, b_gmem, allocations=allocs)
 
-        _over_tiles(get_pipeline, gmem, m_iters=n // tile_m, cta_m=tile_m, tile=tile)
+        _over_tiles(
+            get_pipeline, gmem, m_iters=n // tile_m, cta_m=tile_m, tile=tile, cluster=cluster
+        )
 
     return _launch(
         kernel, (w_NxK, s_GxN, *([z_GxN] if zeros else []), x_TxK), n=n, t=t, tile_m=tile_m,
-        m_iters=n // tile_m, wgs=wgs, out_slots=1, num_sms=num_sms,
+        m_iters=n // tile_m, wgs=wgs, out_slots=1, num_sms=num_sms, cluster=cluster,
     )  # fmt: skip
 
 
@@ -404,6 +427,9 @@ def main(argv=None):
     ap.add_argument("--tile-k", default="512", help="K rows per TMA stage")
     ap.add_argument("--steps", default="3", help="TMA stages in flight")
     ap.add_argument("--wgs", default="2", help="consumer warpgroups per CTA (1 or 2)")
+    ap.add_argument(
+        "--cluster", default="1", help="CTAs per cluster (1, 2, 4): x is multicast to them"
+    )
     ap.add_argument("--split", default="k", help="how 2 groups share a CTA: k, rows or k,rows")
     ap.add_argument("--x-layout", default="tk", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
     ap.add_argument(
@@ -469,26 +495,29 @@ def main(argv=None):
         want = (dense if args.scaled else codes.astype(np.float32)) @ np.asarray(xs[0], np.float32)
         by_layout = {"kt": xs, "tk": [jnp.asarray(x.T) for x in xs]}
         for tile_k in (int(v) for v in args.tile_k.split(",")):
-            for steps, wgs, split, xl, wl in itertools.product(
+            for steps, wgs, cluster, split, xl, wl in itertools.product(
                 [int(v) for v in args.steps.split(",")],
                 [int(v) for v in args.wgs.split(",")],
+                [int(v) for v in args.cluster.split(",")],
                 args.split.split(","),
                 args.x_layout.split(","),
                 args.w_layout.split(","),
             ):
                 if wgs == 1 and split == "rows":
                     continue  # (the same kernel as split "k")
-                label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} split={split} x={xl} w={wl}"
-                row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, split=split, k=k, n=n)
+                label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} cluster={cluster} "
+                label += f"split={split} x={xl} w={wl}"
+                row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, cluster=cluster)
+                row.update(split=split, k=k, n=n)
                 row.update(x_layout=xl, w_layout=wl, scaled=args.scaled, zeros=args.zeros)
-                tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split)
+                tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split, cluster=cluster)
                 tiles.update(x_tokens_major=xl == "tk", w_tiled=wl == "tiled")
                 cta_m = 64 * wgs if split == "rows" else 64
                 try:
 
                     def fn(x, w, tiles=tiles):  # (x, w): as build_multi calls it
                         if args.scaled:
-                            keep = ("tile_k", "steps", "wgs", "w_tiled")
+                            keep = ("tile_k", "steps", "wgs", "w_tiled", "cluster")
                             kw = {a: b for a, b in tiles.items() if a in keep}
                             return mgpu_int4_g128_gemv(w[0], w[1], x, w[2], **kw)
                         return mgpu_int4_gemv(w, x, **tiles)

@@ -17,12 +17,15 @@ from tests.conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from probe_mgpu_int4 import mgpu_int4_g128_gemv, mgpu_int4_gemv, tile_weight  # noqa: E402
 
-VARIANTS = [  # (tokens, tile_k, steps, wgs, split, x_tokens_major, w_tiled)
-    (16, 256, 2, 1, "k", False, False),
-    (8, 512, 2, 2, "k", True, False),
-    (16, 256, 2, 2, "rows", True, False),
-    (8, 512, 2, 2, "k", True, True),
-    (16, 256, 2, 2, "rows", True, True),
+VARIANTS = [  # (tokens, tile_k, steps, wgs, split, x_tokens_major, w_tiled, cluster)
+    (16, 256, 2, 1, "k", False, False, 1),
+    (8, 512, 2, 2, "k", True, False, 1),
+    (16, 256, 2, 2, "rows", True, False, 1),
+    (8, 512, 2, 2, "k", True, True, 1),
+    (16, 256, 2, 2, "rows", True, True, 1),
+    (8, 512, 2, 4, "k", True, False, 1),  # 4 consumer groups: 3 sums parked
+    (8, 512, 2, 2, "k", True, False, 2),  # x multicast to a cluster of 2 CTAs
+    (16, 256, 2, 2, "k", False, False, 4),
 ]
 
 
@@ -45,32 +48,36 @@ def test_clear_errors_for_tiles_it_does_not_take():
     x = jax.ShapeDtypeStruct((512, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="K 512 must be multiples of tile_m 64 / tile_k 384"):
         jax.eval_shape(functools.partial(mgpu_int4_gemv, tile_k=384), w, x)
-    with pytest.raises(ValueError, match="wgs must be 1 or 2 and split 'k' or 'rows', got 3"):
+    with pytest.raises(ValueError, match="wgs must be 1, 2 or 4 and split 'k' or 'rows', got 3"):
         jax.eval_shape(functools.partial(mgpu_int4_gemv, wgs=3), w, x)
-    with pytest.raises(ValueError, match="N 192 must be a multiple of 128 rows per CTA"):
+    with pytest.raises(
+        ValueError, match="N 192 must be a multiple of 128 rows per CTA x cluster 1"
+    ):
         jax.eval_shape(functools.partial(mgpu_int4_gemv, wgs=2, split="rows"), w, x)
+    with pytest.raises(ValueError, match="N 192 must be a multiple of 64 rows per CTA x cluster 4"):
+        jax.eval_shape(functools.partial(mgpu_int4_gemv, cluster=4), w, x)
     tiled = jax.ShapeDtypeStruct((3, 2, 64, 256), jnp.int4)  # blocks of 64 x 256
     with pytest.raises(ValueError, match=r"needs blocks of \(64, 512\), got \(64, 256\)"):
         jax.eval_shape(functools.partial(mgpu_int4_gemv, tile_k=512, w_tiled=True), tiled, x)
 
 
-@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major,w_tiled", VARIANTS)
-def test_variants_lower_for_cuda(t, tile_k, steps, wgs, split, tokens_major, w_tiled):
+@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major,w_tiled,cluster", VARIANTS)
+def test_variants_lower_for_cuda(t, tile_k, steps, wgs, split, tokens_major, w_tiled, cluster):
     rows = 64 * wgs if split == "rows" else 64
     shape = (256 // rows, 2048 // tile_k, rows, tile_k) if w_tiled else (256, 2048)
     w = jax.ShapeDtypeStruct(shape, jnp.int4)
     x = jax.ShapeDtypeStruct((t, 2048) if tokens_major else (2048, t), jnp.bfloat16)
     fn = functools.partial(
         mgpu_int4_gemv, tile_k=tile_k, steps=steps, wgs=wgs, split=split,
-        x_tokens_major=tokens_major, w_tiled=w_tiled, num_sms=4,
+        x_tokens_major=tokens_major, w_tiled=w_tiled, num_sms=4, cluster=cluster,
     )  # fmt: skip
     text = jax.jit(fn).trace(w, x).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major,w_tiled", VARIANTS)
-def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major, w_tiled):
+@pytest.mark.parametrize("t,tile_k,steps,wgs,split,tokens_major,w_tiled,cluster", VARIANTS)
+def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major, w_tiled, cluster):
     rng = np.random.default_rng([t, tile_k, wgs])
     codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
     xt = rng.standard_normal((2048, t)).astype(np.float32)
@@ -78,19 +85,21 @@ def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major, w_tiled)
     w = _weight(codes, w_tiled, 64 * wgs if split == "rows" else 64, tile_k)
     y = mgpu_int4_gemv(
         w, xb.T if tokens_major else xb, tile_k=tile_k, steps=steps, wgs=wgs, split=split,
-        x_tokens_major=tokens_major, w_tiled=w_tiled,
+        x_tokens_major=tokens_major, w_tiled=w_tiled, cluster=cluster,
     )  # fmt: skip
     want = codes.astype(np.float64) @ np.asarray(xb, np.float64)
     err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
     assert y.shape == (256, t) and err < 1e-2
 
 
-G128_VARIANTS = [  # (tokens, tile_k, steps, wgs, w_tiled, zeros)
-    (8, 512, 2, 2, False, False),
-    (16, 256, 2, 1, False, False),
-    (8, 512, 2, 2, True, False),
-    (8, 512, 2, 2, False, True),
-    (16, 512, 2, 2, True, True),
+G128_VARIANTS = [  # (tokens, tile_k, steps, wgs, w_tiled, zeros, cluster)
+    (8, 512, 2, 2, False, False, 1),
+    (16, 256, 2, 1, False, False, 1),
+    (8, 512, 2, 2, True, False, 1),
+    (8, 512, 2, 2, False, True, 1),
+    (16, 512, 2, 2, True, True, 1),
+    (8, 512, 2, 4, False, False, 2),
+    (16, 512, 2, 2, False, True, 4),
 ]
 
 
@@ -98,7 +107,7 @@ def test_g128_clear_errors():
     w = jax.ShapeDtypeStruct((128, 1024), jnp.int4)
     x = jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16)
     s = jax.ShapeDtypeStruct((8, 128), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"tile_k / wgs \(2\) a multiple of 128"):
+    with pytest.raises(ValueError, match=r"tile_k / wgs \(2; 1, 2 or 4\) a multiple of 128"):
         jax.eval_shape(functools.partial(mgpu_int4_g128_gemv, tile_k=128), w, s, x)
     bad = jax.ShapeDtypeStruct((128, 8), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"scales must be \[K / 128, N\] = \(8, 128\)"):
@@ -107,22 +116,23 @@ def test_g128_clear_errors():
         jax.eval_shape(mgpu_int4_g128_gemv, w, s, x, bad)
 
 
-@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled,zeros", G128_VARIANTS)
-def test_g128_lowers_for_cuda(t, tile_k, steps, wgs, w_tiled, zeros):
+@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled,zeros,cluster", G128_VARIANTS)
+def test_g128_lowers_for_cuda(t, tile_k, steps, wgs, w_tiled, zeros, cluster):
     shape = (4, 2048 // tile_k, 64, tile_k) if w_tiled else (256, 2048)
     w = jax.ShapeDtypeStruct(shape, jnp.int4)
     s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
     x = jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)
     fn = functools.partial(
-        mgpu_int4_g128_gemv, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled, num_sms=4
-    )
+        mgpu_int4_g128_gemv, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled, num_sms=4,
+        cluster=cluster,
+    )  # fmt: skip
     args = (w, s, x, s) if zeros else (w, s, x)  # (zero points: bf16, laid out as the scales)
     assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled,zeros", G128_VARIANTS)
-def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros):
+@pytest.mark.parametrize("t,tile_k,steps,wgs,w_tiled,zeros,cluster", G128_VARIANTS)
+def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros, cluster):
     rng = np.random.default_rng([t, tile_k, wgs, 128])
     codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
     s = jnp.asarray(rng.uniform(0.5, 1.5, size=(16, 256)), jnp.bfloat16)
@@ -130,7 +140,9 @@ def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros):
     z = rng.integers(-8, 8, size=(16, 256)).astype(np.float64) if zeros else np.zeros((16, 256))
     w = _weight(codes, w_tiled, 64, tile_k)
     zb = jnp.asarray(z, jnp.bfloat16) if zeros else None
-    y = mgpu_int4_g128_gemv(w, s, x, zb, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled)
+    y = mgpu_int4_g128_gemv(
+        w, s, x, zb, tile_k=tile_k, steps=steps, wgs=wgs, w_tiled=w_tiled, cluster=cluster
+    )
     deq = codes.astype(np.float64) - np.repeat(z, 128, 0).T
     dense = deq * np.repeat(np.asarray(s, np.float64), 128, 0).T
     want = dense @ np.asarray(x, np.float64).T
