@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Thirteenth session's Mosaic GPU probes (scripts/probe_mgpu_int4.py, 8192², one card), each
+# step under its own timeout so that a kernel that hangs costs its step, not the call:
+#   1. x multicast to a cluster of 2 CTAs, bare int4, T = 8 (the first run of a cluster);
+#   2. if that ran: clusters of 1 / 2 / 4 at T = 8 and 16, bare, g128, g128 with zero points;
+#   3. the Triton int4_g128 decode calls beside them (probe_call_kernels.py);
+#   4. 4 consumer warpgroups (expected to hang: the pipeline's register split asks for more
+#      registers than a CTA of 5 warpgroups is launched with).
+#   . scripts/gpu_setup.sh; bash scripts/probe_thirteenth.sh "$OUT"
+set -u
+out=${1:-/tmp/probe_thirteenth}
+mkdir -p "$out"
+P="python3 scripts/probe_mgpu_int4.py"
+step() { # seconds, name, command...: its log in $out/name.log, its result lines shown
+  local secs=$1 name=$2
+  shift 2
+  timeout "$secs" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  grep -h "µs, \|FAILED\|span" "$out/$name.log"
+  [ $rc -eq 124 ] && echo "$name: TIMED OUT after $secs s"
+  return $rc
+}
+if step 120 cluster2 $P --tokens 8 --cluster 2 --json "$out/cluster2.json"; then
+  step 150 bare $P --cluster 1,2,4 --json "$out/bare.json"
+  step 150 scaled $P --scaled --cluster 1,2,4 --json "$out/scaled.json"
+  step 120 zeros $P --scaled --zeros --cluster 1,2,4 --json "$out/zeros.json"
+fi
+step 90 triton python3 scripts/probe_call_kernels.py int4_g128:1 int4_g128:8 int4_g128:16
+step 60 wgs4 $P --tokens 8 --wgs 4 --json "$out/wgs4.json"
