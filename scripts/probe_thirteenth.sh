@@ -6,9 +6,12 @@
 #   3. the Triton int4_g128 decode calls beside them (probe_call_kernels.py);
 #   4. 4 consumer warpgroups (expected to hang: the pipeline's register split asks for more
 #      registers than a CTA of 5 warpgroups is launched with).
-#   . scripts/gpu_setup.sh; bash scripts/probe_thirteenth.sh "$OUT"
+# stream: the same TMA pipeline with no upcast and no MMA (--stream-only), over stage sizes
+#   and depths, beside the bare kernel's best config: the ceiling of the structure's stream.
+#   . scripts/gpu_setup.sh; bash scripts/probe_thirteenth.sh cluster|stream "$OUT"
 set -u
-out=${1:-/tmp/probe_thirteenth}
+what=${1:?cluster or stream}
+out=${2:-/tmp/probe_thirteenth}
 mkdir -p "$out"
 P="python3 scripts/probe_mgpu_int4.py"
 step() { # seconds, name, command...: its log in $out/name.log, its result lines shown
@@ -20,6 +23,14 @@ step() { # seconds, name, command...: its log in $out/name.log, its result lines
   [ $rc -eq 124 ] && echo "$name: TIMED OUT after $secs s"
   return $rc
 }
+if [ "$what" = stream ]; then
+  step 60 test python3 -m pytest -q tests/test_probe_mgpu_int4_script.py -k stream_only
+  tail -1 "$out/test.log"
+  step 240 stream $P --tokens 8 --wgs 1 --stream-only --tile-k 256,512,1024 --steps 2,3,4,6 \
+    --json "$out/stream.json"
+  step 60 mma $P --tokens 8 --json "$out/mma.json"
+  exit 0
+fi
 if step 120 cluster2 $P --tokens 8 --cluster 2 --json "$out/cluster2.json"; then
   step 150 bare $P --cluster 1,2,4 --json "$out/bare.json"
   step 150 scaled $P --scaled --cluster 1,2,4 --json "$out/scaled.json"

@@ -92,6 +92,29 @@ def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major, w_tiled,
     assert y.shape == (256, t) and err < 1e-2
 
 
+def test_stream_only_lowers_for_cuda_without_mma():
+    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+    x = jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16)
+    texts = {}
+    for stream_only in (False, True):
+        fn = functools.partial(
+            mgpu_int4_gemv, tile_k=512, wgs=2, x_tokens_major=True, num_sms=4,
+            stream_only=stream_only,
+        )  # fmt: skip
+        texts[stream_only] = str(jax.make_jaxpr(fn)(w, x))
+    assert "wgmma_wait" in texts[False] and "wgmma_wait" not in texts[True]
+    assert texts[True].count("copy_gmem_to_smem") == texts[False].count("copy_gmem_to_smem") > 0
+
+
+@pytest.mark.gpu
+def test_gpu_stream_only_writes_zeros():
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)).astype(jnp.int4)
+    x = jnp.asarray(rng.standard_normal((8, 2048)), jnp.bfloat16)
+    y = mgpu_int4_gemv(w, x, tile_k=512, wgs=2, x_tokens_major=True, stream_only=True)
+    assert y.shape == (256, 8) and not np.asarray(y).any()
+
+
 G128_VARIANTS = [  # (tokens, tile_k, steps, wgs, w_tiled, zeros, cluster)
     (8, 512, 2, 2, False, False, 1),
     (16, 256, 2, 1, False, False, 1),
@@ -158,6 +181,7 @@ def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros, cluster)
         (["--split", "n"], "--split takes k / rows, got 'n'"),
         (["--scaled", "--x-layout", "kt"], "--scaled runs --split k with --x-layout tk only"),
         (["--zeros"], "--zeros goes with --scaled"),
+        (["--scaled", "--stream-only"], "--stream-only times the bare kernel"),
     ],
 )
 def test_cli_rejects_bad_flags_by_name(argv, message, capsys):
