@@ -34,6 +34,7 @@ next session.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -101,9 +102,12 @@ def _y_type(t):
     return (jnp.bfloat16, 16) if t >= 16 else (jnp.float32, 32)
 
 
-def _pipeline(in_specs, *, k_iters, wgs, steps):
-    """``get_pipeline(body, ctx)``: the warp-specialized TMA pipeline over the K stages."""
+def _pipeline(in_specs, *, k_iters, wgs, steps, delay_release=0):
+    """``get_pipeline(body, ctx)``: the warp-specialized TMA pipeline over the K stages
+    (``delay_release``: a stage's buffers are freed that many steps after its body)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    in_specs = [dataclasses.replace(s, delay_release=delay_release) for s in in_specs]
 
     def get_pipeline(body, ctx):
         return plgpu.emit_pipeline_warp_specialized(
@@ -224,7 +228,7 @@ def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms, clu
 
 def mgpu_int4_gemv(
     w_NxK, x, *, tile_m=64, tile_k=256, steps=4, wgs=1, split="k", x_tokens_major=False,
-    w_tiled=False, num_sms=None, cluster=1, stream_only=False,
+    w_tiled=False, num_sms=None, cluster=1, stream_only=False, chunk=None, overlap=False,
 ):  # fmt: skip
     """``y^T [N, T] = W [N, K] (int4) @ x^T [K, T] (bf16)``: one CTA per weight tile over all
     of K (``steps`` TMA stages of ``[rows, tile_k]``). ``wgs`` consumer warpgroups of
@@ -237,7 +241,11 @@ def mgpu_int4_gemv(
     it transposed). y is bf16, f32 below T = 16 (bf16 rows of 16 bytes have no swizzle).
     ``w_tiled``: ``w_NxK`` is :func:`tile_weight`'s ``[N / rows, K / tile_k, rows, tile_k]``
     for the CTA's ``rows``. ``stream_only``: the same TMA pipeline with the upcast and the MMA
-    left out (y is 0): the ceiling of this structure's stream."""
+    left out (y is 0): the ceiling of this structure's stream. ``chunk``: K columns per
+    ``wgmma`` (a group's part of a stage is upcast and issued in chunks, one wait at the end,
+    so one chunk's upcast overlaps the previous chunk's MMA; default: the whole part).
+    ``overlap``: one stage's ``wgmma`` left in flight while the next stage is upcast (the
+    inputs' ``delay_release=1``, ``wgmma_wait(1)``)."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -247,7 +255,10 @@ def mgpu_int4_gemv(
         raise ValueError(f"wgs must be 1, 2 or 4 and split 'k' or 'rows', got {wgs}, {split!r}")
     part = tile_k // wgs if split == "k" else tile_k  # K columns of a stage per group
     cta_m = tile_m * wgs if split == "rows" else tile_m  # weight rows per CTA tile
-    a_tr = _transforms(part * 4, 4, "lhs")  # (swizzled to the columns one group reads)
+    chunk = chunk or part
+    if part % chunk:
+        raise ValueError(f"chunk {chunk} must divide a group's {part} columns of a stage")
+    a_tr = _transforms(chunk * 4, 4, "lhs")  # (swizzled to the columns one wgmma reads)
     n, k, a_spec, a_at = _weight(w_NxK, w_tiled, cta_m, tile_k, a_tr)
     t = x.shape[0] if x_tokens_major else x.shape[1]
     if n % tile_m or k % tile_k:
@@ -266,7 +277,7 @@ def mgpu_int4_gemv(
                 collective_axes=_multicast(cluster),
             ),
         ],
-        k_iters=k // tile_k, wgs=wgs, steps=steps,
+        k_iters=k // tile_k, wgs=wgs, steps=steps, delay_release=int(overlap),
     )  # fmt: skip
 
     def kernel(a_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
@@ -275,6 +286,8 @@ def mgpu_int4_gemv(
                 @functools.partial(pl.run_scoped, acc=plgpu.ACC((tile_m, t), jnp.float32))
                 def _acc(acc):
                     eval_pipeline(acc)
+                    if overlap:  # (the last stage's wgmma is still in flight)
+                        plgpu.wgmma_wait(0)
                     wg = lax.axis_index("wg")
                     write = _writer(out_smem, _y_type(t)[0])
                     if split == "rows":  # each group writes its own rows
@@ -294,18 +307,20 @@ def mgpu_int4_gemv(
 
                     @pl.when(wg == i)
                     def _mma(i=i):
-                        if split == "rows":
-                            a = a_smem.at[pl.ds(i * tile_m, tile_m)][...]
-                            b = b_smem
-                        else:
-                            cols = pl.ds(i * part, part)
-                            a = a_smem.at[:, cols][...]
+                        for c in range(part // chunk):
+                            if split == "rows":
+                                a_rows = a_smem.at[pl.ds(i * tile_m, tile_m)]
+                                cols = pl.ds(c * chunk, chunk)
+                            else:
+                                a_rows = a_smem
+                                cols = pl.ds(i * part + c * chunk, chunk)
+                            a = a_rows.at[:, cols][...]
                             b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
-                        if x_tokens_major:  # (sliced first: a transposed view takes none)
-                            b = b.transpose((1, 0))
-                        plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
+                            if x_tokens_major:  # (sliced first: a transposed view takes none)
+                                b = b.transpose((1, 0))
+                            plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
 
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(int(overlap))
                 return acc
 
             get_pipeline(body, ctx)(a_at(a_gmem, mi, rows), b_gmem, allocations=allocs)
@@ -433,6 +448,10 @@ def main(argv=None):
     ap.add_argument(
         "--cluster", default="1", help="CTAs per cluster (1, 2, 4): x is multicast to them"
     )
+    ap.add_argument("--chunk", default="0", help="K columns per wgmma (0: a group's whole part)")
+    ap.add_argument(
+        "--overlap", default="0", help="1: a stage's wgmma stays in flight over the next (0, 1)"
+    )
     ap.add_argument("--split", default="k", help="how 2 groups share a CTA: k, rows or k,rows")
     ap.add_argument("--x-layout", default="tk", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
     ap.add_argument(
@@ -467,8 +486,8 @@ def main(argv=None):
         ap.error("--scaled runs --split k with --x-layout tk only")
     if args.zeros and not args.scaled:
         ap.error("--zeros goes with --scaled")
-    if args.stream_only and args.scaled:
-        ap.error("--stream-only times the bare kernel: it does not go with --scaled")
+    if args.scaled and (args.stream_only or args.chunk != "0" or args.overlap != "0"):
+        ap.error("--stream-only / --chunk / --overlap are the bare kernel's: not with --scaled")
 
     import jax
     import jax.numpy as jnp
@@ -505,10 +524,12 @@ def main(argv=None):
         want = (dense if args.scaled else codes.astype(np.float32)) @ np.asarray(xs[0], np.float32)
         by_layout = {"kt": xs, "tk": [jnp.asarray(x.T) for x in xs]}
         for tile_k in (int(v) for v in args.tile_k.split(",")):
-            for steps, wgs, cluster, split, xl, wl in itertools.product(
+            for steps, wgs, cluster, chunk, overlap, split, xl, wl in itertools.product(
                 [int(v) for v in args.steps.split(",")],
                 [int(v) for v in args.wgs.split(",")],
                 [int(v) for v in args.cluster.split(",")],
+                [int(v) for v in args.chunk.split(",")],
+                [int(v) for v in args.overlap.split(",")],
                 args.split.split(","),
                 args.x_layout.split(","),
                 args.w_layout.split(","),
@@ -516,11 +537,12 @@ def main(argv=None):
                 if wgs == 1 and split == "rows":
                     continue  # (the same kernel as split "k")
                 label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} cluster={cluster} "
+                label += f"chunk={chunk or 'part'} overlap={overlap} "
                 label += f"split={split} x={xl} w={wl}"
                 row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, cluster=cluster)
                 row.update(split=split, k=k, n=n)
                 row.update(x_layout=xl, w_layout=wl, scaled=args.scaled, zeros=args.zeros)
-                row.update(stream_only=args.stream_only)
+                row.update(stream_only=args.stream_only, chunk=chunk, overlap=overlap)
                 tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split, cluster=cluster)
                 tiles.update(x_tokens_major=xl == "tk", w_tiled=wl == "tiled")
                 cta_m = 64 * wgs if split == "rows" else 64
@@ -531,7 +553,10 @@ def main(argv=None):
                             keep = ("tile_k", "steps", "wgs", "w_tiled", "cluster")
                             kw = {a: b for a, b in tiles.items() if a in keep}
                             return mgpu_int4_g128_gemv(w[0], w[1], x, w[2], **kw)
-                        return mgpu_int4_gemv(w, x, stream_only=args.stream_only, **tiles)
+                        return mgpu_int4_gemv(
+                            w, x, stream_only=args.stream_only, chunk=chunk or None,
+                            overlap=bool(overlap), **tiles,
+                        )  # fmt: skip
 
                     xin, ws = by_layout[xl], weights(wl, cta_m, tile_k)
                     got = np.asarray(jax.jit(fn)(xin[0], ws[0]), np.float32)

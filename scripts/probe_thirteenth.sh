@@ -8,9 +8,12 @@
 #      registers than a CTA of 5 warpgroups is launched with).
 # stream: the same TMA pipeline with no upcast and no MMA (--stream-only), over stage sizes
 #   and depths, beside the bare kernel's best config: the ceiling of the structure's stream.
-#   . scripts/gpu_setup.sh; bash scripts/probe_thirteenth.sh cluster|stream "$OUT"
+# consumer: the bare kernel's consumers, which the stream probe showed to be the limit: a
+#   group's part of a stage in chunks of 128-256 columns per wgmma (one chunk's upcast beside
+#   the previous chunk's MMA), and a stage's wgmma left in flight over the next (--overlap).
+#   . scripts/gpu_setup.sh; bash scripts/probe_thirteenth.sh cluster|stream|consumer "$OUT"
 set -u
-what=${1:?cluster or stream}
+what=${1:?cluster, stream or consumer}
 out=${2:-/tmp/probe_thirteenth}
 mkdir -p "$out"
 P="python3 scripts/probe_mgpu_int4.py"
@@ -29,6 +32,15 @@ if [ "$what" = stream ]; then
   step 240 stream $P --tokens 8 --wgs 1 --stream-only --tile-k 256,512,1024 --steps 2,3,4,6 \
     --json "$out/stream.json"
   step 60 mma $P --tokens 8 --json "$out/mma.json"
+  exit 0
+fi
+if [ "$what" = consumer ]; then
+  step 90 test python3 -m pytest -q tests/test_probe_mgpu_int4_script.py -k chunked
+  tail -1 "$out/test.log"
+  step 100 c512 $P --tokens 8 --tile-k 512 --chunk 0,128 --overlap 0,1 --json "$out/c512.json"
+  step 130 c1024 $P --tokens 8 --tile-k 1024 --chunk 0,256,128 --overlap 0,1 \
+    --json "$out/c1024.json"
+  step 60 t16 $P --tokens 16 --overlap 0,1 --json "$out/t16.json"
   exit 0
 fi
 if step 120 cluster2 $P --tokens 8 --cluster 2 --json "$out/cluster2.json"; then

@@ -92,6 +92,49 @@ def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major, w_tiled,
     assert y.shape == (256, t) and err < 1e-2
 
 
+CHUNKED = [  # (tokens, tile_k, wgs, chunk, overlap)
+    (8, 512, 2, 128, False),
+    (8, 1024, 2, 256, True),
+    (16, 512, 1, None, True),
+]
+
+
+@pytest.mark.parametrize("t,tile_k,wgs,chunk,overlap", CHUNKED)
+def test_chunked_and_overlapped_lower_for_cuda(t, tile_k, wgs, chunk, overlap):
+    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+    x = jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)
+    fn = functools.partial(
+        mgpu_int4_gemv, tile_k=tile_k, wgs=wgs, x_tokens_major=True, num_sms=4, chunk=chunk,
+        overlap=overlap, steps=3,
+    )  # fmt: skip
+    assert "mosaic_gpu" in jax.jit(fn).trace(w, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,tile_k,wgs,chunk,overlap", CHUNKED)
+def test_gpu_chunked_and_overlapped_equal_float64(t, tile_k, wgs, chunk, overlap):
+    rng = np.random.default_rng([t, tile_k, wgs, 5])
+    codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
+    x = jnp.asarray(rng.standard_normal((t, 2048)), jnp.bfloat16)
+    y = mgpu_int4_gemv(
+        jnp.asarray(codes).astype(jnp.int4), x, tile_k=tile_k, wgs=wgs, x_tokens_major=True,
+        chunk=chunk, overlap=overlap, steps=3,
+    )  # fmt: skip
+    want = codes.astype(np.float64) @ np.asarray(x, np.float64).T
+    err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
+    assert y.shape == (256, t) and err < 1e-2
+
+
+def test_chunk_must_divide_a_groups_part():
+    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+    x = jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16)
+    with pytest.raises(ValueError, match="chunk 384 must divide a group's 256 columns"):
+        jax.eval_shape(
+            functools.partial(mgpu_int4_gemv, tile_k=512, wgs=2, x_tokens_major=True, chunk=384),
+            w, x,
+        )  # fmt: skip
+
+
 def test_stream_only_lowers_for_cuda_without_mma():
     w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
     x = jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16)
@@ -181,7 +224,8 @@ def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros, cluster)
         (["--split", "n"], "--split takes k / rows, got 'n'"),
         (["--scaled", "--x-layout", "kt"], "--scaled runs --split k with --x-layout tk only"),
         (["--zeros"], "--zeros goes with --scaled"),
-        (["--scaled", "--stream-only"], "--stream-only times the bare kernel"),
+        (["--scaled", "--stream-only"], "--stream-only / --chunk / --overlap are the bare"),
+        (["--scaled", "--overlap", "1"], "--stream-only / --chunk / --overlap are the bare"),
     ],
 )
 def test_cli_rejects_bad_flags_by_name(argv, message, capsys):
