@@ -245,15 +245,27 @@ def mgpu_int4_gemv(
     ``wgmma`` (a group's part of a stage is upcast and issued in chunks, one wait at the end,
     so one chunk's upcast overlaps the previous chunk's MMA; default: the whole part).
     ``overlap``: one stage's ``wgmma`` left in flight while the next stage is upcast (the
-    inputs' ``delay_release=1``, ``wgmma_wait(1)``)."""
+    inputs' ``delay_release=1``, ``wgmma_wait(1)``). ``split="stages"``: each group takes
+    whole stages in turn (stage ``kk`` to group ``kk % wgs``), so the groups work on different
+    stages at once; 3 groups fit the register file this way (4 do not: the pipeline's
+    register split then asks for more than the CTA is launched with, and hangs)."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if wgs not in (1, 2, 4) or split not in ("k", "rows"):
-        raise ValueError(f"wgs must be 1, 2 or 4 and split 'k' or 'rows', got {wgs}, {split!r}")
+    if (
+        wgs not in (1, 2, 3, 4)
+        or split not in ("k", "rows", "stages")
+        or (wgs == 3 and split != "stages")
+    ):
+        raise ValueError(
+            f"wgs must be 1, 2 or 4 (3: split 'stages') and split 'k', 'rows' or 'stages', "
+            f"got {wgs}, {split!r}"
+        )
     part = tile_k // wgs if split == "k" else tile_k  # K columns of a stage per group
+    if split == "stages":
+        chunk = chunk or min(tile_k, 256)  # (a whole stage upcast at once: too many registers)
     cta_m = tile_m * wgs if split == "rows" else tile_m  # weight rows per CTA tile
     chunk = chunk or part
     if part % chunk:
@@ -299,10 +311,25 @@ def mgpu_int4_gemv(
                         red_smem=red_smem, red_bar=red_bar,
                     )  # fmt: skip
 
-            def body(_, a_smem, b_smem, acc):
+            def body(idx, a_smem, b_smem, acc):
                 if stream_only:
                     return acc
                 wg = lax.axis_index("wg")
+                if split == "stages":  # group kk % wgs takes stage kk whole
+                    (kk,) = idx
+
+                    @pl.when(lax.rem(kk, wgs) == wg)
+                    def _own():
+                        for c in range(tile_k // chunk):
+                            cols = pl.ds(c * chunk, chunk)
+                            a = a_smem.at[:, cols][...]
+                            b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
+                            if x_tokens_major:
+                                b = b.transpose((1, 0))
+                            plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
+
+                    plgpu.wgmma_wait(0)
+                    return acc
                 for i in range(wgs):  # (static slices: a tile-aligned K part per group)
 
                     @pl.when(wg == i)
@@ -452,7 +479,9 @@ def main(argv=None):
     ap.add_argument(
         "--overlap", default="0", help="1: a stage's wgmma stays in flight over the next (0, 1)"
     )
-    ap.add_argument("--split", default="k", help="how 2 groups share a CTA: k, rows or k,rows")
+    ap.add_argument(
+        "--split", default="k", help="how groups share a CTA: k, rows, stages (or a list)"
+    )
     ap.add_argument("--x-layout", default="tk", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
     ap.add_argument(
         "--w-layout",
@@ -474,7 +503,7 @@ def main(argv=None):
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     lists = (
-        ("split", ("k", "rows")),
+        ("split", ("k", "rows", "stages")),
         ("x_layout", ("kt", "tk")),
         ("w_layout", ("rowmajor", "tiled")),
     )

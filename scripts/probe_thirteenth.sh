@@ -11,9 +11,11 @@
 # consumer: the bare kernel's consumers, which the stream probe showed to be the limit: a
 #   group's part of a stage in chunks of 128-256 columns per wgmma (one chunk's upcast beside
 #   the previous chunk's MMA), and a stage's wgmma left in flight over the next (--overlap).
-#   . scripts/gpu_setup.sh; bash scripts/probe_thirteenth.sh cluster|stream|consumer "$OUT"
+# stages: consumers taking whole stages in turn (--split stages), 2 or 3 of them (3 fit the
+#   register file this way), beside the default split of each stage's K.
+#   . scripts/gpu_setup.sh; bash scripts/probe_thirteenth.sh cluster|stream|consumer|stages "$OUT"
 set -u
-what=${1:?cluster, stream or consumer}
+what=${1:?cluster, stream, consumer or stages}
 out=${2:-/tmp/probe_thirteenth}
 mkdir -p "$out"
 P="python3 scripts/probe_mgpu_int4.py"
@@ -32,6 +34,14 @@ if [ "$what" = stream ]; then
   step 240 stream $P --tokens 8 --wgs 1 --stream-only --tile-k 256,512,1024 --steps 2,3,4,6 \
     --json "$out/stream.json"
   step 60 mma $P --tokens 8 --json "$out/mma.json"
+  exit 0
+fi
+if [ "$what" = stages ]; then
+  step 60 test python3 -m pytest -q tests/test_probe_mgpu_int4_script.py -k "chunked and stages"
+  tail -1 "$out/test.log"
+  step 40 base $P --tokens 8 --json "$out/base.json"
+  step 90 stages $P --tokens 8 --split stages --wgs 3,2 --steps 4,3 --json "$out/stages.json"
+  step 30 t16 $P --tokens 16 --split stages --wgs 3 --steps 4 --json "$out/t16.json"
   exit 0
 fi
 if [ "$what" = consumer ]; then

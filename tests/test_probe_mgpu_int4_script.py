@@ -48,7 +48,10 @@ def test_clear_errors_for_tiles_it_does_not_take():
     x = jax.ShapeDtypeStruct((512, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="K 512 must be multiples of tile_m 64 / tile_k 384"):
         jax.eval_shape(functools.partial(mgpu_int4_gemv, tile_k=384), w, x)
-    with pytest.raises(ValueError, match="wgs must be 1, 2 or 4 and split 'k' or 'rows', got 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"wgs must be 1, 2 or 4 \(3: split 'stages'\) and split .* got 3, 'k'",
+    ):
         jax.eval_shape(functools.partial(mgpu_int4_gemv, wgs=3), w, x)
     with pytest.raises(
         ValueError, match="N 192 must be a multiple of 128 rows per CTA x cluster 1"
@@ -92,33 +95,35 @@ def test_gpu_equals_float32(t, tile_k, steps, wgs, split, tokens_major, w_tiled,
     assert y.shape == (256, t) and err < 1e-2
 
 
-CHUNKED = [  # (tokens, tile_k, wgs, chunk, overlap)
-    (8, 512, 2, 128, False),
-    (8, 1024, 2, 256, True),
-    (16, 512, 1, None, True),
+CHUNKED = [  # (tokens, tile_k, wgs, chunk, overlap, split)
+    (8, 512, 2, 128, False, "k"),
+    (8, 1024, 2, 256, True, "k"),
+    (16, 512, 1, None, True, "k"),
+    (8, 512, 3, None, False, "stages"),  # stages 0, 3 / 1, 4 / 2, 5 to groups 0 / 1 / 2
+    (16, 256, 2, 128, False, "stages"),
 ]
 
 
-@pytest.mark.parametrize("t,tile_k,wgs,chunk,overlap", CHUNKED)
-def test_chunked_and_overlapped_lower_for_cuda(t, tile_k, wgs, chunk, overlap):
+@pytest.mark.parametrize("t,tile_k,wgs,chunk,overlap,split", CHUNKED)
+def test_chunked_and_overlapped_lower_for_cuda(t, tile_k, wgs, chunk, overlap, split):
     w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
     x = jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)
     fn = functools.partial(
         mgpu_int4_gemv, tile_k=tile_k, wgs=wgs, x_tokens_major=True, num_sms=4, chunk=chunk,
-        overlap=overlap, steps=3,
+        overlap=overlap, steps=3, split=split,
     )  # fmt: skip
     assert "mosaic_gpu" in jax.jit(fn).trace(w, x).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,tile_k,wgs,chunk,overlap", CHUNKED)
-def test_gpu_chunked_and_overlapped_equal_float64(t, tile_k, wgs, chunk, overlap):
+@pytest.mark.parametrize("t,tile_k,wgs,chunk,overlap,split", CHUNKED)
+def test_gpu_chunked_and_overlapped_equal_float64(t, tile_k, wgs, chunk, overlap, split):
     rng = np.random.default_rng([t, tile_k, wgs, 5])
     codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
     x = jnp.asarray(rng.standard_normal((t, 2048)), jnp.bfloat16)
     y = mgpu_int4_gemv(
         jnp.asarray(codes).astype(jnp.int4), x, tile_k=tile_k, wgs=wgs, x_tokens_major=True,
-        chunk=chunk, overlap=overlap, steps=3,
+        chunk=chunk, overlap=overlap, steps=3, split=split,
     )  # fmt: skip
     want = codes.astype(np.float64) @ np.asarray(x, np.float64).T
     err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
@@ -221,7 +226,7 @@ def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros, cluster)
     [
         (["--x-layout", "kt,kx"], "--x-layout takes kt / tk, got 'kx'"),
         (["--w-layout", "tile"], "--w-layout takes rowmajor / tiled, got 'tile'"),
-        (["--split", "n"], "--split takes k / rows, got 'n'"),
+        (["--split", "n"], "--split takes k / rows / stages, got 'n'"),
         (["--scaled", "--x-layout", "kt"], "--scaled runs --split k with --x-layout tk only"),
         (["--zeros"], "--zeros goes with --scaled"),
         (["--scaled", "--stream-only"], "--stream-only / --chunk / --overlap are the bare"),
