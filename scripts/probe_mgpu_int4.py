@@ -3,6 +3,7 @@ kernels? A probe for issue 5's decode target, not a library kernel.
 
     python3 scripts/probe_mgpu_int4.py            # the best config found, at T = 8 and 16
     python3 scripts/probe_mgpu_int4.py --scaled   # the same with a scale per 128 K rows
+    python3 scripts/probe_mgpu_int4.py --stream-only --tile-k 512,1024  # the stream alone
     python3 scripts/probe_mgpu_int4.py --tokens 16 --tile-k 256,512 --steps 3,4 --wgs 1,2 \
         --x-layout kt,tk                          # a sweep (configs Mosaic rejects are reported)
 
@@ -21,14 +22,17 @@ from a profiler trace), beside the copy bandwidth of the same run. Needs jax wit
 (jax >= 0.10) and a Hopper GPU; CI only lowers the kernels (Mosaic GPU's interpret mode in jax
 0.10.2 has no ``wgmma`` with a register operand).
 
-H100, 8192² (``benchmarks/RESULTS.md``, twelfth session): x tokens-major, 2 consumers, tile_k
-512: 16.8 µs at T = 8 and 17.4 at T = 16 without scales (0.67 / 0.65 of copy); with scales 17.4
-/ 18.2 µs, against int4_tc's 17.8 / 19.9 µs (g128 with zero points) in the same call. Those
-runs read W ``[N, K]`` row-major: a stage is 64 runs of ``tile_k / 2`` bytes, ``K / 2`` bytes
-apart. ``--w-layout tiled`` (:func:`tile_weight`: a stage is one contiguous block, as int4_tc's
-packing makes each step) and ``--zeros`` (zero points, subtracted from the upcast codes) were
-written after the session's GPU time ran out: they lower, and their GPU tests wait for the
-next session.
+H100, 8192² (``benchmarks/RESULTS.md``, twelfth and thirteenth sessions): x tokens-major, 2
+consumers, tile_k 512: 16.7-16.9 µs at T = 8 and 17.4-17.8 at T = 16 without scales (0.67 /
+0.64 of copy); with scales 17.4-17.7 / 18.2-18.5 µs; with zero points too 19.2 / 20.7-20.9,
+against int4_tc's 17.6-17.8 / 19.6-19.9 µs (g128 with zero points) in the same calls. What
+limits it is the consumers, not the stream: the same pipeline with no upcast and no MMA
+(``--stream-only``) streams at 0.82-0.85 of copy (13.2-13.7 µs). Measured and lost or level:
+each stage one contiguous block (``--w-layout tiled``, :func:`tile_weight`), x multicast to a
+cluster of 2 or 4 CTAs (``--cluster``), the part upcast in chunks (``--chunk``), a stage's
+wgmma left in flight over the next (``--overlap``), 3 groups taking whole stages; 4 groups
+hang (the register split). Groups taking whole stages in turn (``--split stages``, 2 groups)
+gained 3% (16.36 against 16.87 µs at T = 8).
 """
 
 from __future__ import annotations
@@ -247,20 +251,21 @@ def mgpu_int4_gemv(
     ``overlap``: one stage's ``wgmma`` left in flight while the next stage is upcast (the
     inputs' ``delay_release=1``, ``wgmma_wait(1)``). ``split="stages"``: each group takes
     whole stages in turn (stage ``kk`` to group ``kk % wgs``), so the groups work on different
-    stages at once; 3 groups fit the register file this way (4 do not: the pipeline's
-    register split then asks for more than the CTA is launched with, and hangs)."""
+    stages at once; 3 groups fit the register file this way. 4 groups are refused: the
+    pipeline's register split then asks for more registers than a CTA of 5 warpgroups is
+    launched with, and the kernel hangs (it did on the H100)."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     if (
-        wgs not in (1, 2, 3, 4)
+        wgs not in (1, 2, 3)
         or split not in ("k", "rows", "stages")
         or (wgs == 3 and split != "stages")
     ):
-        raise ValueError(
-            f"wgs must be 1, 2 or 4 (3: split 'stages') and split 'k', 'rows' or 'stages', "
+        raise ValueError(  # (4 groups hang: see the docstring)
+            f"wgs must be 1 or 2 (3: split 'stages') and split 'k', 'rows' or 'stages', "
             f"got {wgs}, {split!r}"
         )
     part = tile_k // wgs if split == "k" else tile_k  # K columns of a stage per group
@@ -386,10 +391,10 @@ def mgpu_int4_g128_gemv(
     n, k, a_spec, a_at = _weight(w_NxK, w_tiled, tile_m, tile_k, a_tr)
     t = x_TxK.shape[0]
     part = tile_k // wgs
-    if n % (tile_m * cluster) or k % tile_k or part % GROUP or wgs not in (1, 2, 4):
+    if n % (tile_m * cluster) or k % tile_k or part % GROUP or wgs not in (1, 2):
         raise ValueError(
             f"N {n} / K {k} must be multiples of tile_m {tile_m} x cluster {cluster} / tile_k "
-            f"{tile_k}, and tile_k / wgs ({wgs}; 1, 2 or 4) a multiple of {GROUP}"
+            f"{tile_k}, and tile_k / wgs ({wgs}; 1 or 2) a multiple of {GROUP}"
         )
     for name, a in (("scales", s_GxN), ("zeros", z_GxN)):
         if a is not None and a.shape != (k // GROUP, n):
@@ -471,7 +476,9 @@ def main(argv=None):
     )
     ap.add_argument("--tile-k", default="512", help="K rows per TMA stage")
     ap.add_argument("--steps", default="3", help="TMA stages in flight")
-    ap.add_argument("--wgs", default="2", help="consumer warpgroups per CTA (1 or 2)")
+    ap.add_argument(
+        "--wgs", default="2", help="consumer warpgroups per CTA (1, 2; 3 with --split stages)"
+    )
     ap.add_argument(
         "--cluster", default="1", help="CTAs per cluster (1, 2, 4): x is multicast to them"
     )

@@ -4,8 +4,9 @@
 #   1. x multicast to a cluster of 2 CTAs, bare int4, T = 8 (the first run of a cluster);
 #   2. if that ran: clusters of 1 / 2 / 4 at T = 8 and 16, bare, g128, g128 with zero points;
 #   3. the Triton int4_g128 decode calls beside them (probe_call_kernels.py);
-#   4. 4 consumer warpgroups (expected to hang: the pipeline's register split asks for more
-#      registers than a CTA of 5 warpgroups is launched with).
+#   4. 4 consumer warpgroups. They hung on the H100 (the pipeline's register split asks for
+#      more registers than a CTA of 5 warpgroups is launched with); the kernel now refuses
+#      them, so this step reports the ValueError.
 # stream: the same TMA pipeline with no upcast and no MMA (--stream-only), over stage sizes
 #   and depths, beside the bare kernel's best config: the ceiling of the structure's stream.
 # consumer: the bare kernel's consumers, which the stream probe showed to be the limit: a
