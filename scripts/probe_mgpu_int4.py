@@ -507,6 +507,12 @@ def main(argv=None):
         help="the bare kernel's TMA pipeline without upcast or MMA (y = 0): the stream's ceiling",
     )
     ap.add_argument("--calls", type=int, default=8)
+    ap.add_argument(
+        "--untimed",
+        action="store_true",
+        help="check, then make --calls calls untraced (each on its own weight copy), for ncu:"
+        " scripts/ncu_decode.sh with NCU_SCRIPT=scripts/probe_mgpu_int4.py",
+    )
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     lists = (
@@ -553,7 +559,8 @@ def main(argv=None):
             copies[key] = KB.copies_of((wl, s_bf16, z_bf16) if args.scaled else wl, args.calls)
         return copies[key]
 
-    copy = KB.copy_bandwidth().get("copy_tbps") if jax.default_backend() == "gpu" else None
+    on_gpu = jax.default_backend() == "gpu"
+    copy = KB.copy_bandwidth().get("copy_tbps") if on_gpu and not args.untimed else None
     rows = []
     for t in (int(v) for v in args.tokens.split(",")):
         xs = [jnp.asarray(rng.standard_normal((k, t)), jnp.bfloat16) for _ in range(args.calls)]
@@ -601,6 +608,12 @@ def main(argv=None):
                     row["rel_err"] = err
                     if not err < 1e-2:
                         raise ValueError(f"does not match float32 ({err:.2e})")
+                    if args.untimed:  # (for a profiler of its own: ncu)
+                        for i in range(args.calls):
+                            jax.block_until_ready(jax.jit(fn)(xin[i], ws[i]))
+                        print(f"{label}: err {err:.1e}, {args.calls} calls more (untimed)")
+                        rows.append(row)
+                        continue
                     exe = KB.build_multi(fn, xin, ws)
                     res = trace_one(exe, xin, ws, args.calls)
                     row.update(res or {})

@@ -14,9 +14,13 @@
 #   the previous chunk's MMA), and a stage's wgmma left in flight over the next (--overlap).
 # stages: consumers taking whole stages in turn (--split stages), 2 or 3 of them (3 fit the
 #   register file this way), beside the default split of each stage's K.
-#   . scripts/gpu_setup.sh; bash scripts/probe_thirteenth.sh cluster|stream|consumer|stages "$OUT"
+# ncu (written for the next session): Nsight Compute profiles of the kernel's default, its
+#   stream alone and 2 groups on whole stages, T = 8 (scripts/ncu_decode.sh: stall samples
+#   per SASS instruction), to find where the consumers' 3 µs go.
+#   . scripts/gpu_setup.sh
+#   bash scripts/probe_thirteenth.sh cluster|stream|consumer|stages|ncu "$OUT"
 set -u
-what=${1:?cluster, stream, consumer or stages}
+what=${1:?cluster, stream, consumer, stages or ncu}
 out=${2:-/tmp/probe_thirteenth}
 mkdir -p "$out"
 P="python3 scripts/probe_mgpu_int4.py"
@@ -35,6 +39,13 @@ if [ "$what" = stream ]; then
   step 240 stream $P --tokens 8 --wgs 1 --stream-only --tile-k 256,512,1024 --steps 2,3,4,6 \
     --json "$out/stream.json"
   step 60 mma $P --tokens 8 --json "$out/mma.json"
+  exit 0
+fi
+if [ "$what" = ncu ]; then
+  u="--tokens 8 --untimed --calls 3"
+  NCU_SCRIPT=scripts/probe_mgpu_int4.py NCU_REGEX=mosaic timeout 400 \
+    bash scripts/ncu_decode.sh "$out" "mgpu_t8|$u" "stream_t8|$u --stream-only" \
+    "stages_t8|$u --split stages"
   exit 0
 fi
 if [ "$what" = stages ]; then

@@ -241,3 +241,12 @@ def test_cli_rejects_bad_flags_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_untimed_checks_then_runs_the_calls(capsys):
+    from probe_mgpu_int4 import main
+
+    main(["--k", "2048", "--n", "256", "--tokens", "8", "--untimed", "--calls", "2"])
+    out = capsys.readouterr().out
+    assert "2 calls more (untimed)" in out and "FAILED" not in out
