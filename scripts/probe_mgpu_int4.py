@@ -370,7 +370,7 @@ def mgpu_int4_gemv(
 
 def mgpu_int4_g128_gemv(
     w_NxK, s_GxN, x_TxK, z_GxN=None, *, tile_m=64, tile_k=512, steps=3, wgs=2, w_tiled=False,
-    num_sms=None, cluster=1,
+    num_sms=None, cluster=1, zero_mode="codes",
 ):  # fmt: skip
     """``y^T [N, T] = (W * s) @ x^T`` for symmetric int4 codes ``W [N, K]`` with one bf16 scale
     per 128 K rows of a weight row, ``s [K / 128, N]`` (group-major: a stage's scales are one
@@ -380,8 +380,10 @@ def mgpu_int4_g128_gemv(
     weight row (a ``[tile_m]`` vector in the accumulator's row layout) into its carried sum.
     ``w_tiled``: as :func:`mgpu_int4_gemv`'s (blocks of ``tile_m`` rows). ``z_GxN``: bf16
     zero points relative to the signed codes (``z - 8`` for 4-bit ``q = code + 8``), laid out as
-    ``s``; the group's ``[tile_m]`` vector is subtracted from the upcast codes (exact in bf16),
-    so ``W = s * (code - z)``."""
+    ``s``, so ``W = s * (code - z)``. ``zero_mode="codes"``: the group's ``[tile_m]`` vector
+    is subtracted from the upcast codes (exact in bf16; a ``[tile_m, 128]`` subtraction per
+    group). ``"xsum"``: the group's dot takes ``z ⊗ Σx`` off instead (``Σx [K / 128, T]``, f32,
+    summed by XLA in the same jit; a ``[tile_m, T]`` update per group), as int4_tc does."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -399,16 +401,28 @@ def mgpu_int4_g128_gemv(
     for name, a in (("scales", s_GxN), ("zeros", z_GxN)):
         if a is not None and a.shape != (k // GROUP, n):
             raise ValueError(f"{name} must be [K / {GROUP}, N] = {(k // GROUP, n)}, got {a.shape}")
+    if zero_mode not in ("codes", "xsum"):
+        raise ValueError(f"zero_mode must be 'codes' or 'xsum', got {zero_mode!r}")
     zeros = z_GxN is not None
+    xsum = zeros and zero_mode == "xsum"
+    xs_GxT = None
+    if xsum:  # Σx per scale group, [K / 128, T] f32
+        xs_GxT = x_TxK.astype(jnp.float32).reshape(t, k // GROUP, GROUP).sum(-1).T
     per_group = plgpu.BlockSpec(
         (tile_k // GROUP, tile_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM
     )
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    row_layout = plgpu.Layout.WGMMA.reduce(1)  # a [tile_m] vector, broadcast along tokens
+    col_layout = plgpu.Layout.WGMMA.reduce(0)  # a [T] vector, broadcast along rows
     get_pipeline = _pipeline(
         [
             a_spec,
             per_group,
             *([per_group] if zeros else []),
+            *(
+                [plgpu.BlockSpec((tile_k // GROUP, t), lambda kk: (kk, 0), memory_space=plgpu.SMEM)]
+                if xsum
+                else []
+            ),
             plgpu.BlockSpec(
                 (t, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 16, 16, "rhs"),
                 memory_space=plgpu.SMEM, collective_axes=_multicast(cluster),
@@ -433,14 +447,15 @@ def mgpu_int4_g128_gemv(
                 )  # fmt: skip
 
             def body(_, a_smem, s_smem, *rest):
-                *z_smem, b_smem, acc = rest
+                *zx_smem, b_smem, acc = rest  # (zeros, then Σx with zero_mode "xsum")
                 wg = lax.axis_index("wg")
                 for g in range(part // GROUP):
                     c = pl.multiple_of(wg * part + g * GROUP, GROUP)
                     gi = wg * (part // GROUP) + g
                     a = a_smem.at[:, pl.ds(c, GROUP)][...].astype(jnp.bfloat16)
                     if zeros:
-                        zr = plgpu.load(z_smem[0].at[gi], (), layout=row_layout)
+                        zr = plgpu.load(zx_smem[0].at[gi], (), layout=row_layout)
+                    if zeros and not xsum:
                         a = a - lax.broadcast_in_dim(zr, a.shape, [0])
                     b = b_smem.at[:, pl.ds(c, GROUP)].transpose((1, 0))
 
@@ -449,20 +464,26 @@ def mgpu_int4_g128_gemv(
                         return acc_ref[...]
 
                     dot = pl.run_scoped(mm, plgpu.ACC((tile_m, t), jnp.float32))
+                    if xsum:
+                        xs = plgpu.load(zx_smem[1].at[gi], (), layout=col_layout)
+                        zb = lax.broadcast_in_dim(zr.astype(jnp.float32), dot.shape, [0])
+                        dot = dot - zb * lax.broadcast_in_dim(xs, dot.shape, [1])
                     sc = plgpu.load(s_smem.at[gi], (), layout=row_layout).astype(jnp.float32)
                     acc = acc + dot * lax.broadcast_in_dim(sc, dot.shape, [0])
                 return acc
 
-            groups = [g.at[:, rows] for g in gmem[1:-1]]  # scales (and zeros)
+            groups = [g.at[:, rows] for g in gmem[1 : 2 + zeros]]  # scales (and zeros)
             a_tile = a_at(a_gmem, mi, rows)
-            get_pipeline(body, ctx)(a_tile, *groups, b_gmem, allocations=allocs)
+            xs = gmem[2 + zeros : -1]  # (Σx: all tokens, no rows)
+            get_pipeline(body, ctx)(a_tile, *groups, *xs, b_gmem, allocations=allocs)
 
         _over_tiles(
             get_pipeline, gmem, m_iters=n // tile_m, cta_m=tile_m, tile=tile, cluster=cluster
         )
 
     return _launch(
-        kernel, (w_NxK, s_GxN, *([z_GxN] if zeros else []), x_TxK), n=n, t=t, tile_m=tile_m,
+        kernel, (w_NxK, s_GxN, *([z_GxN] if zeros else []), *([xs_GxT] if xsum else []), x_TxK),
+        n=n, t=t, tile_m=tile_m,
         m_iters=n // tile_m, wgs=wgs, out_slots=1, num_sms=num_sms, cluster=cluster,
     )  # fmt: skip
 
@@ -502,6 +523,11 @@ def main(argv=None):
     )
     ap.add_argument("--zeros", action="store_true", help="--scaled with zero points (bf16)")
     ap.add_argument(
+        "--zero-mode",
+        default="codes",
+        help="--zeros off the upcast codes (codes), or as z x Σx off each dot (xsum), or both",
+    )
+    ap.add_argument(
         "--stream-only",
         action="store_true",
         help="the bare kernel's TMA pipeline without upcast or MMA (y = 0): the stream's ceiling",
@@ -519,6 +545,7 @@ def main(argv=None):
         ("split", ("k", "rows", "stages")),
         ("x_layout", ("kt", "tk")),
         ("w_layout", ("rowmajor", "tiled")),
+        ("zero_mode", ("codes", "xsum")),
     )
     for flag, allowed in lists:
         for value in getattr(args, flag).split(","):
@@ -528,6 +555,8 @@ def main(argv=None):
         ap.error("--scaled runs --split k with --x-layout tk only")
     if args.zeros and not args.scaled:
         ap.error("--zeros goes with --scaled")
+    if args.zero_mode != "codes" and not args.zeros:
+        ap.error("--zero-mode goes with --zeros")
     if args.scaled and (args.stream_only or args.chunk != "0" or args.overlap != "0"):
         ap.error("--stream-only / --chunk / --overlap are the bare kernel's: not with --scaled")
 
@@ -567,7 +596,7 @@ def main(argv=None):
         want = (dense if args.scaled else codes.astype(np.float32)) @ np.asarray(xs[0], np.float32)
         by_layout = {"kt": xs, "tk": [jnp.asarray(x.T) for x in xs]}
         for tile_k in (int(v) for v in args.tile_k.split(",")):
-            for steps, wgs, cluster, chunk, overlap, split, xl, wl in itertools.product(
+            for steps, wgs, cluster, chunk, overlap, split, xl, wl, zm in itertools.product(
                 [int(v) for v in args.steps.split(",")],
                 [int(v) for v in args.wgs.split(",")],
                 [int(v) for v in args.cluster.split(",")],
@@ -576,16 +605,17 @@ def main(argv=None):
                 args.split.split(","),
                 args.x_layout.split(","),
                 args.w_layout.split(","),
+                args.zero_mode.split(","),
             ):
                 if wgs == 1 and split == "rows":
                     continue  # (the same kernel as split "k")
                 label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} cluster={cluster} "
                 label += f"chunk={chunk or 'part'} overlap={overlap} "
-                label += f"split={split} x={xl} w={wl}"
+                label += f"split={split} x={xl} w={wl}" + (f" zeros={zm}" if args.zeros else "")
                 row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, cluster=cluster)
                 row.update(split=split, k=k, n=n)
                 row.update(x_layout=xl, w_layout=wl, scaled=args.scaled, zeros=args.zeros)
-                row.update(stream_only=args.stream_only, chunk=chunk, overlap=overlap)
+                row.update(stream_only=args.stream_only, chunk=chunk, overlap=overlap, zero_mode=zm)
                 tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split, cluster=cluster)
                 tiles.update(x_tokens_major=xl == "tk", w_tiled=wl == "tiled")
                 cta_m = 64 * wgs if split == "rows" else 64
@@ -595,7 +625,7 @@ def main(argv=None):
                         if args.scaled:
                             keep = ("tile_k", "steps", "wgs", "w_tiled", "cluster")
                             kw = {a: b for a, b in tiles.items() if a in keep}
-                            return mgpu_int4_g128_gemv(w[0], w[1], x, w[2], **kw)
+                            return mgpu_int4_g128_gemv(w[0], w[1], x, w[2], zero_mode=zm, **kw)
                         return mgpu_int4_gemv(
                             w, x, stream_only=args.stream_only, chunk=chunk or None,
                             overlap=bool(overlap), **tiles,

@@ -17,10 +17,12 @@
 # ncu (written for the next session): Nsight Compute profiles of the kernel's default, its
 #   stream alone and 2 groups on whole stages, T = 8 (scripts/ncu_decode.sh: stall samples
 #   per SASS instruction), to find where the consumers' 3 µs go.
+# zeros (written for the next session): zero points as z x Σx off each group's dot
+#   (--zero-mode xsum) against off the upcast codes, beside int4_tc's g128 calls.
 #   . scripts/gpu_setup.sh
-#   bash scripts/probe_thirteenth.sh cluster|stream|consumer|stages|ncu "$OUT"
+#   bash scripts/probe_thirteenth.sh cluster|stream|consumer|stages|ncu|zeros "$OUT"
 set -u
-what=${1:?cluster, stream, consumer, stages or ncu}
+what=${1:?cluster, stream, consumer, stages, ncu or zeros}
 out=${2:-/tmp/probe_thirteenth}
 mkdir -p "$out"
 P="python3 scripts/probe_mgpu_int4.py"
@@ -39,6 +41,13 @@ if [ "$what" = stream ]; then
   step 240 stream $P --tokens 8 --wgs 1 --stream-only --tile-k 256,512,1024 --steps 2,3,4,6 \
     --json "$out/stream.json"
   step 60 mma $P --tokens 8 --json "$out/mma.json"
+  exit 0
+fi
+if [ "$what" = zeros ]; then
+  step 90 test python3 -m pytest -q tests/test_probe_mgpu_int4_script.py -k "xsum or untimed"
+  tail -1 "$out/test.log"
+  step 120 zeros $P --scaled --zeros --zero-mode codes,xsum --json "$out/zeros.json"
+  step 90 triton python3 scripts/probe_call_kernels.py int4_g128:1 int4_g128:8 int4_g128:16
   exit 0
 fi
 if [ "$what" = ncu ]; then

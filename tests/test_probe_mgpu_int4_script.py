@@ -223,6 +223,47 @@ def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros, cluster)
     assert y.shape == (256, t) and err < 1e-2
 
 
+XSUM_VARIANTS = [(8, 512, 2, 1), (16, 256, 1, 1), (8, 512, 2, 2)]  # (tokens, tile_k, wgs, cluster)
+
+
+@pytest.mark.parametrize("t,tile_k,wgs,cluster", XSUM_VARIANTS)
+def test_g128_xsum_zeros_lower_for_cuda(t, tile_k, wgs, cluster):
+    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+    s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((t, 2048), jnp.bfloat16)
+    fn = functools.partial(
+        mgpu_int4_g128_gemv, tile_k=tile_k, wgs=wgs, cluster=cluster, num_sms=4, zero_mode="xsum"
+    )
+    assert (
+        "mosaic_gpu" in jax.jit(fn).trace(w, s, x, s).lower(lowering_platforms=("cuda",)).as_text()
+    )
+
+
+def test_g128_unknown_zero_mode_is_an_error():
+    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+    s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16)
+    with pytest.raises(ValueError, match="zero_mode must be 'codes' or 'xsum', got 'sum'"):
+        jax.eval_shape(functools.partial(mgpu_int4_g128_gemv, zero_mode="sum"), w, s, x, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,tile_k,wgs,cluster", XSUM_VARIANTS)
+def test_gpu_g128_xsum_zeros_equal_float64(t, tile_k, wgs, cluster):
+    rng = np.random.default_rng([t, tile_k, wgs, cluster, 7])
+    codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, size=(16, 256)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((t, 2048)), jnp.bfloat16)
+    z = rng.integers(-8, 8, size=(16, 256)).astype(np.float64)
+    w = jnp.asarray(codes).astype(jnp.int4)
+    kw = dict(tile_k=tile_k, wgs=wgs, cluster=cluster)
+    y = mgpu_int4_g128_gemv(w, s, x, jnp.asarray(z, jnp.bfloat16), zero_mode="xsum", **kw)
+    dense = (codes - np.repeat(z, 128, 0).T) * np.repeat(np.asarray(s, np.float64), 128, 0).T
+    want = dense @ np.asarray(x, np.float64).T
+    err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
+    assert y.shape == (256, t) and err < 1e-2
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -231,6 +272,8 @@ def test_gpu_g128_equals_float64(t, tile_k, steps, wgs, w_tiled, zeros, cluster)
         (["--split", "n"], "--split takes k / rows / stages, got 'n'"),
         (["--scaled", "--x-layout", "kt"], "--scaled runs --split k with --x-layout tk only"),
         (["--zeros"], "--zeros goes with --scaled"),
+        (["--scaled", "--zero-mode", "xsum"], "--zero-mode goes with --zeros"),
+        (["--zero-mode", "sum"], "--zero-mode takes codes / xsum, got 'sum'"),
         (["--scaled", "--stream-only"], "--stream-only / --chunk / --overlap are the bare"),
         (["--scaled", "--overlap", "1"], "--stream-only / --chunk / --overlap are the bare"),
     ],
