@@ -317,6 +317,13 @@ def mgpu_int4_gemv(
                     )  # fmt: skip
 
             def body(idx, a_smem, b_smem, acc):
+                def mma(a_rows, cols):  # upcast a_rows' columns cols, issue their wgmma
+                    a = a_rows.at[:, cols][...]
+                    b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
+                    if x_tokens_major:  # (sliced first: a transposed view takes none)
+                        b = b.transpose((1, 0))
+                    plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
+
                 if stream_only:
                     return acc
                 wg = lax.axis_index("wg")
@@ -326,12 +333,7 @@ def mgpu_int4_gemv(
                     @pl.when(lax.rem(kk, wgs) == wg)
                     def _own():
                         for c in range(tile_k // chunk):
-                            cols = pl.ds(c * chunk, chunk)
-                            a = a_smem.at[:, cols][...]
-                            b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
-                            if x_tokens_major:
-                                b = b.transpose((1, 0))
-                            plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
+                            mma(a_smem, pl.ds(c * chunk, chunk))
 
                     plgpu.wgmma_wait(0)
                     return acc
@@ -341,16 +343,9 @@ def mgpu_int4_gemv(
                     def _mma(i=i):
                         for c in range(part // chunk):
                             if split == "rows":
-                                a_rows = a_smem.at[pl.ds(i * tile_m, tile_m)]
-                                cols = pl.ds(c * chunk, chunk)
+                                mma(a_smem.at[pl.ds(i * tile_m, tile_m)], pl.ds(c * chunk, chunk))
                             else:
-                                a_rows = a_smem
-                                cols = pl.ds(i * part + c * chunk, chunk)
-                            a = a_rows.at[:, cols][...]
-                            b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
-                            if x_tokens_major:  # (sliced first: a transposed view takes none)
-                                b = b.transpose((1, 0))
-                            plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
+                                mma(a_smem, pl.ds(i * part + c * chunk, chunk))
 
                 plgpu.wgmma_wait(int(overlap))
                 return acc
