@@ -541,6 +541,7 @@ def main(argv=None):
         ("x_layout", ("kt", "tk")),
         ("w_layout", ("rowmajor", "tiled")),
         ("zero_mode", ("codes", "xsum")),
+        ("overlap", ("0", "1")),
     )
     for flag, allowed in lists:
         for value in getattr(args, flag).split(","):

@@ -274,6 +274,7 @@ def test_gpu_g128_xsum_zeros_equal_float64(t, tile_k, wgs, cluster):
         (["--zeros"], "--zeros goes with --scaled"),
         (["--scaled", "--zero-mode", "xsum"], "--zero-mode goes with --zeros"),
         (["--zero-mode", "sum"], "--zero-mode takes codes / xsum, got 'sum'"),
+        (["--overlap", "0,2"], "--overlap takes 0 / 1, got '2'"),
         (["--scaled", "--stream-only"], "--stream-only / --chunk / --overlap are the bare"),
         (["--scaled", "--overlap", "1"], "--stream-only / --chunk / --overlap are the bare"),
     ],
