@@ -92,6 +92,15 @@ def _weight(w, tiled, cta_m, tile_k, tr):
     return nt * rows, kt * cols, spec, lambda a, mi, rows: a.at[mi]
 
 
+def _tokens(x, k, tokens_major):
+    """T of x ``[T, K]`` (``tokens_major``) or x^T ``[K, T]``, after checking its K against the
+    weight's (a shorter x would be read past its end, as zeros, without an error)."""
+    layout = "x [T, K]" if tokens_major else "x^T [K, T]"
+    if x.ndim != 2 or x.shape[1 if tokens_major else 0] != k:
+        raise ValueError(f"{layout} must have K = {k} (the weight's), got shape {x.shape}")
+    return x.shape[0] if tokens_major else x.shape[1]
+
+
 def _multicast(cluster):
     """x's BlockSpec ``collective_axes``: with a cluster, each x stage is one TMA multicast to
     all the cluster's CTAs (their weight tiles differ, their x stages are the same), so x
@@ -277,7 +286,7 @@ def mgpu_int4_gemv(
         raise ValueError(f"chunk {chunk} must divide a group's {part} columns of a stage")
     a_tr = _transforms(chunk * 4, 4, "lhs")  # (swizzled to the columns one wgmma reads)
     n, k, a_spec, a_at = _weight(w_NxK, w_tiled, cta_m, tile_k, a_tr)
-    t = x.shape[0] if x_tokens_major else x.shape[1]
+    t = _tokens(x, k, x_tokens_major)
     if n % tile_m or k % tile_k:
         raise ValueError(f"N {n} / K {k} must be multiples of tile_m {tile_m} / tile_k {tile_k}")
     if n % (cta_m * cluster):
@@ -386,7 +395,7 @@ def mgpu_int4_g128_gemv(
 
     a_tr = _transforms(GROUP * 4, 4, "lhs")  # int4 tiles of 128 columns: a scale group each
     n, k, a_spec, a_at = _weight(w_NxK, w_tiled, tile_m, tile_k, a_tr)
-    t = x_TxK.shape[0]
+    t = _tokens(x_TxK, k, True)
     part = tile_k // wgs
     if n % (tile_m * cluster) or k % tile_k or part % GROUP or wgs not in (1, 2):
         raise ValueError(

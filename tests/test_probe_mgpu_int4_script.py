@@ -239,6 +239,21 @@ def test_g128_xsum_zeros_lower_for_cuda(t, tile_k, wgs, cluster):
     )
 
 
+def test_x_with_another_k_than_the_weight_is_an_error():
+    w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
+    s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+    tk, kt = (
+        jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16),
+        jax.ShapeDtypeStruct((1024, 16), jnp.bfloat16),
+    )
+    with pytest.raises(ValueError, match=r"x \[T, K\] must have K = 2048 .* got shape \(8, 1024\)"):
+        jax.eval_shape(functools.partial(mgpu_int4_gemv, x_tokens_major=True), w, tk)
+    with pytest.raises(ValueError, match=r"x\^T \[K, T\] must have K = 2048 .* \(1024, 16\)"):
+        jax.eval_shape(mgpu_int4_gemv, w, kt)
+    with pytest.raises(ValueError, match=r"x \[T, K\] must have K = 2048"):
+        jax.eval_shape(mgpu_int4_g128_gemv, w, s, tk)
+
+
 def test_g128_unknown_zero_mode_is_an_error():
     w = jax.ShapeDtypeStruct((256, 2048), jnp.int4)
     s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
