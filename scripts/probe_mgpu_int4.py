@@ -508,28 +508,24 @@ def main(argv=None):
         "--cluster", default="1", help="CTAs per cluster (1, 2, 4): x is multicast to them"
     )
     ap.add_argument("--chunk", default="0", help="K columns per wgmma (0: a group's whole part)")
-    ap.add_argument(
-        "--overlap", default="0", help="1: a stage's wgmma stays in flight over the next (0, 1)"
-    )
-    ap.add_argument(
-        "--split", default="k", help="how groups share a CTA: k, rows, stages (or a list)"
-    )
-    ap.add_argument("--x-layout", default="tk", help="x as x^T [K, T] (kt), [T, K] (tk), or both")
-    ap.add_argument(
-        "--w-layout",
-        default="rowmajor",
-        help="the weight as W [N, K] (rowmajor), as tile_weight's blocks (tiled), or both",
-    )
+    allowed = {}  # a list flag's values: checked by name after parsing
+
+    def list_flag(flag, values, help):
+        allowed[flag] = values
+        ap.add_argument(flag, default=values[0], help=f"{help} ({' / '.join(values)}, or a list)")
+
+    list_flag("--overlap", ("0", "1"), "1: a stage's wgmma stays in flight over the next")
+    list_flag("--split", ("k", "rows", "stages"), "how groups share a CTA")
+    list_flag("--x-layout", ("tk", "kt"), "x as [T, K] (tk) or x^T [K, T] (kt)")
+    list_flag("--w-layout", ("rowmajor", "tiled"), "W [N, K], or tile_weight's blocks")
     ap.add_argument(
         "--scaled",
         action="store_true",
         help="mgpu_int4_g128_gemv: a bf16 scale per 128 K rows (x tokens-major, split k only)",
     )
     ap.add_argument("--zeros", action="store_true", help="--scaled with zero points (bf16)")
-    ap.add_argument(
-        "--zero-mode",
-        default="codes",
-        help="--zeros off the upcast codes (codes), or as z x Σx off each dot (xsum), or both",
+    list_flag(
+        "--zero-mode", ("codes", "xsum"), "--zeros off the upcast codes, or as z x Σx off each dot"
     )
     ap.add_argument(
         "--stream-only",
@@ -545,17 +541,10 @@ def main(argv=None):
     )
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
-    lists = (
-        ("split", ("k", "rows", "stages")),
-        ("x_layout", ("kt", "tk")),
-        ("w_layout", ("rowmajor", "tiled")),
-        ("zero_mode", ("codes", "xsum")),
-        ("overlap", ("0", "1")),
-    )
-    for flag, allowed in lists:
-        for value in getattr(args, flag).split(","):
-            if value not in allowed:
-                ap.error(f"--{flag.replace('_', '-')} takes {' / '.join(allowed)}, got {value!r}")
+    for flag, values in allowed.items():
+        for value in getattr(args, flag[2:].replace("-", "_")).split(","):
+            if value not in values:
+                ap.error(f"{flag} takes {' / '.join(values)}, got {value!r}")
     if args.scaled and (args.split != "k" or args.x_layout != "tk"):
         ap.error("--scaled runs --split k with --x-layout tk only")
     if args.zeros and not args.scaled:

@@ -282,7 +282,7 @@ def test_gpu_g128_xsum_zeros_equal_float64(t, tile_k, wgs, cluster):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--x-layout", "kt,kx"], "--x-layout takes kt / tk, got 'kx'"),
+        (["--x-layout", "kt,kx"], "--x-layout takes tk / kt, got 'kx'"),
         (["--w-layout", "tile"], "--w-layout takes rowmajor / tiled, got 'tile'"),
         (["--split", "n"], "--split takes k / rows / stages, got 'n'"),
         (["--scaled", "--x-layout", "kt"], "--scaled runs --split k with --x-layout tk only"),
