@@ -51,6 +51,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 GROUP = 128  # K rows per scale (g128, mgpu_int4_g128_gemv)
+PROFILE_RANGES = 320  # named ranges one warpgroup may record in a profiled call (--profile)
+
+
+def _scope(name):
+    """A named range of the kernel's code (``jax.named_scope``): recorded per warpgroup, with
+    SM clock stamps, when the kernel is built with a ``profile_dir``; no code otherwise. Only
+    innermost code is scoped (a range is a run of equations with the same name stack)."""
+    import jax
+
+    return jax.named_scope(name)
 
 
 def _transforms(row_bits, elem_bits, kind):
@@ -207,10 +217,14 @@ def _finish(read_acc, write, wg, *, wgs, red_smem, red_bar):
     plgpu.barrier_wait(red_bar)  # red_smem read: free for the next tile
 
 
-def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms, cluster=1):
+def _launch(
+    kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms, cluster=1, profile_dir="",
+):  # fmt: skip
     """Run ``kernel(*gmem refs, out_gmem, out_smem, red_smem, red_bar)``: one CTA per SM (at
     most one per tile) in clusters of ``cluster`` CTAs (axis ``"c"``), ``wgs`` consumer
-    warpgroups and the producer; y ``[n, t]``."""
+    warpgroups and the producer; y ``[n, t]``. ``profile_dir``: each call writes a trace of
+    the kernel's named scopes (:func:`_scope`) per warpgroup there (Mosaic GPU's on-device
+    profiler: SM clock cycles; :func:`summarize_profile` reads it)."""
     import jax
     import jax.numpy as jnp
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -225,7 +239,10 @@ def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms, clu
         **(dict(cluster=(cluster,), cluster_names=("c",)) if cluster > 1 else {}),
         num_threads=wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+            **(dict(profile_space=PROFILE_RANGES, profile_dir=profile_dir) if profile_dir else {}),
+        ),
         scratch_types=dict(
             out_smem=plgpu.SMEM(
                 (out_slots, tile_m, t), y_dtype, transforms=_transforms(t * y_bits, y_bits, "out")
@@ -242,6 +259,7 @@ def _launch(kernel, args, *, n, t, tile_m, m_iters, wgs, out_slots, num_sms, clu
 def mgpu_int4_gemv(
     w_NxK, x, *, tile_m=64, tile_k=256, steps=4, wgs=1, split="k", x_tokens_major=False,
     w_tiled=False, num_sms=None, cluster=1, stream_only=False, chunk=None, overlap=False,
+    profile_dir="",
 ):  # fmt: skip
     """``y^T [N, T] = W [N, K] (int4) @ x^T [K, T] (bf16)``: one CTA per weight tile over all
     of K (``steps`` TMA stages of ``[rows, tile_k]``). ``wgs`` consumer warpgroups of
@@ -262,7 +280,9 @@ def mgpu_int4_gemv(
     whole stages in turn (stage ``kk`` to group ``kk % wgs``), so the groups work on different
     stages at once; 3 groups fit the register file this way. 4 groups are refused: the
     pipeline's register split then asks for more registers than a CTA of 5 warpgroups is
-    launched with, and the kernel hangs (it did on the H100)."""
+    launched with, and the kernel hangs (it did on the H100). ``profile_dir``: see
+    :func:`_launch` (ranges "upcast", "mma", "wait" per group part and "finish"; "stage" with
+    ``stream_only``)."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -320,20 +340,25 @@ def mgpu_int4_gemv(
                         dst = out_gmem.at[rows].at[pl.ds(wg * tile_m, tile_m)]
                         write(acc[...], wg, dst)
                         return
-                    _finish(
-                        lambda: acc[...], lambda y: write(y, 0, out_gmem.at[rows]), wg, wgs=wgs,
-                        red_smem=red_smem, red_bar=red_bar,
-                    )  # fmt: skip
+                    with _scope("finish"):
+                        _finish(
+                            lambda: acc[...], lambda y: write(y, 0, out_gmem.at[rows]), wg,
+                            wgs=wgs, red_smem=red_smem, red_bar=red_bar,
+                        )  # fmt: skip
 
             def body(idx, a_smem, b_smem, acc):
                 def mma(a_rows, cols):  # upcast a_rows' columns cols, issue their wgmma
-                    a = a_rows.at[:, cols][...]
+                    with _scope("upcast"):
+                        a = a_rows.at[:, cols][...].astype(jnp.bfloat16)
                     b = b_smem.at[:, cols] if x_tokens_major else b_smem.at[cols]
                     if x_tokens_major:  # (sliced first: a transposed view takes none)
                         b = b.transpose((1, 0))
-                    plgpu.wgmma(acc, a.astype(jnp.bfloat16), b)
+                    with _scope("mma"):
+                        plgpu.wgmma(acc, a, b)
 
-                if stream_only:
+                if stream_only:  # (an empty range: the stage's arrival, when profiled)
+                    with _scope("stage"):
+                        lax.axis_index("wg")  # (any equation: the range needs one)
                     return acc
                 wg = lax.axis_index("wg")
                 if split == "stages":  # group kk % wgs takes stage kk whole
@@ -344,7 +369,8 @@ def mgpu_int4_gemv(
                         for c in range(tile_k // chunk):
                             mma(a_smem, pl.ds(c * chunk, chunk))
 
-                    plgpu.wgmma_wait(0)
+                    with _scope("wait"):
+                        plgpu.wgmma_wait(0)
                     return acc
                 for i in range(wgs):  # (static slices: a tile-aligned K part per group)
 
@@ -356,7 +382,8 @@ def mgpu_int4_gemv(
                             else:
                                 mma(a_smem, pl.ds(i * part + c * chunk, chunk))
 
-                plgpu.wgmma_wait(int(overlap))
+                with _scope("wait"):
+                    plgpu.wgmma_wait(int(overlap))
                 return acc
 
             get_pipeline(body, ctx)(a_at(a_gmem, mi, rows), b_gmem, allocations=allocs)
@@ -368,13 +395,13 @@ def mgpu_int4_gemv(
 
     return _launch(
         kernel, (w_NxK, x), n=n, t=t, tile_m=tile_m, m_iters=n // cta_m, wgs=wgs, out_slots=wgs,
-        num_sms=num_sms, cluster=cluster,
+        num_sms=num_sms, cluster=cluster, profile_dir=profile_dir,
     )  # fmt: skip
 
 
 def mgpu_int4_g128_gemv(
     w_NxK, s_GxN, x_TxK, z_GxN=None, *, tile_m=64, tile_k=512, steps=3, wgs=2, w_tiled=False,
-    num_sms=None, cluster=1, zero_mode="codes",
+    num_sms=None, cluster=1, zero_mode="codes", profile_dir="",
 ):  # fmt: skip
     """``y^T [N, T] = (W * s) @ x^T`` for symmetric int4 codes ``W [N, K]`` with one bf16 scale
     per 128 K rows of a weight row, ``s [K / 128, N]`` (group-major: a stage's scales are one
@@ -387,7 +414,8 @@ def mgpu_int4_g128_gemv(
     ``s``, so ``W = s * (code - z)``. ``zero_mode="codes"``: the group's ``[tile_m]`` vector
     is subtracted from the upcast codes (exact in bf16; a ``[tile_m, 128]`` subtraction per
     group). ``"xsum"``: the group's dot takes ``z ⊗ Σx`` off instead (``Σx [K / 128, T]``, f32,
-    summed by XLA in the same jit; a ``[tile_m, T]`` update per group), as int4_tc does."""
+    summed by XLA in the same jit; a ``[tile_m, T]`` update per group), as int4_tc does.
+    ``profile_dir``: see :func:`_launch` (ranges "upcast", "mma", "scale" per group, "finish")."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
@@ -445,10 +473,11 @@ def mgpu_int4_g128_gemv(
                 acc = eval_pipeline(zero)
                 wg = lax.axis_index("wg")
                 write = _writer(out_smem, _y_type(t)[0])
-                _finish(
-                    lambda: acc, lambda y: write(y, 0, out_gmem.at[rows]), wg, wgs=wgs,
-                    red_smem=red_smem, red_bar=red_bar,
-                )  # fmt: skip
+                with _scope("finish"):
+                    _finish(
+                        lambda: acc, lambda y: write(y, 0, out_gmem.at[rows]), wg, wgs=wgs,
+                        red_smem=red_smem, red_bar=red_bar,
+                    )  # fmt: skip
 
             def body(_, a_smem, s_smem, *rest):
                 *zx_smem, b_smem, acc = rest  # (zeros, then Σx with zero_mode "xsum")
@@ -456,24 +485,28 @@ def mgpu_int4_g128_gemv(
                 for g in range(part // GROUP):
                     c = pl.multiple_of(wg * part + g * GROUP, GROUP)
                     gi = wg * (part // GROUP) + g
-                    a = a_smem.at[:, pl.ds(c, GROUP)][...].astype(jnp.bfloat16)
-                    if zeros:
-                        zr = plgpu.load(zx_smem[0].at[gi], (), layout=row_layout)
-                    if zeros and not xsum:
-                        a = a - lax.broadcast_in_dim(zr, a.shape, [0])
+                    with _scope("upcast"):
+                        a = a_smem.at[:, pl.ds(c, GROUP)][...].astype(jnp.bfloat16)
+                        if zeros:
+                            zr = plgpu.load(zx_smem[0].at[gi], (), layout=row_layout)
+                        if zeros and not xsum:
+                            a = a - lax.broadcast_in_dim(zr, a.shape, [0])
                     b = b_smem.at[:, pl.ds(c, GROUP)].transpose((1, 0))
 
                     def mm(acc_ref, a=a, b=b):
                         plgpu.wgmma(acc_ref, a, b)
                         return acc_ref[...]
 
-                    dot = pl.run_scoped(mm, plgpu.ACC((tile_m, t), jnp.float32))
-                    if xsum:
-                        xs = plgpu.load(zx_smem[1].at[gi], (), layout=col_layout)
-                        zb = lax.broadcast_in_dim(zr.astype(jnp.float32), dot.shape, [0])
-                        dot = dot - zb * lax.broadcast_in_dim(xs, dot.shape, [1])
-                    sc = plgpu.load(s_smem.at[gi], (), layout=row_layout).astype(jnp.float32)
-                    acc = acc + dot * lax.broadcast_in_dim(sc, dot.shape, [0])
+                    with _scope("mma"):  # (issue and wait)
+                        dot = pl.run_scoped(mm, plgpu.ACC((tile_m, t), jnp.float32))
+                    with _scope("scale"):
+                        if xsum:
+                            xs = plgpu.load(zx_smem[1].at[gi], (), layout=col_layout)
+                            zb = lax.broadcast_in_dim(zr.astype(jnp.float32), dot.shape, [0])
+                            dot = dot - zb * lax.broadcast_in_dim(xs, dot.shape, [1])
+                        sc = plgpu.load(s_smem.at[gi], (), layout=row_layout)
+                        sc = sc.astype(jnp.float32)
+                        acc = acc + dot * lax.broadcast_in_dim(sc, dot.shape, [0])
                 return acc
 
             groups = [g.at[:, rows] for g in gmem[1 : 2 + zeros]]  # scales (and zeros)
@@ -489,7 +522,64 @@ def mgpu_int4_g128_gemv(
         kernel, (w_NxK, s_GxN, *([z_GxN] if zeros else []), *([xs_GxT] if xsum else []), x_TxK),
         n=n, t=t, tile_m=tile_m,
         m_iters=n // tile_m, wgs=wgs, out_slots=1, num_sms=num_sms, cluster=cluster,
+        profile_dir=profile_dir,
     )  # fmt: skip
+
+
+def summarize_profile(path, wgs):
+    """Where one profiled call's time goes, per warpgroup role, from the trace Mosaic GPU's
+    profiler wrote to ``path`` (Chrome trace JSON; ``tid - 1`` is ``CTA * (wgs + 1) +
+    warpgroup``, the producer is group ``wgs``; times are SM clock cycles / 1000, counted
+    from each warpgroup's first range). Per role: ``span`` (first range's start to last
+    range's end, cycles), per range name the cycles and the count per warpgroup, ``between``
+    (the span outside every range: the pipeline's barrier waits and releases), and
+    ``before_first`` (the "Init" range's end to the first stage's start). Medians over the
+    CTAs."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    by_trace = {}
+    for e in events:
+        by_trace.setdefault(e["tid"] - 1, []).append(e)
+    per_role = {}
+    for tid, evs in by_trace.items():
+        role = tid % (wgs + 1)
+        open_at, ranges = {}, []
+        for e in evs:  # (ranges do not nest: :func:`_scope`)
+            cycles = e["ts"] * 1e3
+            if e["ph"] == "B":
+                open_at[e["name"]] = cycles
+            else:
+                ranges.append((e["name"], open_at.pop(e["name"]), cycles))
+        work = [r for r in ranges if r[0] != "Init"]
+        if not work:
+            continue
+        t0, t1 = work[0][1], max(r[2] for r in work)
+        stats = {"span": t1 - t0, "between": t1 - t0 - sum(b - a for _, a, b in work)}
+        init_end = [b for name, _, b in ranges if name == "Init"]
+        if init_end:
+            stats["before_first"] = t0 - init_end[0]
+        for name, a, b in work:
+            stats[name] = stats.get(name, 0.0) + (b - a)
+            stats[name + " n"] = stats.get(name + " n", 0) + 1
+        per_role.setdefault(role, []).append(stats)
+    return {
+        role: {k: float(np.median([s.get(k, 0.0) for s in rows])) for k in rows[0]}
+        | {"ctas": len(rows)}
+        for role, rows in sorted(per_role.items())
+    }
+
+
+def print_profile(summary, label):
+    """:func:`summarize_profile`'s medians as a table: cycles per range and their share."""
+    print(f"  profile {label}:")
+    for role, st in summary.items():
+        span = st["span"]
+        parts = ", ".join(
+            f"{k} {v:.0f} ({v / span:.0%}, x{st.get(k + ' n', 0):.0f})"
+            for k, v in st.items()
+            if k not in ("span", "ctas") and not k.endswith(" n")
+        )
+        print(f"    group {role} ({st['ctas']} CTAs): span {span:.0f} cycles; {parts}")
 
 
 def main(argv=None):
@@ -538,6 +628,13 @@ def main(argv=None):
         action="store_true",
         help="check, then make --calls calls untraced (each on its own weight copy), for ncu:"
         " scripts/ncu_decode.sh with NCU_SCRIPT=scripts/probe_mgpu_int4.py",
+    )
+    ap.add_argument(
+        "--profile",
+        default="",
+        help="DIR: build each config with Mosaic GPU's on-device profiler, check it, make"
+        " --calls calls untimed, and print where the last call's cycles went per warpgroup"
+        " (its trace: DIR/<config>/*-trace.json, for Perfetto)",
     )
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
@@ -613,16 +710,22 @@ def main(argv=None):
                 tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split, cluster=cluster)
                 tiles.update(x_tokens_major=xl == "tk", w_tiled=wl == "tiled")
                 cta_m = 64 * wgs if split == "rows" else 64
+                prof = ""
+                if args.profile:  # (a folder per config: its calls' traces)
+                    prof = os.path.join(args.profile, label.replace(" ", "_").replace("=", ""))
+                    os.makedirs(prof, exist_ok=True)
                 try:
 
                     def fn(x, w, tiles=tiles):  # (x, w): as build_multi calls it
                         if args.scaled:
                             keep = ("tile_k", "steps", "wgs", "w_tiled", "cluster")
                             kw = {a: b for a, b in tiles.items() if a in keep}
-                            return mgpu_int4_g128_gemv(w[0], w[1], x, w[2], zero_mode=zm, **kw)
+                            return mgpu_int4_g128_gemv(
+                                w[0], w[1], x, w[2], zero_mode=zm, profile_dir=prof, **kw
+                            )
                         return mgpu_int4_gemv(
                             w, x, stream_only=args.stream_only, chunk=chunk or None,
-                            overlap=bool(overlap), **tiles,
+                            overlap=bool(overlap), profile_dir=prof, **tiles,
                         )  # fmt: skip
 
                     xin, ws = by_layout[xl], weights(wl, cta_m, tile_k)
@@ -632,10 +735,15 @@ def main(argv=None):
                     row["rel_err"] = err
                     if not err < 1e-2:
                         raise ValueError(f"does not match float32 ({err:.2e})")
-                    if args.untimed:  # (for a profiler of its own: ncu)
+                    if args.untimed or prof:  # (for a profiler: ncu, or Mosaic GPU's own)
                         for i in range(args.calls):
                             jax.block_until_ready(jax.jit(fn)(xin[i], ws[i]))
+                        jax.effects_barrier()  # (the traces are written by callbacks)
                         print(f"{label}: err {err:.1e}, {args.calls} calls more (untimed)")
+                        if prof:
+                            last = sorted(f for f in os.listdir(prof) if f.endswith(".json"))[-1]
+                            row["profile"] = summarize_profile(os.path.join(prof, last), wgs)
+                            print_profile(row["profile"], label)
                         rows.append(row)
                         continue
                     exe = KB.build_multi(fn, xin, ws)

@@ -26,15 +26,7 @@ what=${1:?cluster, stream, consumer, stages, ncu or zeros}
 out=${2:-/tmp/probe_thirteenth}
 mkdir -p "$out"
 P="python3 scripts/probe_mgpu_int4.py"
-step() { # seconds, name, command...: its log in $out/name.log, its result lines shown
-  local secs=$1 name=$2
-  shift 2
-  timeout "$secs" "$@" > "$out/$name.log" 2>&1
-  local rc=$?
-  grep -h "µs, \|FAILED\|span" "$out/$name.log"
-  [ $rc -eq 124 ] && echo "$name: TIMED OUT after $secs s"
-  return $rc
-}
+. "$(dirname "$0")/probe_steps.sh"
 if [ "$what" = stream ]; then
   step 60 test python3 -m pytest -q tests/test_probe_mgpu_int4_script.py -k stream_only
   tail -1 "$out/test.log"

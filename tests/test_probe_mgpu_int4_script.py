@@ -4,6 +4,7 @@ its variants lower for CUDA on this CPU machine (Mosaic GPU lowers in Python; on
 step needs the GPU), and on a GPU it equals float32 on random int4 codes."""
 
 import functools
+import json
 import os
 import sys
 
@@ -309,3 +310,56 @@ def test_gpu_untimed_checks_then_runs_the_calls(capsys):
     main(["--k", "2048", "--n", "256", "--tokens", "8", "--untimed", "--calls", "2"])
     out = capsys.readouterr().out
     assert "2 calls more (untimed)" in out and "FAILED" not in out
+
+
+def _trace(path, ranges_by_tid):
+    """A Chrome trace as Mosaic GPU's profiler writes it: per tid, ranges (name, start, end)
+    in cycles, stamped ``ts = (start_ns + cycles) / 1000``."""
+    events = []
+    for tid, ranges in ranges_by_tid.items():
+        for name, a, b in ranges:
+            events.append(dict(name=name, ph="B", ts=(5e6 + a) / 1e3, pid=1, tid=tid))
+            events.append(dict(name=name, ph="E", ts=(5e6 + b) / 1e3, pid=1, tid=tid))
+    path.write_text(json.dumps({"displayTimeUnit": "ns", "traceEvents": events}))
+    return str(path)
+
+
+def test_summarize_profile_splits_each_groups_span(tmp_path):
+    from probe_mgpu_int4 import summarize_profile
+
+    stage = lambda t0: [
+        ("upcast", t0, t0 + 50),
+        ("mma", t0 + 50, t0 + 60),
+        ("wait", t0 + 60, t0 + 100),
+    ]  # noqa: E731
+    group0 = [("Init", 0, 10), *stage(110), *stage(400), ("finish", 600, 700)]
+    # 2 CTAs of 1 consumer group (tid 1, 3) and a producer with only "Init" (tid 2, 4)
+    path = _trace(
+        tmp_path / "t.json",
+        {1: group0, 2: [("Init", 0, 5)], 3: [(n, a + 2, b + 2) for n, a, b in group0], 4: []},
+    )
+    got = summarize_profile(path, wgs=1)
+    assert list(got) == [0]  # (the producer recorded no work)
+    g = got[0]
+    assert g["ctas"] == 2 and g["span"] == pytest.approx(590)  # 110 .. 700
+    assert g["upcast"] == pytest.approx(100) and g["upcast n"] == 2
+    assert g["wait"] == pytest.approx(80) and g["finish"] == pytest.approx(100)
+    assert g["between"] == pytest.approx(590 - 100 - 20 - 80 - 100)
+    assert g["before_first"] == pytest.approx(100)
+
+
+@pytest.mark.gpu
+def test_gpu_profile_counts_each_stages_ranges(tmp_path, capsys):
+    from probe_mgpu_int4 import main
+
+    out_json = tmp_path / "p.json"
+    main([
+        "--k", "2048", "--n", "256", "--tokens", "8", "--calls", "2", "--tile-k", "512",
+        "--profile", str(tmp_path / "prof"), "--json", str(out_json),
+    ])  # fmt: skip
+    assert "FAILED" not in capsys.readouterr().out
+    [row] = json.loads(out_json.read_text())["rows"]
+    for g in ("0", "1"):  # 2 groups, each its half of 4 stages: one wgmma per stage
+        st = row["profile"][g]
+        assert st["ctas"] == 4
+        assert (st["upcast n"], st["mma n"], st["wait n"], st["finish n"]) == (4, 4, 4, 1)

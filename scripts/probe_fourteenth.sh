@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Fourteenth session's Mosaic GPU probes (scripts/probe_mgpu_int4.py, 8192², one card): where
+# the consumers' 3 µs go, from Mosaic GPU's on-device profiler (--profile: SM clock stamps of
+# each warpgroup's ranges "upcast", "mma", "wait", "finish"; the gaps between them are the
+# pipeline's barrier waits), then the zero points as z x Σx off each group's dot.
+#   . scripts/gpu_setup.sh
+#   bash scripts/probe_fourteenth.sh profile "$OUT"
+# Everything is written to a work folder and packed into $OUT/probe_fourteenth.tar.gz (a call
+# brings back at most 8 files); the profiles' tables are printed.
+set -u
+what=${1:?profile}
+OUTDIR=${2:-/tmp/probe_fourteenth_out}
+out=/tmp/probe_fourteenth
+mkdir -p "$out" "$OUTDIR"
+P="python3 scripts/probe_mgpu_int4.py"
+. "$(dirname "$0")/probe_steps.sh"
+pack() {
+  for d in "$out"/prof_*; do # keep each config's last trace only
+    [ -d "$d" ] && find "$d" -name '*-trace.json' | sort | head -n -1 | xargs -r rm -f
+  done
+  tar czf "$OUTDIR/probe_fourteenth.tar.gz" -C "$out" .
+}
+trap pack EXIT
+if [ "$what" = profile ]; then
+  step 120 test python3 -m pytest -q tests/test_probe_mgpu_int4_script.py \
+    -k "profile or xsum or untimed"
+  pr() { # name, probe flags: a profiled run (its table printed), json beside it
+    local name=$1
+    shift
+    step 60 "prof_$name" $P --calls 3 --profile "$out/prof_$name" --json "$out/prof_$name.json" "$@"
+  }
+  pr bare8 --tokens 8
+  pr stream8 --tokens 8 --stream-only --wgs 1,2
+  pr stages8 --tokens 8 --split stages
+  pr bare16 --tokens 16
+  pr g128z8 --tokens 8 --scaled --zeros --zero-mode codes,xsum
+  step 150 zeros $P --scaled --zeros --zero-mode codes,xsum --json "$out/zeros.json"
+  step 90 triton python3 scripts/probe_call_kernels.py int4_g128:8 int4_g128:16
+  exit 0
+fi
+echo "unknown step $what" >&2
+exit 2
