@@ -4,11 +4,13 @@
 # each warpgroup's ranges "upcast", "mma", "wait", "finish"; the gaps between them are the
 # pipeline's barrier waits), then the zero points as z x Σx off each group's dot.
 #   . scripts/gpu_setup.sh
-#   bash scripts/probe_fourteenth.sh profile "$OUT"
+#   bash scripts/probe_fourteenth.sh profile|packed "$OUT"
+# packed: the int4 words packed for the wgmma fragments (scripts/probe_mgpu_packed.py): its
+#   tests, its PTX, its time beside the row-major kernel at T = 8 and 16, and its profile.
 # Everything is written to a work folder and packed into $OUT/probe_fourteenth.tar.gz (a call
 # brings back at most 8 files); the profiles' tables are printed.
 set -u
-what=${1:?profile}
+what=${1:?profile or packed}
 OUTDIR=${2:-/tmp/probe_fourteenth_out}
 out=/tmp/probe_fourteenth
 mkdir -p "$out" "$OUTDIR"
@@ -36,6 +38,18 @@ if [ "$what" = profile ]; then
   pr g128z8 --tokens 8 --scaled --zeros --zero-mode codes,xsum
   step 150 zeros $P --scaled --zeros --zero-mode codes,xsum --json "$out/zeros.json"
   step 90 triton python3 scripts/probe_call_kernels.py int4_g128:8 int4_g128:16
+  exit 0
+fi
+if [ "$what" = packed ]; then # the words packed for the wgmma fragments (probe_mgpu_packed.py)
+  step 150 test python3 -m pytest -q tests/test_probe_mgpu_packed_script.py
+  mkdir -p "$out/dump"
+  MOSAIC_GPU_DUMP_TO="$out/dump" MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
+    step 60 dump $P --tokens 8 --w-layout packed --untimed --calls 1
+  step 150 time8 $P --tokens 8 --w-layout rowmajor,packed,packed-nosub --steps 3,4 \
+    --json "$out/time8.json"
+  step 100 time16 $P --tokens 16 --w-layout rowmajor,packed --steps 3,4 --json "$out/time16.json"
+  step 60 prof_packed8 $P --tokens 8 --w-layout packed --calls 3 --profile "$out/prof_packed8" \
+    --json "$out/prof_packed8.json"
   exit 0
 fi
 echo "unknown step $what" >&2

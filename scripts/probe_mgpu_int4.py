@@ -607,7 +607,12 @@ def main(argv=None):
     list_flag("--overlap", ("0", "1"), "1: a stage's wgmma stays in flight over the next")
     list_flag("--split", ("k", "rows", "stages"), "how groups share a CTA")
     list_flag("--x-layout", ("tk", "kt"), "x as [T, K] (tk) or x^T [K, T] (kt)")
-    list_flag("--w-layout", ("rowmajor", "tiled"), "W [N, K], or tile_weight's blocks")
+    list_flag(
+        "--w-layout",
+        ("rowmajor", "tiled", "packed", "packed-nosub"),
+        "W [N, K], tile_weight's blocks, or probe_mgpu_packed's words (packed-nosub: without"
+        " the subtraction of 136, checked against (W + 136) x; bare kernel, split k, x tk)",
+    )
     ap.add_argument(
         "--scaled",
         action="store_true",
@@ -650,11 +655,17 @@ def main(argv=None):
         ap.error("--zero-mode goes with --zeros")
     if args.scaled and (args.stream_only or args.chunk != "0" or args.overlap != "0"):
         ap.error("--stream-only / --chunk / --overlap are the bare kernel's: not with --scaled")
+    if "packed" in args.w_layout and (
+        args.scaled or args.stream_only or args.split != "k" or args.x_layout != "tk"
+        or args.cluster != "1" or args.chunk != "0" or args.overlap != "0"
+    ):  # fmt: skip
+        ap.error("--w-layout packed runs the bare kernel with --split k --x-layout tk only")
 
     import jax
     import jax.numpy as jnp
     from ncu_kernel import benchmark_kernels
     from probe_call_kernels import trace_one
+    from probe_mgpu_packed import mgpu_int4_packed_gemv, pack_wgmma_int4
 
     KB = benchmark_kernels()
     k, n = args.k, args.n
@@ -669,13 +680,16 @@ def main(argv=None):
     dense = deq * np.repeat(np.asarray(s_bf16, np.float32), GROUP, 0).T
     copies = {}
 
-    def weights(layout, cta_m, tile_k):  # the calls' weight copies (one tiled set kept)
-        key = "rowmajor" if layout == "rowmajor" else (cta_m, tile_k)
+    def weights(layout, cta_m, tile_k):  # the calls' weight copies (one other set kept)
+        key = layout if layout in ("rowmajor", "packed") else (cta_m, tile_k)
         if key not in copies:
             for old in [c for c in copies if c != "rowmajor"]:
                 del copies[old]  # (GPU memory)
-            wl = w if key == "rowmajor" else jnp.asarray(tile_weight(codes, cta_m, tile_k))
-            wl = wl.astype(jnp.int4)  # (tiled as int8 codes on the host)
+            if key == "packed":
+                wl = jnp.asarray(pack_wgmma_int4(codes))
+            else:  # (tiled: as int8 codes on the host)
+                wl = w if key == "rowmajor" else jnp.asarray(tile_weight(codes, cta_m, tile_k))
+                wl = wl.astype(jnp.int4)
             copies[key] = KB.copies_of((wl, s_bf16, z_bf16) if args.scaled else wl, args.calls)
         return copies[key]
 
@@ -716,7 +730,12 @@ def main(argv=None):
                     os.makedirs(prof, exist_ok=True)
                 try:
 
-                    def fn(x, w, tiles=tiles):  # (x, w): as build_multi calls it
+                    def fn(x, w, tiles=tiles, wl=wl):  # (x, w): as build_multi calls it
+                        if wl.startswith("packed"):
+                            keep = ("tile_k", "steps", "wgs")
+                            kw = {a: b for a, b in tiles.items() if a in keep}
+                            sub = wl == "packed"
+                            return mgpu_int4_packed_gemv(w, x, sub=sub, profile_dir=prof, **kw)
                         if args.scaled:
                             keep = ("tile_k", "steps", "wgs", "w_tiled", "cluster")
                             kw = {a: b for a, b in tiles.items() if a in keep}
@@ -728,8 +747,10 @@ def main(argv=None):
                             overlap=bool(overlap), profile_dir=prof, **tiles,
                         )  # fmt: skip
 
-                    xin, ws = by_layout[xl], weights(wl, cta_m, tile_k)
+                    xin, ws = by_layout[xl], weights(wl.split("-")[0], cta_m, tile_k)
                     got = np.asarray(jax.jit(fn)(xin[0], ws[0]), np.float32)
+                    if wl == "packed-nosub":  # (136 Σx more, as the kernel leaves it)
+                        got -= 136 * np.asarray(xs[0], np.float32).sum(0)
                     err = float(np.linalg.norm(got - want * (not args.stream_only)))
                     err /= float(np.linalg.norm(want))
                     row["rel_err"] = err
