@@ -43,8 +43,8 @@ fi
 if [ "$what" = packed ]; then # the words packed for the wgmma fragments (probe_mgpu_packed.py)
   step 150 test python3 -m pytest -q tests/test_probe_mgpu_packed_script.py
   mkdir -p "$out/dump"
-  MOSAIC_GPU_DUMP_TO="$out/dump" MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
-    step 60 dump $P --tokens 8 --w-layout packed --untimed --calls 1
+  step 60 dump env MOSAIC_GPU_DUMP_TO="$out/dump" MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
+    $P --tokens 8 --w-layout packed --untimed --calls 1
   step 150 time8 $P --tokens 8 --w-layout rowmajor,packed,packed-nosub --steps 3,4 \
     --json "$out/time8.json"
   step 100 time16 $P --tokens 16 --w-layout rowmajor,packed --steps 3,4 --json "$out/time16.json"
