@@ -4,13 +4,15 @@
 # each warpgroup's ranges "upcast", "mma", "wait", "finish"; the gaps between them are the
 # pipeline's barrier waits), then the zero points as z x Σx off each group's dot.
 #   . scripts/gpu_setup.sh
-#   bash scripts/probe_fourteenth.sh profile|packed "$OUT"
+#   bash scripts/probe_fourteenth.sh profile|packed|g128 "$OUT"
 # packed: the int4 words packed for the wgmma fragments (scripts/probe_mgpu_packed.py): its
 #   tests, its PTX, its time beside the row-major kernel at T = 8 and 16, and its profile.
+# g128: the packed words with g128 scales and zero points dequantized in registers (sub, mul
+#   per bf16 pair), beside the row-major g128 kernel and int4_tc's calls; K per wgmma 256 / 64.
 # Everything is written to a work folder and packed into $OUT/probe_fourteenth.tar.gz (a call
 # brings back at most 8 files); the profiles' tables are printed.
 set -u
-what=${1:?profile or packed}
+what=${1:?profile, packed or g128}
 OUTDIR=${2:-/tmp/probe_fourteenth_out}
 out=/tmp/probe_fourteenth
 mkdir -p "$out" "$OUTDIR"
@@ -50,6 +52,17 @@ if [ "$what" = packed ]; then # the words packed for the wgmma fragments (probe_
   step 100 time16 $P --tokens 16 --w-layout rowmajor,packed --steps 3,4 --json "$out/time16.json"
   step 60 prof_packed8 $P --tokens 8 --w-layout packed --calls 3 --profile "$out/prof_packed8" \
     --json "$out/prof_packed8.json"
+  exit 0
+fi
+if [ "$what" = g128 ]; then # packed words with g128 scales and zeros dequantized in registers
+  step 150 test python3 -m pytest -q tests/test_probe_mgpu_packed_script.py
+  step 150 bare8 $P --tokens 8 --w-layout rowmajor,packed,packed-nosub --mma-k 256,64 \
+    --json "$out/bare8.json"
+  step 200 g128 $P --tokens 8,16 --scaled --zeros --w-layout rowmajor,packed --mma-k 256,64 \
+    --json "$out/g128.json"
+  step 90 triton python3 scripts/probe_call_kernels.py int4_g128:1 int4_g128:8 int4_g128:16
+  step 60 prof_g128p8 $P --tokens 8 --scaled --zeros --w-layout packed --calls 3 \
+    --profile "$out/prof_g128p8" --json "$out/prof_g128p8.json"
   exit 0
 fi
 echo "unknown step $what" >&2

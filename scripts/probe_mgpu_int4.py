@@ -606,6 +606,7 @@ def main(argv=None):
 
     list_flag("--overlap", ("0", "1"), "1: a stage's wgmma stays in flight over the next")
     list_flag("--split", ("k", "rows", "stages"), "how groups share a CTA")
+    list_flag("--mma-k", ("256", "128", "64"), "--w-layout packed: K columns per wgmma")
     list_flag("--x-layout", ("tk", "kt"), "x as [T, K] (tk) or x^T [K, T] (kt)")
     list_flag(
         "--w-layout",
@@ -656,10 +657,12 @@ def main(argv=None):
     if args.scaled and (args.stream_only or args.chunk != "0" or args.overlap != "0"):
         ap.error("--stream-only / --chunk / --overlap are the bare kernel's: not with --scaled")
     if "packed" in args.w_layout and (
-        args.scaled or args.stream_only or args.split != "k" or args.x_layout != "tk"
-        or args.cluster != "1" or args.chunk != "0" or args.overlap != "0"
+        args.stream_only or args.split != "k" or args.x_layout != "tk" or args.cluster != "1"
+        or args.chunk != "0" or args.overlap != "0" or args.zero_mode != "codes"
     ):  # fmt: skip
-        ap.error("--w-layout packed runs the bare kernel with --split k --x-layout tk only")
+        ap.error("--w-layout packed runs --split k --x-layout tk only (zeros: in registers)")
+    if args.scaled and "packed-nosub" in args.w_layout:
+        ap.error("--w-layout packed-nosub is the bare kernel's")
 
     import jax
     import jax.numpy as jnp
@@ -685,8 +688,13 @@ def main(argv=None):
         if key not in copies:
             for old in [c for c in copies if c != "rowmajor"]:
                 del copies[old]  # (GPU memory)
-            if key == "packed":
+            if key == "packed":  # (scaled: c = 128 + the unsigned zero point, 136 + z_rel)
                 wl = jnp.asarray(pack_wgmma_int4(codes))
+                if args.scaled:
+                    c = 136 + (z_rel if args.zeros else np.zeros(scales.shape, np.float32))
+                    wl = (wl, s_bf16, jnp.asarray(c, jnp.bfloat16))
+                copies[key] = KB.copies_of(wl, args.calls)
+                return copies[key]
             else:  # (tiled: as int8 codes on the host)
                 wl = w if key == "rowmajor" else jnp.asarray(tile_weight(codes, cta_m, tile_k))
                 wl = wl.astype(jnp.int4)
@@ -701,7 +709,7 @@ def main(argv=None):
         want = (dense if args.scaled else codes.astype(np.float32)) @ np.asarray(xs[0], np.float32)
         by_layout = {"kt": xs, "tk": [jnp.asarray(x.T) for x in xs]}
         for tile_k in (int(v) for v in args.tile_k.split(",")):
-            for steps, wgs, cluster, chunk, overlap, split, xl, wl, zm in itertools.product(
+            for steps, wgs, cluster, chunk, overlap, split, xl, wl, zm, mk in itertools.product(
                 [int(v) for v in args.steps.split(",")],
                 [int(v) for v in args.wgs.split(",")],
                 [int(v) for v in args.cluster.split(",")],
@@ -711,16 +719,21 @@ def main(argv=None):
                 args.x_layout.split(","),
                 args.w_layout.split(","),
                 args.zero_mode.split(","),
+                [int(v) for v in args.mma_k.split(",")],
             ):
                 if wgs == 1 and split == "rows":
                     continue  # (the same kernel as split "k")
+                if not wl.startswith("packed") and mk != int(args.mma_k.split(",")[0]):
+                    continue  # (--mma-k is the packed kernel's)
                 label = f"T={t} tile_k={tile_k} steps={steps} wgs={wgs} cluster={cluster} "
                 label += f"chunk={chunk or 'part'} overlap={overlap} "
                 label += f"split={split} x={xl} w={wl}" + (f" zeros={zm}" if args.zeros else "")
+                label += f" mma_k={mk}" if wl.startswith("packed") else ""
                 row = dict(tokens=t, tile_k=tile_k, steps=steps, wgs=wgs, cluster=cluster)
                 row.update(split=split, k=k, n=n)
                 row.update(x_layout=xl, w_layout=wl, scaled=args.scaled, zeros=args.zeros)
                 row.update(stream_only=args.stream_only, chunk=chunk, overlap=overlap, zero_mode=zm)
+                row.update(mma_k=mk)
                 tiles = dict(tile_k=tile_k, steps=steps, wgs=wgs, split=split, cluster=cluster)
                 tiles.update(x_tokens_major=xl == "tk", w_tiled=wl == "tiled")
                 cta_m = 64 * wgs if split == "rows" else 64
@@ -730,12 +743,15 @@ def main(argv=None):
                     os.makedirs(prof, exist_ok=True)
                 try:
 
-                    def fn(x, w, tiles=tiles, wl=wl):  # (x, w): as build_multi calls it
+                    def fn(x, w, tiles=tiles, wl=wl, mk=mk):  # (x, w): as build_multi calls it
                         if wl.startswith("packed"):
                             keep = ("tile_k", "steps", "wgs")
                             kw = {a: b for a, b in tiles.items() if a in keep}
                             sub = wl == "packed"
-                            return mgpu_int4_packed_gemv(w, x, sub=sub, profile_dir=prof, **kw)
+                            wsc = w if args.scaled else (w,)
+                            return mgpu_int4_packed_gemv(
+                                wsc[0], x, *wsc[1:], sub=sub, mma_k=mk, profile_dir=prof, **kw
+                            )
                         if args.scaled:
                             keep = ("tile_k", "steps", "wgs", "w_tiled", "cluster")
                             kw = {a: b for a, b in tiles.items() if a in keep}
@@ -750,7 +766,7 @@ def main(argv=None):
                     xin, ws = by_layout[xl], weights(wl.split("-")[0], cta_m, tile_k)
                     got = np.asarray(jax.jit(fn)(xin[0], ws[0]), np.float32)
                     if wl == "packed-nosub":  # (136 Σx more, as the kernel leaves it)
-                        got -= 136 * np.asarray(xs[0], np.float32).sum(0)
+                        got = got - 136 * np.asarray(xs[0], np.float32).sum(0)
                     err = float(np.linalg.norm(got - want * (not args.stream_only)))
                     err /= float(np.linalg.norm(want))
                     row["rel_err"] = err

@@ -68,11 +68,17 @@ def unpack_wgmma_int4(words):
     return out.reshape(nt * ROWS, kp * PART)
 
 
-def upcast_words(words, *, sub=True):
+def upcast_words(words, *, sub=True, groups=None, quads=(0, 1, 2, 3)):
     """A group's words (``plgpu.load`` of one packed block with layout ``WG_STRIDED((16, 128),
     vec_size=4)``) -> bf16 ``[64, 256]`` in ``WGMMA_LAYOUT`` (``plgpu.inline_mgpu``): per bf16
     pair one ``shr`` (none for the first), one ``lop3`` and, with ``sub``, one ``sub.bf16x2``
-    of 136 (without: ``136 + q``, for a caller that takes ``136 Σx`` off itself)."""
+    of 136 (without: ``136 + q``, for a caller that takes ``136 Σx`` off itself).
+    ``groups``: ``(s0, c0, s1, c1)``, bf16 ``[64]`` row vectors (``plgpu.Layout.WGMMA.reduce(1)``)
+    of the block's two 128-column groups: scale ``s`` and ``c = 128 + z`` for the unsigned zero
+    point ``z`` (``136 + z`` for one relative to the signed codes). Each pair is then
+    ``((128 + u) - c) * s`` (``sub.bf16x2``, exact, then ``mul.rn.bf16x2``: the dequantized
+    weight rounded to bf16 once, as Marlin-style kernels do). ``quads``: upcast only these
+    quads' words, each 64 columns (the result is ``[64, 64 len(quads)]``)."""
     import jax.numpy as jnp
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm, vector
@@ -81,51 +87,75 @@ def upcast_words(words, *, sub=True):
     from jax.experimental.mosaic.gpu import utils as mu
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    shape = (ROWS, PART)
+    shape = (ROWS, PART // 4 * len(quads))
+    row = plgpu.Layout.WGMMA.reduce(1)
 
     @plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WG_STRIDED((16, 128), vec_size=4),),
+        arg_types=(plgpu.Layout.WG_STRIDED((16, 128), vec_size=4), *([row] * 4 if groups else [])),
         return_type=plgpu.ShapeDtypeStruct(shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA),
     )
-    def upcast(ctx, w):
+    def upcast(ctx, w, *sc):
         del ctx
-        i32 = ir.IntegerType.get_signless(32)
+        i32, i16 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16)
         bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+
+        def pair_of(reg):  # a row's bf16 [1] register -> (v, v) as one b32
+            h16 = mu.bitcast(reg, i16)
+            return llvm.inline_asm(i32, [h16], "mov.b32 $0, {$1, $1};", "=r,h")
+
+        rowregs = [[pair_of(a.registers[0, 0, h, 0, 0]) for h in range(2)] for a in sc]
         regs = np.empty(fa.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
-        tail = "mov.b32 b, 0x43084308;\nsub.bf16x2 $0, a, b;" if sub else "mov.b32 $0, a;"
-        for i in range(4):
+        if groups:  # $2 = c, $3 = s of the pair's row and group
+            tail, cons = "sub.bf16x2 a, a, $2;\nmul.rn.bf16x2 $0, a, $3;", "=r,r,r,r"
+        elif sub:
+            tail, cons = "mov.b32 b, 0x43084308;\nsub.bf16x2 $0, a, b;", "=r,r"
+        else:
+            tail, cons = "mov.b32 $0, a;", "=r,r"
+        for qi, i in enumerate(quads):
             for v in range(4):
                 word = vector.extract(w.registers[i], [], [v])
+                kb = 4 * i + v  # (k16 block: group kb // 8)
                 for j in range(4):
+                    bb, h = divmod(j, 2)
+                    args = [word]
+                    if groups:
+                        g = kb // 8
+                        args += [rowregs[2 * g + 1][h], rowregs[2 * g][h]]
                     shift = f"shr.u32 a, $1, {4 * j};\n" if j else "mov.b32 a, $1;\n"
                     pair = llvm.inline_asm(
                         i32,
-                        [word],
+                        args,
                         "{\n.reg .b32 a, b;\n" + shift
                         + "lop3.b32 a, a, 0x000F000F, 0x43004300, 0xea;\n" + tail + "\n}",
-                        "=r,r",
+                        cons,
                     )  # fmt: skip
-                    bb, h = divmod(j, 2)
-                    regs[0, 2 * (4 * i + v) + bb, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(pair, bf16x2)
+                    col_block = 2 * (4 * qi + v) + bb  # (of the result)
+                    regs[0, col_block, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(pair, bf16x2)
         return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
-    return upcast(words)
+    return upcast(words, *(groups or ()))
 
 
 def mgpu_int4_packed_gemv(
-    w_packed, x_TxK, *, tile_k=512, steps=3, wgs=2, sub=True, num_sms=None, profile_dir=""
-):
+    w_packed, x_TxK, s_GxN=None, c_GxN=None, *, tile_k=512, steps=3, wgs=2, sub=True,
+    mma_k=PART, num_sms=None, profile_dir="",
+):  # fmt: skip
     """``y^T [N, T] = W [N, K] (int4) @ x^T`` for W packed by :func:`pack_wgmma_int4` and x
     tokens-major ``[T, K]``: ``probe_mgpu_int4.mgpu_int4_gemv``'s structure (one CTA per 64
     rows over all of K, TMA stages of ``tile_k`` columns, ``wgs`` consumer groups each taking
     its ``tile_k / wgs`` columns of every stage) with the upcast of :func:`upcast_words`.
     ``sub=False`` skips the subtraction of 136 (y is then off by ``136 Σx``: for timing the
-    upcast without it)."""
+    upcast without it). ``s_GxN`` / ``c_GxN``: g128 scales and ``128 + z`` (bf16 ``[K / 128,
+    N]``, group-major as ``mgpu_int4_g128_gemv``'s), dequantized in registers
+    (:func:`upcast_words`'s ``groups``): ``W = s * (u - z)`` for the packed codes ``u``.
+    ``mma_k``: K columns per ``wgmma`` (256: a block at once; 64 or 128: upcast and issued in
+    chunks of whole quads, so one chunk's upcast can overlap the previous chunk's MMA)."""
     import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from probe_mgpu_int4 import (
+        GROUP,
         _finish,
         _launch,
         _over_tiles,
@@ -147,9 +177,21 @@ def mgpu_int4_packed_gemv(
         raise ValueError(
             f"tile_k {tile_k} must divide K {k} and be a multiple of {PART} x wgs ({wgs}; 1 or 2)"
         )
+    if mma_k not in (64, 128, 256):
+        raise ValueError(f"mma_k must be 64, 128 or 256, got {mma_k}")
+    scaled = s_GxN is not None
+    if scaled != (c_GxN is not None):
+        raise ValueError("scales and zero offsets (c = 128 + z) go together")
+    for name, a in (("scales", s_GxN), ("zero offsets", c_GxN)):
+        if a is not None and a.shape != (k // GROUP, n):
+            raise ValueError(f"{name} must be [K / {GROUP}, N] = {(k // GROUP, n)}, got {a.shape}")
+    per_group = plgpu.BlockSpec(
+        (tile_k // GROUP, ROWS), lambda kk: (kk, 0), memory_space=plgpu.SMEM
+    )
     get_pipeline = _pipeline(
         [
             plgpu.BlockSpec((parts, 16, 128), lambda kk: (kk, 0, 0), memory_space=plgpu.SMEM),
+            *([per_group, per_group] if scaled else []),
             plgpu.BlockSpec(
                 (t, tile_k), lambda kk: (0, kk), transforms=_transforms(tile_k * 16, 16, "rhs"),
                 memory_space=plgpu.SMEM,
@@ -158,8 +200,11 @@ def mgpu_int4_packed_gemv(
         k_iters=k // tile_k, wgs=wgs, steps=steps,
     )  # fmt: skip
     words_layout = plgpu.Layout.WG_STRIDED((16, 128), vec_size=4)
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-    def kernel(a_gmem, b_gmem, out_gmem, out_smem, red_smem, red_bar):
+    def kernel(*refs, out_smem, red_smem, red_bar):
+        *gmem, out_gmem = refs
+
         def tile(mi, rows, allocs):
             def ctx(eval_pipeline):
                 @functools.partial(pl.run_scoped, acc=plgpu.ACC((ROWS, t), jnp.float32))
@@ -173,7 +218,8 @@ def mgpu_int4_packed_gemv(
                             wgs=wgs, red_smem=red_smem, red_bar=red_bar,
                         )  # fmt: skip
 
-            def body(_, a_smem, b_smem, acc):
+            def body(_, a_smem, *rest):
+                *sc_smem, b_smem, acc = rest  # (scales and zero offsets when scaled)
                 wg = lax.axis_index("wg")
                 for g in range(wgs):
 
@@ -182,20 +228,34 @@ def mgpu_int4_packed_gemv(
                         for p in range(g * parts // wgs, (g + 1) * parts // wgs):
                             with _scope("upcast"):
                                 words = plgpu.load(a_smem.at[p], (), layout=words_layout)
-                                a = upcast_words(words, sub=sub)
-                            b = b_smem.at[:, pl.ds(p * PART, PART)].transpose((1, 0))
-                            with _scope("mma"):
-                                plgpu.wgmma(acc, a, b)
+                                groups = None
+                                if scaled:  # (the block's 2 groups: s, c of each)
+                                    groups = [
+                                        plgpu.load(r.at[2 * p + e], (), layout=row_layout)
+                                        for e in range(2)
+                                        for r in sc_smem
+                                    ]
+                            nq = mma_k // 64  # quads per wgmma
+                            for q0 in range(0, 4, nq):
+                                with _scope("upcast"):
+                                    quads = tuple(range(q0, q0 + nq))
+                                    a = upcast_words(words, sub=sub, groups=groups, quads=quads)
+                                cols = pl.ds(p * PART + 64 * q0, mma_k)
+                                b = b_smem.at[:, cols].transpose((1, 0))
+                                with _scope("mma"):
+                                    plgpu.wgmma(acc, a, b)
 
                 with _scope("wait"):
                     plgpu.wgmma_wait(0)
                 return acc
 
-            get_pipeline(body, ctx)(a_gmem.at[mi], b_gmem, allocations=allocs)
+            per_rows = [a.at[:, rows] for a in gmem[1:-1]]  # (scales, zero offsets)
+            get_pipeline(body, ctx)(gmem[0].at[mi], *per_rows, gmem[-1], allocations=allocs)
 
-        _over_tiles(get_pipeline, (a_gmem, b_gmem), m_iters=nt, cta_m=ROWS, tile=tile)
+        _over_tiles(get_pipeline, gmem, m_iters=nt, cta_m=ROWS, tile=tile)
 
+    args = (w_packed, *((s_GxN, c_GxN) if scaled else ()), x_TxK)
     return _launch(
-        kernel, (w_packed, x_TxK), n=n, t=t, tile_m=ROWS, m_iters=nt, wgs=wgs, out_slots=wgs,
+        kernel, args, n=n, t=t, tile_m=ROWS, m_iters=nt, wgs=wgs, out_slots=wgs,
         num_sms=num_sms, profile_dir=profile_dir,
     )  # fmt: skip

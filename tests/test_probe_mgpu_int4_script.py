@@ -284,7 +284,10 @@ def test_gpu_g128_xsum_zeros_equal_float64(t, tile_k, wgs, cluster):
     "argv,message",
     [
         (["--x-layout", "kt,kx"], "--x-layout takes tk / kt, got 'kx'"),
-        (["--w-layout", "tile"], "--w-layout takes rowmajor / tiled, got 'tile'"),
+        (["--w-layout", "tile"], "--w-layout takes rowmajor / tiled / packed / packed-nosub, got"),
+        (["--w-layout", "packed", "--x-layout", "kt"], "--w-layout packed runs --split k"),
+        (["--w-layout", "packed-nosub", "--scaled"], "packed-nosub is the bare kernel's"),
+        (["--mma-k", "32"], "--mma-k takes 256 / 128 / 64, got '32'"),
         (["--split", "n"], "--split takes k / rows / stages, got 'n'"),
         (["--scaled", "--x-layout", "kt"], "--scaled runs --split k with --x-layout tk only"),
         (["--zeros"], "--zeros goes with --scaled"),

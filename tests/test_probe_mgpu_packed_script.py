@@ -92,3 +92,49 @@ def test_gpu_packed_equals_float64(t, tile_k, wgs, sub):
     want = (codes.astype(np.float64) + (0 if sub else 136)) @ x64.T
     err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
     assert y.shape == (256, t) and err < (1e-2 if t >= 16 else 1e-5)  # (bf16 y from T = 16)
+
+
+def _g128(rng, n, k):
+    """Scales, and c = 128 + z for unsigned zero points z, bf16 [K / 128, N]; W = s (u - z)."""
+    s = rng.uniform(0.5, 1.5, size=(k // 128, n)).astype(np.float32)
+    z = rng.integers(0, 16, size=(k // 128, n)).astype(np.float32)
+    return jnp.asarray(s, jnp.bfloat16), jnp.asarray(128 + z, jnp.bfloat16), z
+
+
+@pytest.mark.parametrize("mma_k", [256, 64])
+def test_g128_packed_kernel_lowers_for_cuda(mma_k):
+    w = jax.ShapeDtypeStruct((4, 8, 16, 128), jnp.int32)
+    x = jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+    fn = functools.partial(mgpu_int4_packed_gemv, steps=2, mma_k=mma_k, num_sms=4)
+    text = jax.jit(fn).trace(w, x, s, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_g128_packed_kernel_refuses_bad_groups():
+    w = jax.ShapeDtypeStruct((4, 8, 16, 128), jnp.int32)
+    x = jax.ShapeDtypeStruct((8, 2048), jnp.bfloat16)
+    s = jax.ShapeDtypeStruct((16, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="scales and zero offsets"):
+        jax.eval_shape(mgpu_int4_packed_gemv, w, x, s)
+    with pytest.raises(ValueError, match=r"zero offsets must be \[K / 128, N\] = \(16, 256\)"):
+        jax.eval_shape(
+            mgpu_int4_packed_gemv, w, x, s, jax.ShapeDtypeStruct((16, 128), jnp.bfloat16)
+        )
+    with pytest.raises(ValueError, match="mma_k must be 64, 128 or 256, got 32"):
+        jax.eval_shape(functools.partial(mgpu_int4_packed_gemv, mma_k=32), w, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,mma_k", [(8, 256), (16, 64), (8, 128)])
+def test_gpu_g128_packed_equals_float64(t, mma_k):
+    rng = np.random.default_rng([t, mma_k])
+    codes = rng.integers(-8, 8, size=(256, 2048), dtype=np.int8)
+    s, c, z = _g128(rng, 256, 2048)
+    x = jnp.asarray(rng.standard_normal((t, 2048)), jnp.bfloat16)
+    w = jnp.asarray(pack_wgmma_int4(codes))
+    y = mgpu_int4_packed_gemv(w, x, s, c, steps=2, mma_k=mma_k)
+    deq = (codes + 8.0 - np.repeat(z, 128, 0).T) * np.repeat(np.asarray(s, np.float64), 128, 0).T
+    want = deq @ np.asarray(x, np.float64).T
+    err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
+    assert y.shape == (256, t) and err < 5e-3  # (bf16 s (u - z), as Marlin-style kernels)
