@@ -38,7 +38,6 @@ gained 3% (16.36 against 16.87 µs at T = 8).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import json
@@ -51,25 +50,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 GROUP = 128  # K rows per scale (g128, mgpu_int4_g128_gemv)
-PROFILE_RANGES = 320  # named ranges one warpgroup may record in a profiled call (--profile)
 
-
-def _scope(name):
-    """A named range of the kernel's code (``jax.named_scope``): recorded per warpgroup, with
-    SM clock stamps, when the kernel is built with a ``profile_dir``; no code otherwise. Only
-    innermost code is scoped (a range is a run of equations with the same name stack)."""
-    import jax
-
-    return jax.named_scope(name)
-
-
-def _transforms(row_bits, elem_bits, kind):
-    """Tiling + swizzle (Mosaic GPU's choice for rows of ``row_bits``) of a shared-memory tile
-    of ``elem_bits`` elements."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    sw = plgpu.find_swizzle(row_bits, kind)
-    return (plgpu.TilingTransform((8, sw * 8 // elem_bits)), plgpu.SwizzleTransform(sw))
+from shrinkjax.kernels.mgpu_pipeline import (  # noqa: E402  (after the sys.path set-up)
+    compiler_params,
+)
+from shrinkjax.kernels.mgpu_pipeline import finish_groups as _finish  # noqa: E402
+from shrinkjax.kernels.mgpu_pipeline import over_tiles as _over_tiles  # noqa: E402
+from shrinkjax.kernels.mgpu_pipeline import scope as _scope  # noqa: E402
+from shrinkjax.kernels.mgpu_pipeline import smem_transforms as _transforms  # noqa: E402
+from shrinkjax.kernels.mgpu_pipeline import warp_specialized as _pipeline  # noqa: E402
 
 
 def tile_weight(w_NxK, rows, tile_k):
@@ -125,55 +114,6 @@ def _y_type(t):
     return (jnp.bfloat16, 16) if t >= 16 else (jnp.float32, 32)
 
 
-def _pipeline(in_specs, *, k_iters, wgs, steps, delay_release=0):
-    """``get_pipeline(body, ctx)``: the warp-specialized TMA pipeline over the K stages
-    (``delay_release``: a stage's buffers are freed that many steps after its body)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    in_specs = [dataclasses.replace(s, delay_release=delay_release) for s in in_specs]
-
-    def get_pipeline(body, ctx):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_iters,),
-            memory_registers=40,
-            in_specs=in_specs,
-            wg_axis="wg",
-            num_compute_wgs=wgs,
-            max_concurrent_steps=steps,
-            compute_context=ctx,
-        )
-
-    return get_pipeline
-
-
-def _over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile, cluster=1):
-    """The kernel's loop: this CTA's weight tiles (``tile(mi, rows, allocs)`` each: the tile's
-    index and its rows' ``pl.ds``), over pipeline buffers allocated once; then the last y copy
-    is awaited. With a ``cluster`` of CTAs (axis ``"c"``), the loop runs over groups of
-    ``cluster`` adjacent tiles, one per CTA of the cluster."""
-    from jax import lax
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    ignore = lambda *_, **__: None  # noqa: E731  (functions do not change the allocations)
-
-    @functools.partial(
-        pl.run_scoped,
-        allocs=get_pipeline(ignore, ignore).get_allocations(*gmem),
-        collective_axes="wg",
-    )
-    def _scope(allocs):
-        @plgpu.nd_loop((m_iters // cluster,), collective_axes="sm")
-        def _tiles(info):
-            (mi,) = info.index
-            if cluster > 1:
-                mi = mi * cluster + lax.axis_index("c")
-            tile(mi, pl.ds(mi * cta_m, cta_m), allocs)
-
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-
 def _writer(out_smem, y_dtype):
     """``write(y, slot, dst)``: y through ``out_smem[slot]`` to the GMEM ref ``dst`` (TMA)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -185,36 +125,6 @@ def _writer(out_smem, y_dtype):
         plgpu.copy_smem_to_gmem(out_smem.at[slot], dst)
 
     return write
-
-
-def _finish(read_acc, write, wg, *, wgs, red_smem, red_bar):
-    """y from the consumer warpgroups' sums: ``write(read_acc())`` with one group; with more,
-    groups 1.. park their sums in ``red_smem[g - 1]`` and group 0 adds them and writes (two
-    CTA-local barrier rounds; the second frees ``red_smem`` for the next tile)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    if wgs == 1:
-        write(read_acc())
-        return
-    for g in range(1, wgs):
-
-        @pl.when(wg == g)
-        def _park(g=g):
-            red_smem[g - 1] = read_acc()
-
-    plgpu.barrier_arrive(red_bar)
-    plgpu.barrier_wait(red_bar)  # the other groups' sums are in red_smem
-
-    @pl.when(wg == 0)
-    def _out():
-        y = read_acc()
-        for g in range(1, wgs):
-            y = y + red_smem[g - 1]
-        write(y)
-
-    plgpu.barrier_arrive(red_bar)
-    plgpu.barrier_wait(red_bar)  # red_smem read: free for the next tile
 
 
 def _launch(
@@ -239,10 +149,7 @@ def _launch(
         **(dict(cluster=(cluster,), cluster_names=("c",)) if cluster > 1 else {}),
         num_threads=wgs + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-            **(dict(profile_space=PROFILE_RANGES, profile_dir=profile_dir) if profile_dir else {}),
-        ),
+        compiler_params=compiler_params(profile_dir),
         scratch_types=dict(
             out_smem=plgpu.SMEM(
                 (out_slots, tile_m, t), y_dtype, transforms=_transforms(t * y_bits, y_bits, "out")
