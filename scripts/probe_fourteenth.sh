@@ -4,15 +4,17 @@
 # each warpgroup's ranges "upcast", "mma", "wait", "finish"; the gaps between them are the
 # pipeline's barrier waits), then the zero points as z x Σx off each group's dot.
 #   . scripts/gpu_setup.sh
-#   bash scripts/probe_fourteenth.sh profile|packed|g128 "$OUT"
+#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib "$OUT"
 # packed: the int4 words packed for the wgmma fragments (scripts/probe_mgpu_packed.py): its
 #   tests, its PTX, its time beside the row-major kernel at T = 8 and 16, and its profile.
 # g128: the packed words with g128 scales and zero points dequantized in registers (sub, mul
 #   per bf16 pair), beside the row-major g128 kernel and int4_tc's calls; K per wgmma 256 / 64.
+# lib: shrinkjax/kernels/int4_mgpu.py (TcInt4 words read as they are): its GPU tests, the int4
+#   kernel tests around it, and int4_g128 calls at M = 1 / 4 / 8 / 16 with it and without.
 # Everything is written to a work folder and packed into $OUT/probe_fourteenth.tar.gz (a call
 # brings back at most 8 files); the profiles' tables are printed.
 set -u
-what=${1:?profile, packed or g128}
+what=${1:?profile, packed, g128 or lib}
 OUTDIR=${2:-/tmp/probe_fourteenth_out}
 out=/tmp/probe_fourteenth
 mkdir -p "$out" "$OUTDIR"
@@ -63,6 +65,16 @@ if [ "$what" = g128 ]; then # packed words with g128 scales and zeros dequantize
   step 90 triton python3 scripts/probe_call_kernels.py int4_g128:1 int4_g128:8 int4_g128:16
   step 60 prof_g128p8 $P --tokens 8 --scaled --zeros --w-layout packed --calls 3 \
     --profile "$out/prof_g128p8" --json "$out/prof_g128p8.json"
+  exit 0
+fi
+if [ "$what" = lib ]; then # the library's Mosaic GPU int4 decode (shrinkjax/kernels/int4_mgpu.py)
+  step 200 test python3 -m pytest -q -x tests/kernels/test_int4_mgpu.py
+  step 200 test_int4 python3 -m pytest -q tests/kernels -k "int4 or convert or dispatch" \
+    --deselect tests/kernels/test_int4_tc.py::test_gpu_native_matches_float64
+  off=int4_tc.MGPU_DECODE=False
+  step 150 calls python3 scripts/probe_call_kernels.py int4_g128:1 int4_g128:1:$off \
+    int4_g128:4 int4_g128:4:$off int4_g128:8 int4_g128:8:$off int4_g128:16 int4_g128:16:$off \
+    --json "$out/calls.json"
   exit 0
 fi
 echo "unknown step $what" >&2

@@ -97,6 +97,9 @@ OPAQUE_XSUM = "sum"
 # sums fuse into x's producer: the kernel itself is faster (M = 16: 17.8 against 19.1 µs).
 MID_TOKENS = 32
 MAX_M = 128  # tokens per call: the MMA's N side (8 to 128 wide, driver.mma_tokens)
+# Decode calls of up to int4_mgpu.MAX_M (16) rows on Hopper run the Mosaic GPU kernel
+# (shrinkjax.kernels.int4_mgpu: one CTA per 64 rows over all of K, no split-K sum) instead.
+MGPU_DECODE = True
 _BF16_128 = 0x43004300  # two bf16 128.0
 _BF16_NEG136 = 0xC308C308  # two bf16 -136.0 (-(128 + 8): the symmetric zero point)
 _BF16_ONE = 0x3F803F80  # two bf16 1.0
@@ -437,7 +440,7 @@ def resolve_tiles(
 
 def int4_tc_matmul(
     x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
-    interpret=None,
+    interpret=None, backend=None,
 ):  # fmt: skip
     """``x[..., K] @ W`` for a :class:`TcInt4` weight and at most 128 rows of x; ``x.dtype``.
 
@@ -451,8 +454,23 @@ def int4_tc_matmul(
     slower per call in the 8B decode).
     ``rows`` / ``split_k`` / ``num_warps`` / ``num_stages``: None for the defaults
     (:func:`resolve_tiles`).
+    ``backend``: ``"triton"`` (this module's kernel), ``"mgpu"``
+    (:func:`shrinkjax.kernels.int4_mgpu.int4_mgpu_matmul`: Hopper, at most 16 rows, g128), or
+    None: ``"mgpu"`` where :func:`~shrinkjax.kernels.int4_mgpu.usable` and ``MGPU_DECODE`` say
+    so and no Triton tile or ``xsum`` is given, else ``"triton"``.
     """
+    from shrinkjax.kernels import int4_mgpu
+
     m = math.prod(x.shape[:-1])
+    triton_args = (split_k, num_warps, num_stages, xsum, rows)
+    if backend is None:
+        auto = MGPU_DECODE and not interpret and all(a is None for a in triton_args)
+        backend = "mgpu" if auto and int4_mgpu.usable(t, m) else "triton"
+    if backend == "mgpu":
+        y = int4_mgpu.int4_mgpu_matmul(x.reshape(m, x.shape[-1]), t)
+        return y.astype(x.dtype).reshape(*x.shape[:-1], t.n)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'triton', 'mgpu' or None, got {backend!r}")
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
     kw = resolve_tiles(t, m, xsum=xsum, **given)
     return D.call_2d(_tc_2d, x, t, interpret=interpret, **kw)

@@ -1,0 +1,337 @@
+"""Pallas kernel (Mosaic GPU lowering, Hopper only): int4 g128 decode ``y = x @ W`` for at most
+16 rows of x, on :class:`~shrinkjax.kernels.int4_tc.TcInt4` weights as they are (no second
+packing). :func:`shrinkjax.kernels.int4_tc.int4_tc_matmul` routes decode calls here where
+:func:`usable` says so; elsewhere the Triton kernel runs.
+
+* **One CTA per 64 weight rows over all of K, no K split**: 8192 rows are 128 CTAs on 132 SMs,
+  so no second kernel sums partials (the Triton kernel's split-K sum costs 1.3-2.2 µs per
+  call). A producer warpgroup streams the stages through TMA (``tile_k`` K rows of words,
+  scales and zeros, and x; 3 in flight); two consumer warpgroups each take half of a stage's
+  128-row chunks (:mod:`shrinkjax.kernels.mgpu_pipeline`), and their sums are added at the end.
+* **Each thread reads its own words**: :class:`TcInt4` keeps, per weight row and 128 K rows, 16
+  words in which ``(w >> 4 (j % 4)) & 0x000F000F`` is the bf16x2 pair ``(16 j + 2 u, + 1)`` of
+  word ``2 u + j // 4``. That is one register of the ``wgmma`` A fragment (``WGMMA_LAYOUT``):
+  the thread of lane ``l`` and warp ``w`` holds rows ``r = 16 w + l // 4`` and ``r + 8`` at
+  columns ``16 j + 8 bb + 2 (l % 4)`` and the next, i.e. pair ``u = 4 bb + l % 4``. So a
+  thread loads words ``2 u, 2 u + 1`` (one 64-bit load each for ``bb = 0, 1`` and both rows:
+  4 loads per 128 K rows) and decodes each bf16 pair with a shift, a ``lop3`` (``128 + q``), a
+  ``sub.bf16x2`` of ``128 + z`` (exact) and a ``mul.rn.bf16x2`` by the scale: the dequantized
+  weight rounded to bf16 once, bit-identical to :func:`~.int4_tc.dequantize_tc_ref`. Mosaic
+  GPU's own int4 load reads one byte per instruction and costs 5 per pair (fourteenth
+  session's PTX); this decode made the probe's g128 kernel 1.2x faster.
+* **x is read in place**: its TMA box is 8 or 16 token rows (the ``wgmma`` N) over x's ``M``;
+  the rows past ``M`` and the columns past ``K`` are filled with zeros by the copy, and only
+  ``y``'s first ``M`` rows are written (bf16, ``[M, 64]`` per tile through shared memory).
+  Mosaic GPU tiles x's rows by 8, so 9-15 rows are padded to 16 first (one small XLA op).
+
+H100, 8192², g128 with zero points (``benchmarks/RESULTS.md``, fourteenth session): the probe's
+same structure ran 15.9 µs at 8 tokens and 16.2 µs at 16 (0.75 / 0.74 of the copy bandwidth)
+against the Triton kernel's 17.8 / 19.6 µs in the same call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shrinkjax.kernels import mgpu_pipeline as MP
+
+MAX_M = 16  # rows of x: the wgmma's N side is 8 (M <= 8) or 16
+GROUP = 128  # K rows per scale: one 128-row chunk of TcInt4 words
+ROWS = 64  # weight rows per CTA tile (the wgmma's M)
+STEPS = 3  # TMA stages in flight
+
+
+def _mosaic_gpu():
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError:  # pragma: no cover - jax without Mosaic GPU
+        return None
+    return plgpu if hasattr(plgpu, "emit_pipeline_warp_specialized") else None
+
+
+@functools.cache
+def on_hopper() -> bool:
+    """True on an sm_90 GPU with a jax that has Mosaic GPU's warp-specialized pipeline."""
+    if jax.default_backend() != "gpu" or _mosaic_gpu() is None:
+        return False
+    cap = getattr(jax.devices()[0], "compute_capability", "")
+    return str(cap).startswith("9")
+
+
+def usable(t, m: int) -> bool:
+    """True when :func:`int4_mgpu_matmul` takes ``m`` rows of x against ``t`` here: Hopper,
+    ``m <= MAX_M``, a scale per 128 K rows, tiles of whole 64-row CTAs and ``K % 8 == 0``
+    (x's rows must start 16-byte aligned for its TMA copies)."""
+    return (
+        0 < m <= MAX_M and t.group == GROUP and t.block_n % ROWS == 0 and t.k % 8 == 0
+        and on_hopper()
+    )  # fmt: skip
+
+
+def tile_k_for(kw: int) -> tuple[int, int]:
+    """(K rows per stage, consumer warpgroups) for ``kw`` padded K rows: 512 with 2 groups
+    where it divides (the probe's best), else 256 with 2, else 128 with 1."""
+    for tile_k, wgs in ((512, 2), (256, 2), (128, 1)):
+        if kw % tile_k == 0:
+            return tile_k, wgs
+    raise ValueError(f"padded K {kw} must be a multiple of {GROUP}")
+
+
+def _c_pair(z16):
+    """b32 ``(128 + z, 128 + z)`` as bf16x2 from a zero point ``z`` (0..15) in a b16 register:
+    ``0x4300 | z`` is bf16 ``128 + z``."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    i32 = ir.IntegerType.get_signless(32)
+    asm = (
+        "{\n.reg .b32 t;\ncvt.u32.u16 t, $1;\nprmt.b32 t, t, t, 0x1010;\n"
+        "or.b32 $0, t, 0x43004300;\n}"
+    )
+    return llvm.inline_asm(i32, [z16], asm, "=r,h")
+
+
+def _s_pair(s16):
+    """b32 ``(s, s)`` from a bf16 scale in a b16 register."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    return llvm.inline_asm(ir.IntegerType.get_signless(32), [s16], "mov.b32 $0, {$1, $1};", "=r,h")
+
+
+def decode_chunk(words_smem, chunk, s_row, z_row):
+    """A 128-row chunk of a stage's words (smem ``[chunks, 64, 16]`` uint32, :class:`TcInt4`
+    order) -> two bf16 ``[64, 64]`` A operands in ``WGMMA_LAYOUT`` (K rows ``0-63`` and
+    ``64-127`` of the chunk), dequantized ``(q - z) * s`` with the chunk's scales ``s_row``
+    (bf16 ``[64]``) and zero points ``z_row`` (uint8 ``[64]``; None: symmetric, 8), both in
+    ``plgpu.Layout.WGMMA.reduce(1)`` (a thread holds rows ``r`` and ``r + 8``)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+
+    plgpu = _mosaic_gpu()
+    row = plgpu.Layout.WGMMA.reduce(1)
+    half = plgpu.ShapeDtypeStruct((ROWS, 64), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+    sym = z_row is None
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), row, *([] if sym else [row])), return_type=(half, half)
+    )
+    def decode(ctx, words, s, *z):
+        del ctx
+        i32, i16 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16)
+        index = ir.IndexType.get()
+        bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+
+        def c(v, ty=index):
+            return arith.constant(ty, v)
+
+        tid = arith.remui(mu.thread_idx(), c(128, i32))  # (within the warpgroup)
+        lane, warp = arith.remui(tid, c(32, i32)), arith.divui(tid, c(32, i32))
+        r = arith.addi(arith.muli(warp, c(16, i32)), arith.divui(lane, c(4, i32)))
+        u = arith.remui(lane, c(4, i32))
+        s_pairs = [_s_pair(mu.bitcast(s.registers[0, 0, h, 0, 0], i16)) for h in range(2)]
+        if sym:
+            c_pairs = [c(0x43084308, i32)] * 2  # (128 + 8)
+        else:
+            zr = [
+                mu.bitcast(z[0].registers[0, 0, h, 0, 0], ir.IntegerType.get_signless(8))
+                for h in range(2)
+            ]
+            c_pairs = [_c_pair(arith.extui(i16, v)) for v in zr]
+        # words 2 u', 2 u' + 1 (u' = u + 4 bb) of rows r, r + 8: [h][bb] -> vector<2 x i32>
+        vec2 = ir.VectorType.get((2,), i32)
+        loaded = [
+            [
+                vector.load(
+                    vec2,
+                    words,
+                    [
+                        c(chunk),
+                        arith.index_cast(index, arith.addi(r, c(8 * h, i32))),
+                        arith.index_cast(
+                            index, arith.muli(arith.addi(u, c(4 * bb, i32)), c(2, i32))
+                        ),
+                    ],
+                )
+                for bb in range(2)
+            ]
+            for h in range(2)
+        ]
+        out = []
+        for e in range(2):  # K rows 64 e .. 64 e + 63 of the chunk: slabs j = 4 e .. 4 e + 3
+            regs = np.empty(fa.WGMMA_LAYOUT.registers_shape((ROWS, 64)), dtype=object)
+            for h in range(2):
+                for bb in range(2):
+                    word = vector.extract(loaded[h][bb], [], [e])
+                    for jj in range(4):
+                        shift = f"shr.u32 a, $1, {4 * jj};\n" if jj else "mov.b32 a, $1;\n"
+                        pair = llvm.inline_asm(
+                            i32,
+                            [word, c_pairs[h], s_pairs[h]],
+                            "{\n.reg .b32 a;\n" + shift
+                            + "lop3.b32 a, a, 0x000F000F, 0x43004300, 0xea;\n"
+                            + "sub.bf16x2 a, a, $2;\nmul.rn.bf16x2 $0, a, $3;\n}",
+                            "=r,r,r,r",
+                        )  # fmt: skip
+                        regs[0, 2 * jj + bb, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(pair, bf16x2)
+            out.append(
+                mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+            )
+        return tuple(out)
+
+    return decode(words_smem, s_row, *([] if sym else [z_row]))
+
+
+def store_rows(y, out_smem, m):
+    """y^T ``[64, T]`` f32 (``WGMMA_LAYOUT``, the accumulator) -> ``out_smem[:m]`` as bf16
+    ``[m, 64]`` (y's first ``m`` token rows; one scalar store per value a thread holds)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref, vector
+    from jax.experimental.mosaic.gpu import utils as mu
+
+    plgpu = _mosaic_gpu()
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(ctx, acc, ref):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        bf16 = ir.BF16Type.get()
+
+        def c(v, ty=i32):
+            return arith.constant(ty, v)
+
+        tid = arith.remui(mu.thread_idx(), c(128))
+        lane, warp = arith.remui(tid, c(32)), arith.divui(tid, c(32))
+        r = arith.addi(arith.muli(warp, c(16)), arith.divui(lane, c(4)))
+        col = arith.muli(arith.remui(lane, c(4)), c(2))
+        for b in range(acc.registers.shape[1]):
+            for h in range(2):
+                reg = acc.registers[0, b, 0, 0, h, 0, 0, 0, 0]
+                n = arith.index_cast(index, arith.addi(r, c(8 * h)))
+                for e in range(2):
+                    t = arith.addi(col, c(8 * b + e))
+                    with mu.when(arith.cmpi(arith.CmpIPredicate.ult, t, c(m))):
+                        v = arith.truncf(bf16, vector.extract(reg, [], [e]))
+                        memref.store(v, ref, [arith.index_cast(index, t), n])
+
+    store(y, out_smem)
+
+
+def int4_mgpu_matmul(x2, t, *, steps=STEPS, profile_dir=""):
+    """``x2 [M, K] @ W`` for a :class:`~shrinkjax.kernels.int4_tc.TcInt4` weight ``t`` with a
+    scale per 128 K rows, ``M <= 16``; bf16 ``[M, N]`` (``x2`` is cast to bf16). Needs Hopper
+    (:func:`usable`); ``profile_dir``: Mosaic GPU's on-device profile of each call there."""
+    plgpu = _mosaic_gpu()
+    from jax import lax
+    from jax.experimental import pallas as pl
+
+    m, k = x2.shape
+    if not 0 < m <= MAX_M or k != t.k:
+        raise ValueError(f"x must be [M <= {MAX_M}, K = {t.k}], got {x2.shape}")
+    if t.group != GROUP or t.block_n % ROWS:
+        raise ValueError(
+            f"needs group {GROUP} and block_n a multiple of {ROWS}, got {t.group}, {t.block_n}"
+        )
+    tn = 8 if m <= 8 else 16  # tokens: the wgmma's N
+    nt, chunks, bn, _ = t.words.shape
+    halves = bn // ROWS  # CTA tiles per packed tile
+    tile_k, wgs = tile_k_for(t.kw)
+    cps = tile_k // GROUP  # chunks (scale groups) per stage
+    s3 = t.scales.reshape(nt, chunks, bn)  # (drops the unit dim: no copy)
+    z3 = None if t.zeros is None else t.zeros.reshape(nt, chunks, bn)
+    per_group = plgpu.BlockSpec((cps, ROWS), lambda kk: (kk, 0), memory_space=plgpu.SMEM)
+    get_pipeline = MP.warp_specialized(
+        [
+            plgpu.BlockSpec((cps, ROWS, 16), lambda kk: (kk, 0, 0), memory_space=plgpu.SMEM),
+            *([per_group] * (1 if z3 is None else 2)),
+            plgpu.BlockSpec(
+                (tn, tile_k), lambda kk: (0, kk), memory_space=plgpu.SMEM,
+                transforms=MP.smem_transforms(tile_k * 16, 16, "rhs"),
+            ),
+        ],
+        k_iters=chunks // cps, wgs=wgs, steps=steps,
+    )  # fmt: skip
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+    def kernel(*refs, out_smem, red_smem, red_bar):
+        *gmem, out_gmem = refs
+
+        def tile(mi, rows, allocs):
+            i, part = mi // halves, lax.rem(mi, halves)
+            sub = pl.ds(part * ROWS, ROWS)
+
+            def ctx(eval_pipeline):
+                @functools.partial(pl.run_scoped, acc=plgpu.ACC((ROWS, tn), jnp.float32))
+                def _acc(acc):
+                    eval_pipeline(acc)
+                    wg = lax.axis_index("wg")
+
+                    def write(y):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # (the last tile's)
+                        store_rows(y, out_smem, m)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[:, rows])
+
+                    with MP.scope("finish"):
+                        MP.finish_groups(
+                            lambda: acc[...], write, wg, wgs=wgs, red_smem=red_smem,
+                            red_bar=red_bar,
+                        )  # fmt: skip
+
+            def body(_, w_smem, s_smem, *rest):
+                *z_smem, x_smem, acc = rest
+                wg = lax.axis_index("wg")
+                for g in range(wgs):
+
+                    @pl.when(wg == g)
+                    def _mma(g=g):
+                        for ch in range(g * cps // wgs, (g + 1) * cps // wgs):
+                            with MP.scope("decode"):
+                                s = plgpu.load(s_smem.at[ch], (), layout=row_layout)
+                                z = [plgpu.load(r.at[ch], (), layout=row_layout) for r in z_smem]
+                                halves_ = decode_chunk(w_smem, ch, s, z[0] if z else None)
+                            for e, a in enumerate(halves_):
+                                cols = pl.ds(ch * GROUP + 64 * e, 64)
+                                with MP.scope("mma"):
+                                    plgpu.wgmma(acc, a, x_smem.at[:, cols].transpose((1, 0)))
+
+                with MP.scope("wait"):
+                    plgpu.wgmma_wait(0)
+                return acc
+
+            w_tile = gmem[0].at[i].at[:, sub]  # [chunks, 64, 16]
+            groups = [a.at[i].at[:, sub] for a in gmem[1:-1]]  # [chunks, 64] each
+            get_pipeline(body, ctx)(w_tile, *groups, gmem[-1], allocations=allocs)
+
+        MP.over_tiles(get_pipeline, gmem, m_iters=nt * halves, cta_m=ROWS, tile=tile)
+
+    num_sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m, t.n), jnp.bfloat16),
+        grid=(min(num_sms, nt * halves),),
+        grid_names=("sm",),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        compiler_params=MP.compiler_params(profile_dir),
+        scratch_types=dict(
+            out_smem=plgpu.SMEM((m, ROWS), jnp.bfloat16),
+            red_smem=plgpu.SMEM(
+                (max(wgs - 1, 1), ROWS, tn), jnp.float32,
+                transforms=MP.smem_transforms(tn * 32, 32, "out"),
+            ),
+            red_bar=plgpu.Barrier(num_arrivals=wgs),
+        ),
+    )  # fmt: skip
+    xb = x2.astype(jnp.bfloat16)
+    if 8 < m < tn:  # (x's TMA tiles rows by 8: 9-15 rows are padded to 16 by XLA)
+        xb = jnp.pad(xb, ((0, tn - m), (0, 0)))
+    args = (t.words, s3, *([] if z3 is None else [z3]), xb)
+    return f(*args)
