@@ -4,17 +4,19 @@
 # each warpgroup's ranges "upcast", "mma", "wait", "finish"; the gaps between them are the
 # pipeline's barrier waits), then the zero points as z x Σx off each group's dot.
 #   . scripts/gpu_setup.sh
-#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib "$OUT"
+#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib|bench "$OUT"
 # packed: the int4 words packed for the wgmma fragments (scripts/probe_mgpu_packed.py): its
 #   tests, its PTX, its time beside the row-major kernel at T = 8 and 16, and its profile.
 # g128: the packed words with g128 scales and zero points dequantized in registers (sub, mul
 #   per bf16 pair), beside the row-major g128 kernel and int4_tc's calls; K per wgmma 256 / 64.
 # lib: shrinkjax/kernels/int4_mgpu.py (TcInt4 words read as they are): its GPU tests, the int4
 #   kernel tests around it, and int4_g128 calls at M = 1 / 4 / 8 / 16 with it and without.
+# bench: int4_mgpu's GPU tests, 4096² and 4096 x 14336 calls with it forced (MIN_WAVE_FILL=0)
+#   and without, and benchmarks/kernels.py's int4_g128 rows at M = 1 / 4 / 8 / 16.
 # Everything is written to a work folder and packed into $OUT/probe_fourteenth.tar.gz (a call
 # brings back at most 8 files); the profiles' tables are printed.
 set -u
-what=${1:?profile, packed, g128 or lib}
+what=${1:?profile, packed, g128, lib or bench}
 OUTDIR=${2:-/tmp/probe_fourteenth_out}
 out=/tmp/probe_fourteenth
 mkdir -p "$out" "$OUTDIR"
@@ -75,6 +77,21 @@ if [ "$what" = lib ]; then # the library's Mosaic GPU int4 decode (shrinkjax/ker
   step 150 calls python3 scripts/probe_call_kernels.py int4_g128:1 int4_g128:1:$off \
     int4_g128:4 int4_g128:4:$off int4_g128:8 int4_g128:8:$off int4_g128:16 int4_g128:16:$off \
     --json "$out/calls.json"
+  exit 0
+fi
+if [ "$what" = bench ]; then # int4_mgpu: GPU tests, small-N shapes forced on it, kernels.py rows
+  step 120 test python3 -m pytest -q tests/kernels/test_int4_mgpu.py
+  on=int4_mgpu.MIN_WAVE_FILL=0
+  for kn in "4096 4096" "4096 14336"; do
+    set -- $kn
+    step 100 "calls_$2" python3 scripts/probe_call_kernels.py --k "$1" --n "$2" int4_g128:1 \
+      int4_g128:1:$on int4_g128:16 int4_g128:16:$on --json "$out/calls_$2.json"
+  done
+  step 240 kernels python3 benchmarks/kernels.py --kernels int4_g128 --ms 1,4,8,16 \
+    --budget-s 150 --out "$out/kernels_int4.json"
+  python3 -c "
+import json; d = json.load(open('$out/kernels_int4.json')); print('copy', d['copy_tbps'])
+for r in d['rows']: print(r['K'], r['N'], r['M'], round(r['us'], 2), round(r['bw_frac'], 3), r.get('cfg'), r.get('torch_bf16_us'), r.get('torch_us'))"
   exit 0
 fi
 echo "unknown step $what" >&2

@@ -43,6 +43,10 @@ MAX_M = 16  # rows of x: the wgmma's N side is 8 (M <= 8) or 16
 GROUP = 128  # K rows per scale: one 128-row chunk of TcInt4 words
 ROWS = 64  # weight rows per CTA tile (the wgmma's M)
 STEPS = 3  # TMA stages in flight
+# Least share of the SMs' tile slots the CTA tiles must fill (wave_fill) for the Mosaic kernel
+# to run: 8192 rows are 128 tiles on 132 SMs (0.97); 4096 (64 tiles, 0.48) and 14336 (224
+# tiles in 2 waves, 0.85) stay with the Triton kernel's K split.
+MIN_WAVE_FILL = 0.9
 
 
 def _mosaic_gpu():
@@ -62,14 +66,28 @@ def on_hopper() -> bool:
     return str(cap).startswith("9")
 
 
+def wave_fill(n_padded: int, num_sms: int) -> float:
+    """The share of the SMs' tile slots the 64-row CTA tiles of ``n_padded`` rows fill:
+    ``tiles / (waves * num_sms)``. With no K split, a CTA streams a tile's whole K, so a
+    partly filled last wave (or fewer tiles than SMs) leaves SMs without bytes to stream."""
+    tiles = n_padded // ROWS
+    return tiles / (-(-tiles // num_sms) * num_sms)
+
+
 def usable(t, m: int) -> bool:
     """True when :func:`int4_mgpu_matmul` takes ``m`` rows of x against ``t`` here: Hopper,
-    ``m <= MAX_M``, a scale per 128 K rows, tiles of whole 64-row CTAs and ``K % 8 == 0``
-    (x's rows must start 16-byte aligned for its TMA copies)."""
+    ``m <= MAX_M``, a scale per 128 K rows, tiles of whole 64-row CTAs, ``K % 8 == 0`` (x's
+    rows must start 16-byte aligned for its TMA copies) and tiles that fill at least
+    ``MIN_WAVE_FILL`` of the SMs' slots (:func:`wave_fill`; elsewhere the Triton kernel's K
+    split keeps every SM streaming)."""
     return (
         0 < m <= MAX_M and t.group == GROUP and t.block_n % ROWS == 0 and t.k % 8 == 0
-        and on_hopper()
+        and on_hopper() and wave_fill(t.np_, _num_sms()) >= MIN_WAVE_FILL
     )  # fmt: skip
+
+
+def _num_sms() -> int:
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def tile_k_for(kw: int) -> tuple[int, int]:
@@ -312,7 +330,7 @@ def int4_mgpu_matmul(x2, t, *, steps=STEPS, profile_dir=""):
 
         MP.over_tiles(get_pipeline, gmem, m_iters=nt * halves, cta_m=ROWS, tile=tile)
 
-    num_sms = int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    num_sms = _num_sms()
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m, t.n), jnp.bfloat16),

@@ -63,8 +63,15 @@ def test_refuses_what_it_does_not_take():
 
 
 def test_not_usable_without_hopper():
+    if jax.default_backend() == "gpu":
+        pytest.skip("a CPU test")
     t, _ = _tc(np.random.default_rng(2), 256, 128, 64, True)
-    assert jax.default_backend() != "gpu" and not IM.usable(t, 1)
+    assert not IM.usable(t, 1)
+
+
+def test_wave_fill_of_the_8b_shapes():
+    fills = {n: round(IM.wave_fill(n, 132), 2) for n in (8192, 4096, 14336, 128256)}
+    assert fills == {8192: 0.97, 4096: 0.48, 14336: 0.85, 128256: 0.95}
 
 
 @pytest.mark.parametrize(
@@ -77,10 +84,12 @@ def test_not_usable_without_hopper():
         (4, 128, {"xsum": "sum"}, "triton"),  # (a Triton tuning given)
         (4, 128, {"num_warps": 2}, "triton"),
         (4, 128, {"backend": "triton"}, "triton"),
+        (4, 128, {"sms": 3}, "triton"),  # (2 tiles on 3 SMs: a wave 0.67 full)
     ],
 )
 def test_int4_tc_matmul_routes_decode_to_mosaic_on_hopper(monkeypatch, m, group, kw, want):
     monkeypatch.setattr(IM, "on_hopper", lambda: True)
+    monkeypatch.setattr(IM, "_num_sms", lambda: 2)  # (the test's 2 tiles fill 2 SMs)
     calls = []
 
     def fake_mgpu(x2, t):
@@ -93,6 +102,10 @@ def test_int4_tc_matmul_routes_decode_to_mosaic_on_hopper(monkeypatch, m, group,
 
     monkeypatch.setattr(IM, "int4_mgpu_matmul", fake_mgpu)
     monkeypatch.setattr(T.D, "call_2d", fake_triton)
+    kw = dict(kw)
+    if "sms" in kw:
+        sms = kw.pop("sms")
+        monkeypatch.setattr(IM, "_num_sms", lambda: sms)
     t, _ = _tc(np.random.default_rng(3), 256, 128, 64, True, group=group)
     y = T.int4_tc_matmul(jnp.ones((1, m, 256), jnp.float32), t, interpret=False, **kw)
     assert calls == ([(m, 256)] if want == "mgpu" else ["triton"])
