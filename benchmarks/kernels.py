@@ -84,6 +84,7 @@ from shrinkjax.kernels import autotune, dispatch, driver, tuned  # noqa: E402
 from shrinkjax.kernels import dequant as DQ  # noqa: E402
 from shrinkjax.kernels import fp4_tc as FT  # noqa: E402
 from shrinkjax.kernels import int4_tc as TC  # noqa: E402
+from shrinkjax.kernels import int4_mgpu as IM  # noqa: E402
 from shrinkjax.kernels import layouts as L  # noqa: E402
 from shrinkjax.kernels import reference as R  # noqa: E402
 from shrinkjax.kernels import sparse24_tc as ST  # noqa: E402
@@ -607,7 +608,9 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             continue
         p = pr["p"]
         row["bytes"] = int(pr["nbytes"] + m * k * 2 + m * n * 2)
-        if auto == "fused" and isinstance(p, TC.TcInt4):
+        if auto == "fused" and isinstance(p, TC.TcInt4) and TC.MGPU_DECODE and IM.usable(p, m):
+            row["cfg"] = ["int4_mgpu", *IM.tile_k_for(p.kw), IM.STEPS]  # tile_k, groups, steps
+        elif auto == "fused" and isinstance(p, TC.TcInt4):
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)
                 c = TC.resolve_tiles(p, m)
             row["cfg"] = ["int4_tc", *c.values()]  # rows, split_k, warps, stages, xsum
