@@ -83,8 +83,8 @@ import numpy as np  # noqa: E402
 from shrinkjax.kernels import autotune, dispatch, driver, tuned  # noqa: E402
 from shrinkjax.kernels import dequant as DQ  # noqa: E402
 from shrinkjax.kernels import fp4_tc as FT  # noqa: E402
-from shrinkjax.kernels import int4_tc as TC  # noqa: E402
 from shrinkjax.kernels import int4_mgpu as IM  # noqa: E402
+from shrinkjax.kernels import int4_tc as TC  # noqa: E402
 from shrinkjax.kernels import layouts as L  # noqa: E402
 from shrinkjax.kernels import reference as R  # noqa: E402
 from shrinkjax.kernels import sparse24_tc as ST  # noqa: E402
