@@ -4,7 +4,7 @@
 # each warpgroup's ranges "upcast", "mma", "wait", "finish"; the gaps between them are the
 # pipeline's barrier waits), then the zero points as z x Σx off each group's dot.
 #   . scripts/gpu_setup.sh
-#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib|bench "$OUT"
+#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib|bench|decode "$OUT"
 # packed: the int4 words packed for the wgmma fragments (scripts/probe_mgpu_packed.py): its
 #   tests, its PTX, its time beside the row-major kernel at T = 8 and 16, and its profile.
 # g128: the packed words with g128 scales and zero points dequantized in registers (sub, mul
@@ -13,10 +13,12 @@
 #   kernel tests around it, and int4_g128 calls at M = 1 / 4 / 8 / 16 with it and without.
 # bench: int4_mgpu's GPU tests, 4096² and 4096 x 14336 calls with it forced (MIN_WAVE_FILL=0)
 #   and without, and benchmarks/kernels.py's int4_g128 rows at M = 1 / 4 / 8 / 16.
+# decode: benchmarks/decode.py's 8B-shaped bf16 and W4 decode at batch 1 and 16 (the int4
+#   lm_head, 128256 rows, now runs int4_mgpu; the layers' linears keep the Triton kernel).
 # Everything is written to a work folder and packed into $OUT/probe_fourteenth.tar.gz (a call
 # brings back at most 8 files); the profiles' tables are printed.
 set -u
-what=${1:?profile, packed, g128, lib or bench}
+what=${1:?profile, packed, g128, lib, bench or decode}
 OUTDIR=${2:-/tmp/probe_fourteenth_out}
 out=/tmp/probe_fourteenth
 mkdir -p "$out" "$OUTDIR"
@@ -92,6 +94,13 @@ if [ "$what" = bench ]; then # int4_mgpu: GPU tests, small-N shapes forced on it
   python3 -c "
 import json; d = json.load(open('$out/kernels_int4.json')); print('copy', d['copy_tbps'])
 for r in d['rows']: print(r['K'], r['N'], r['M'], round(r['us'], 2), round(r['bw_frac'], 3), r.get('cfg'), r.get('torch_bf16_us'), r.get('torch_us'))"
+  exit 0
+fi
+if [ "$what" = decode ]; then # the 8B-shaped decode with int4_mgpu in the library (lm_head)
+  step 280 decode python3 benchmarks/decode.py --formats bf16,int4_g128 --batches 1,16 \
+    --lm-head format --attention pallas_decode --norm deferred --budget-s 220 \
+    --out "$out/decode.json"
+  tail -12 "$out/decode.log"
   exit 0
 fi
 echo "unknown step $what" >&2
