@@ -4,7 +4,7 @@
 # each warpgroup's ranges "upcast", "mma", "wait", "finish"; the gaps between them are the
 # pipeline's barrier waits), then the zero points as z x Σx off each group's dot.
 #   . scripts/gpu_setup.sh
-#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib|bench|decode "$OUT"
+#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib|bench|decode|decode_ab "$OUT"
 # packed: the int4 words packed for the wgmma fragments (scripts/probe_mgpu_packed.py): its
 #   tests, its PTX, its time beside the row-major kernel at T = 8 and 16, and its profile.
 # g128: the packed words with g128 scales and zero points dequantized in registers (sub, mul
@@ -15,10 +15,12 @@
 #   and without, and benchmarks/kernels.py's int4_g128 rows at M = 1 / 4 / 8 / 16.
 # decode: benchmarks/decode.py's 8B-shaped bf16 and W4 decode at batch 1 and 16 (the int4
 #   lm_head, 128256 rows, now runs int4_mgpu; the layers' linears keep the Triton kernel).
+# decode_ab: the W4 decode with int4_mgpu off, on every linear (MIN_WAVE_FILL=0) and as by
+#   default (the lm_head only), then bf16, in one call.
 # Everything is written to a work folder and packed into $OUT/probe_fourteenth.tar.gz (a call
 # brings back at most 8 files); the profiles' tables are printed.
 set -u
-what=${1:?profile, packed, g128, lib, bench or decode}
+what=${1:?profile, packed, g128, lib, bench, decode or decode_ab}
 OUTDIR=${2:-/tmp/probe_fourteenth_out}
 out=/tmp/probe_fourteenth
 mkdir -p "$out" "$OUTDIR"
@@ -101,6 +103,22 @@ if [ "$what" = decode ]; then # the 8B-shaped decode with int4_mgpu in the libra
     --lm-head format --attention pallas_decode --norm deferred --budget-s 220 \
     --out "$out/decode.json"
   tail -12 "$out/decode.log"
+  exit 0
+fi
+if [ "$what" = decode_ab ]; then # the same W4 decode with int4_mgpu off / everywhere / default
+  D="--batches 1,16 --lm-head format --attention pallas_decode --norm deferred --budget-s 100"
+  for v in "off int4_tc MGPU_DECODE False" "all int4_mgpu MIN_WAVE_FILL 0" "default int4_tc MGPU_DECODE True"; do
+    set -- $v
+    step 150 "decode_$1" python3 -c "
+import runpy, sys
+from shrinkjax.kernels import $2
+setattr($2, '$3', $4)
+sys.argv = ['decode.py', '--formats', 'int4_g128', *'$D'.split(), '--out', '$out/decode_$1.json']
+runpy.run_path('benchmarks/decode.py', run_name='__main__')"
+    echo "== $1 ($2.$3=$4)"; grep "int4_g128  " "$out/decode_$1.log"
+  done
+  step 100 decode_bf16 python3 benchmarks/decode.py --formats bf16 $D --out "$out/decode_bf16.json"
+  grep "bf16  " "$out/decode_bf16.log"
   exit 0
 fi
 echo "unknown step $what" >&2
