@@ -24,9 +24,13 @@ packing). :func:`shrinkjax.kernels.int4_tc.int4_tc_matmul` routes decode calls h
   ``y``'s first ``M`` rows are written (bf16, ``[M, 64]`` per tile through shared memory).
   Mosaic GPU tiles x's rows by 8, so 9-15 rows are padded to 16 first (one small XLA op).
 
-H100, 8192², g128 with zero points (``benchmarks/RESULTS.md``, fourteenth session): the probe's
-same structure ran 15.9 µs at 8 tokens and 16.2 µs at 16 (0.75 / 0.74 of the copy bandwidth)
-against the Triton kernel's 17.8 / 19.6 µs in the same call.
+H100, 8192², g128 with zero points (``benchmarks/RESULTS.md``, fourteenth session):
+``benchmarks/kernels.py`` 15.23 / 15.26 / 15.37 / 15.75 µs at M = 1 / 4 / 8 / 16, 0.77 / 0.77
+/ 0.77 / 0.75 of the copy bandwidth measured in the same run (3.00 TB/s), 3.85 / 3.88 / 3.84
+/ 3.77x PyTorch's cuBLAS bf16; the Triton kernel took 16.49 / 17.16 / 17.89 / 19.48 µs in
+another call (``scripts/probe_call_kernels.py``, both paths in that call). It runs only where
+its tiles are one full wave (:func:`usable`, ``MIN_WAVE_FILL``): with no K split, fewer tiles
+leave SMs idle, and more waves restart the pipeline per tile.
 """
 
 from __future__ import annotations
@@ -43,9 +47,13 @@ MAX_M = 16  # rows of x: the wgmma's N side is 8 (M <= 8) or 16
 GROUP = 128  # K rows per scale: one 128-row chunk of TcInt4 words
 ROWS = 64  # weight rows per CTA tile (the wgmma's M)
 STEPS = 3  # TMA stages in flight
-# Least share of the SMs' tile slots the CTA tiles must fill (wave_fill) for the Mosaic kernel
-# to run: 8192 rows are 128 tiles on 132 SMs (0.97); 4096 (64 tiles, 0.48) and 14336 (224
-# tiles in 2 waves, 0.85) stay with the Triton kernel's K split.
+# The Mosaic kernel runs where its 64-row CTA tiles are one wave filling at least this share of
+# the SMs (wave_fill): 8192 rows are 128 tiles on 132 SMs (0.97). H100, fourteenth session,
+# against the Triton kernel in the same calls: 4096² (64 tiles, 0.48) M = 1 / 16 8.57 / 8.90
+# against 7.03 / 9.21 µs; 4096 x 14336 (224 tiles, 2 waves, 0.85) 19.24 / 19.70 against 15.16
+# / 18.06. Several waves lose even when full: each tile restarts the TMA pipeline (its first
+# stage's ~2 µs wait), so the 8B decode's int4 lm_head (128256 rows, 16 waves, 0.95) made the
+# batch-1 decode 1% slower (445.6 against 450.7 tok/s), and every linear on it 22% slower.
 MIN_WAVE_FILL = 0.9
 
 
@@ -66,24 +74,27 @@ def on_hopper() -> bool:
     return str(cap).startswith("9")
 
 
-def wave_fill(n_padded: int, num_sms: int) -> float:
-    """The share of the SMs' tile slots the 64-row CTA tiles of ``n_padded`` rows fill:
-    ``tiles / (waves * num_sms)``. With no K split, a CTA streams a tile's whole K, so a
+def wave_fill(n_padded: int, num_sms: int) -> tuple[int, float]:
+    """(waves, the share of the SMs' tile slots filled) for the 64-row CTA tiles of ``n_padded``
+    rows: ``tiles / (waves * num_sms)``. With no K split, a CTA streams a tile's whole K, so a
     partly filled last wave (or fewer tiles than SMs) leaves SMs without bytes to stream."""
     tiles = n_padded // ROWS
-    return tiles / (-(-tiles // num_sms) * num_sms)
+    waves = -(-tiles // num_sms)
+    return waves, tiles / (waves * num_sms)
 
 
 def usable(t, m: int) -> bool:
     """True when :func:`int4_mgpu_matmul` takes ``m`` rows of x against ``t`` here: Hopper,
     ``m <= MAX_M``, a scale per 128 K rows, tiles of whole 64-row CTAs, ``K % 8 == 0`` (x's
-    rows must start 16-byte aligned for its TMA copies) and tiles that fill at least
-    ``MIN_WAVE_FILL`` of the SMs' slots (:func:`wave_fill`; elsewhere the Triton kernel's K
+    rows must start 16-byte aligned for its TMA copies) and tiles that are one wave filling at
+    least ``MIN_WAVE_FILL`` of the SMs (:func:`wave_fill`; elsewhere the Triton kernel's K
     split keeps every SM streaming)."""
-    return (
-        0 < m <= MAX_M and t.group == GROUP and t.block_n % ROWS == 0 and t.k % 8 == 0
-        and on_hopper() and wave_fill(t.np_, _num_sms()) >= MIN_WAVE_FILL
-    )  # fmt: skip
+    if not (0 < m <= MAX_M and t.group == GROUP and t.block_n % ROWS == 0 and t.k % 8 == 0):
+        return False
+    if not on_hopper():
+        return False
+    waves, fill = wave_fill(t.np_, _num_sms())
+    return waves == 1 and fill >= MIN_WAVE_FILL
 
 
 def _num_sms() -> int:

@@ -29,7 +29,10 @@ Measured (one H100, device time, ``benchmarks/RESULTS.md``, tenth and eleventh s
 0.75, the rest is XLA's split-K sum), at M = 16 in 19.4 µs, 4096 x 4096 at M = 1 in 7.0 µs,
 against 27.5 / 79.7 / 11.6 µs for ``torch._weight_int4pack_mm`` (faster at every M measured);
 Llama-3-8B-shaped W4 decode 2.64x bf16 at batch 1 and 2.15x at batch 16 (every linear and the
-lm_head in int4). For M <= ``FEW_TOKENS`` a program runs 64 of a tile's 128 rows with 2 warps
+lm_head in int4). Since the fourteenth session, calls of at most 16 rows whose 64-row tiles make
+one full wave of CTAs (8192 rows on 132 SMs) run :mod:`shrinkjax.kernels.int4_mgpu` (Mosaic GPU,
+no K split: 15.2 µs at 8192², M = 1) where Hopper allows (``backend``, ``MGPU_DECODE``).
+For M <= ``FEW_TOKENS`` a program runs 64 of a tile's 128 rows with 2 warps
 (``mma.sync``; module constants below); up to ``MID_TOKENS`` whole tiles with 2 warps and the
 tensor core's ``sum_k x``; above, whole tiles with 4 (``wgmma``).
 

@@ -70,8 +70,9 @@ def test_not_usable_without_hopper():
 
 
 def test_wave_fill_of_the_8b_shapes():
-    fills = {n: round(IM.wave_fill(n, 132), 2) for n in (8192, 4096, 14336, 128256)}
-    assert fills == {8192: 0.97, 4096: 0.48, 14336: 0.85, 128256: 0.95}
+    fills = {n: IM.wave_fill(n, 132) for n in (8192, 4096, 14336, 128256)}
+    got = {n: (w, round(f, 2)) for n, (w, f) in fills.items()}
+    assert got == {8192: (1, 0.97), 4096: (1, 0.48), 14336: (2, 0.85), 128256: (16, 0.95)}
 
 
 @pytest.mark.parametrize(
@@ -85,6 +86,7 @@ def test_wave_fill_of_the_8b_shapes():
         (4, 128, {"num_warps": 2}, "triton"),
         (4, 128, {"backend": "triton"}, "triton"),
         (4, 128, {"sms": 3}, "triton"),  # (2 tiles on 3 SMs: a wave 0.67 full)
+        (4, 128, {"sms": 1}, "triton"),  # (2 tiles on 1 SM: 2 waves, full)
     ],
 )
 def test_int4_tc_matmul_routes_decode_to_mosaic_on_hopper(monkeypatch, m, group, kw, want):
