@@ -366,3 +366,18 @@ def test_gpu_profile_counts_each_stages_ranges(tmp_path, capsys):
         st = row["profile"][g]
         assert st["ctas"] == 4
         assert (st["upcast n"], st["mma n"], st["wait n"], st["finish n"]) == (4, 4, 4, 1)
+
+
+def test_plot_mgpu_profile_draws_each_groups_ranges(tmp_path):
+    pytest.importorskip("matplotlib")
+    from plot_mgpu_profile import load_ranges, main
+
+    stage = lambda t0: [("upcast", t0, t0 + 50), ("mma", t0 + 50, t0 + 60)]  # noqa: E731
+    trace = _trace(tmp_path / "t.json", {1: [("Init", 0, 10), *stage(100), *stage(300)], 2: []})
+    assert load_ranges(trace) == {
+        1: [("upcast", 0, 50), ("mma", 50, 60), ("upcast", 200, 250), ("mma", 250, 260)]
+    }
+    main(["a=" + trace, "--wgs", "1", "--ctas", "1", "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        main(["nolabel", "--out", str(tmp_path / "q.png")])
