@@ -132,6 +132,24 @@ def _s_pair(s16):
     return llvm.inline_asm(ir.IntegerType.get_signless(32), [s16], "mov.b32 $0, {$1, $1};", "=r,h")
 
 
+def _fragment_position():
+    """(r, c) of this thread in a ``WGMMA_LAYOUT`` fragment, as i32 values: it holds rows ``r``
+    and ``r + 8`` (``r = 16 warp + lane // 4`` within its warpgroup) and columns ``2 c, 2 c + 1``
+    of each 8 (``c = lane % 4``)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import utils as mu
+
+    i32 = ir.IntegerType.get_signless(32)
+    tid = arith.remui(mu.thread_idx(), arith.constant(i32, 128))  # (within the warpgroup)
+    lane = arith.remui(tid, arith.constant(i32, 32))
+    warp = arith.divui(tid, arith.constant(i32, 32))
+    r = arith.addi(
+        arith.muli(warp, arith.constant(i32, 16)), arith.divui(lane, arith.constant(i32, 4))
+    )
+    return r, arith.remui(lane, arith.constant(i32, 4))
+
+
 def decode_chunk(words_smem, chunk, s_row, z_row):
     """A 128-row chunk of a stage's words (smem ``[chunks, 64, 16]`` uint32, :class:`TcInt4`
     order) -> two bf16 ``[64, 64]`` A operands in ``WGMMA_LAYOUT`` (K rows ``0-63`` and
@@ -161,10 +179,7 @@ def decode_chunk(words_smem, chunk, s_row, z_row):
         def c(v, ty=index):
             return arith.constant(ty, v)
 
-        tid = arith.remui(mu.thread_idx(), c(128, i32))  # (within the warpgroup)
-        lane, warp = arith.remui(tid, c(32, i32)), arith.divui(tid, c(32, i32))
-        r = arith.addi(arith.muli(warp, c(16, i32)), arith.divui(lane, c(4, i32)))
-        u = arith.remui(lane, c(4, i32))
+        r, u = _fragment_position()
         s_pairs = [_s_pair(mu.bitcast(s.registers[0, 0, h, 0, 0], i16)) for h in range(2)]
         if sym:
             c_pairs = [c(0x43084308, i32)] * 2  # (128 + 8)
@@ -236,10 +251,8 @@ def store_rows(y, out_smem, m):
         def c(v, ty=i32):
             return arith.constant(ty, v)
 
-        tid = arith.remui(mu.thread_idx(), c(128))
-        lane, warp = arith.remui(tid, c(32)), arith.divui(tid, c(32))
-        r = arith.addi(arith.muli(warp, c(16)), arith.divui(lane, c(4)))
-        col = arith.muli(arith.remui(lane, c(4)), c(2))
+        r, pair = _fragment_position()
+        col = arith.muli(pair, c(2))
         for b in range(acc.registers.shape[1]):
             for h in range(2):
                 reg = acc.registers[0, b, 0, 0, h, 0, 0, 0, 0]
