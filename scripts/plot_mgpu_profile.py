@@ -12,8 +12,6 @@ count from each warpgroup's first range after "Init" (the profiler's clock is pe
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import sys
 
@@ -26,19 +24,11 @@ COLORS = {"upcast": "tab:orange", "decode": "tab:orange", "mma": "tab:blue", "wa
 
 def load_ranges(path):
     """``{tid: [(name, start, end), ...]}`` in cycles from a profiler trace (each tid's ranges
-    counted from its first non-"Init" range)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
+    counted from its first non-"Init" range; tids with none are left out)."""
+    from shrinkjax.kernels.mgpu_pipeline import trace_ranges
+
     out = {}
-    for tid in sorted({e["tid"] for e in events}):
-        open_at, ranges = {}, []
-        for e in (e for e in events if e["tid"] == tid):
-            cycles = e["ts"] * 1e3
-            if e["ph"] == "B":
-                open_at[e["name"]] = cycles
-            else:
-                ranges.append((e["name"], open_at.pop(e["name"]), cycles))
+    for tid, ranges in trace_ranges(path).items():
         work = [r for r in ranges if r[0] != "Init"]
         if work:
             t0 = work[0][1]

@@ -53,6 +53,7 @@ GROUP = 128  # K rows per scale (g128, mgpu_int4_g128_gemv)
 
 from shrinkjax.kernels.mgpu_pipeline import (  # noqa: E402  (after the sys.path set-up)
     compiler_params,
+    trace_ranges,
 )
 from shrinkjax.kernels.mgpu_pipeline import finish_groups as _finish  # noqa: E402
 from shrinkjax.kernels.mgpu_pipeline import over_tiles as _over_tiles  # noqa: E402
@@ -442,21 +443,9 @@ def summarize_profile(path, wgs):
     (the span outside every range: the pipeline's barrier waits and releases), and
     ``before_first`` (the "Init" range's end to the first stage's start). Medians over the
     CTAs."""
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    by_trace = {}
-    for e in events:
-        by_trace.setdefault(e["tid"] - 1, []).append(e)
     per_role = {}
-    for tid, evs in by_trace.items():
-        role = tid % (wgs + 1)
-        open_at, ranges = {}, []
-        for e in evs:  # (ranges do not nest: :func:`_scope`)
-            cycles = e["ts"] * 1e3
-            if e["ph"] == "B":
-                open_at[e["name"]] = cycles
-            else:
-                ranges.append((e["name"], open_at.pop(e["name"]), cycles))
+    for tid, ranges in trace_ranges(path).items():
+        role = (tid - 1) % (wgs + 1)
         work = [r for r in ranges if r[0] != "Init"]
         if not work:
             continue

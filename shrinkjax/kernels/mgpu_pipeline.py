@@ -28,6 +28,29 @@ def scope(name):
     return jax.named_scope(name)
 
 
+def trace_ranges(path):
+    """``{tid: [(name, start, end), ...]}`` from a trace the profiler wrote (Chrome trace
+    JSON, optionally gzipped): each warpgroup's ranges in SM clock cycles (the file's
+    ``ts`` is cycles / 1000 on top of the warpgroup's start time), in order, "Init"
+    included. ``tid - 1`` is ``CTA * warpgroups + warpgroup``."""
+    import gzip
+    import json
+
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    out = {}
+    for tid in sorted({e["tid"] for e in events}):
+        open_at, ranges = {}, []
+        for e in (e for e in events if e["tid"] == tid):  # (ranges do not nest: scope())
+            cycles = e["ts"] * 1e3
+            if e["ph"] == "B":
+                open_at[e["name"]] = cycles
+            else:
+                ranges.append((e["name"], open_at.pop(e["name"]), cycles))
+        out[tid] = ranges
+    return out
+
+
 def compiler_params(profile_dir=""):
     """Warpgroup-semantics compiler parameters; with ``profile_dir``, each call writes a trace
     of the kernel's :func:`scope` ranges per warpgroup there (Chrome trace JSON, SM cycles)."""
