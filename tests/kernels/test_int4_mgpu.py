@@ -131,3 +131,21 @@ def test_gpu_equals_float64_and_the_reference_weights(m, k, n, bn, zeros):
     w_ref = np.asarray(T.dequantize_tc_ref(t).astype(jnp.float32), np.float64)  # [K, N] bf16
     assert rel_err(y, x64 @ w_ref) < 4e-3  # (y rounded to bf16 once)
     assert rel_err(T.tc_linear(x, t), x64 @ w_ref) < 4e-3  # (the dispatch's auto route)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_tc_linear_runs_a_full_wave_on_mosaic(m):
+    """The dispatch entry point on a weight of one 64-row tile per SM (a full wave): routed to
+    the Mosaic kernel, inside a jitted function, equal to the reference bf16 weights."""
+    if not IM.on_hopper():
+        pytest.skip("needs Hopper (sm_90)")
+    n = 64 * IM._num_sms()
+    rng = np.random.default_rng([m, n])
+    t, w64 = _tc(rng, 512, n, 64, True)
+    assert IM.usable(t, m)
+    x = jnp.asarray(rng.standard_normal((m, 512)), jnp.bfloat16)
+    assert "mosaic_gpu" in jax.jit(T.tc_linear).lower(x, t).as_text()
+    y = jax.jit(T.tc_linear)(x, t)
+    w_ref = np.asarray(T.dequantize_tc_ref(t).astype(jnp.float32), np.float64)
+    assert y.shape == (m, n) and rel_err(y, np.asarray(x, np.float64) @ w_ref) < 4e-3
