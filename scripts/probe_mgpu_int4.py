@@ -33,6 +33,13 @@ cluster of 2 or 4 CTAs (``--cluster``), the part upcast in chunks (``--chunk``),
 wgmma left in flight over the next (``--overlap``), 3 groups taking whole stages; 4 groups
 hang (the register split). Groups taking whole stages in turn (``--split stages``, 2 groups)
 gained 3% (16.36 against 16.87 µs at T = 8).
+
+Fourteenth session: ``--profile DIR`` (Mosaic GPU's on-device profiler, :func:`summarize_profile`)
+put the consumers' upcast at 47% of their cycles, and their PTX showed why: Mosaic's int4 load
+reads one byte per ``ld.shared.s8``. ``--w-layout packed`` (``scripts/probe_mgpu_packed.py``:
+each thread's fragment words, decoded with a shift and a ``lop3``) took the bare kernel to 14.99
+µs (0.754) and g128 with zero points to 15.93 / 16.19 µs at T = 8 / 16 (0.753 / 0.743). The
+library's ``shrinkjax.kernels.int4_mgpu`` does the same on ``TcInt4`` words as they are.
 """
 
 from __future__ import annotations

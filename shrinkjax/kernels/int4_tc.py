@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from shrinkjax.kernels import dispatch
+from shrinkjax.kernels import dispatch, int4_mgpu
 from shrinkjax.kernels import driver as D
 from shrinkjax.kernels.layouts import PackedInt, round_up
 from shrinkjax.kernels.reference import _unpack_split_half
@@ -462,8 +462,6 @@ def int4_tc_matmul(
     None: ``"mgpu"`` where :func:`~shrinkjax.kernels.int4_mgpu.usable` and ``MGPU_DECODE`` say
     so and no Triton tile or ``xsum`` is given, else ``"triton"``.
     """
-    from shrinkjax.kernels import int4_mgpu
-
     m = math.prod(x.shape[:-1])
     triton_args = (split_k, num_warps, num_stages, xsum, rows)
     if backend is None:
