@@ -16,7 +16,8 @@ packing). :func:`shrinkjax.kernels.int4_tc.int4_tc_matmul` routes decode calls h
   thread loads words ``2 u, 2 u + 1`` (one 64-bit load each for ``bb = 0, 1`` and both rows:
   4 loads per 128 K rows) and decodes each bf16 pair with a shift, a ``lop3`` (``128 + q``), a
   ``sub.bf16x2`` of ``128 + z`` (exact) and a ``mul.rn.bf16x2`` by the scale: the dequantized
-  weight rounded to bf16 once, bit-identical to :func:`~.int4_tc.dequantize_tc_ref`. Mosaic
+  weight rounded to bf16 once, as :func:`~.int4_tc.dequantize_tc_ref` rounds it (the product
+  of a small integer and a bf16 scale is exact before that rounding). Mosaic
   GPU's own int4 load reads one byte per instruction and costs 5 per pair (fourteenth
   session's PTX); this decode made the probe's g128 kernel 1.2x faster.
 * **x is read in place**: its TMA box is 8 or 16 token rows (the ``wgmma`` N) over x's ``M``;
