@@ -56,6 +56,11 @@ STEPS = 3  # TMA stages in flight
 # stage's ~2 µs wait), so the 8B decode's int4 lm_head (128256 rows, 16 waves, 0.95) made the
 # batch-1 decode 1% slower (445.6 against 450.7 tok/s), and every linear on it 22% slower.
 MIN_WAVE_FILL = 0.9
+# Several waves with the tiles' pipelines chained (mgpu_pipeline.over_tiles(chained=True):
+# a CTA's next tile loads while its last stages are computed; each CTA takes >= 2 tiles).
+# Written after the fourteenth session's device time ran out: it lowers, its GPU test is
+# ready, but it has not run, so it is off (usable() then keeps several waves on Triton).
+CHAIN_TILES = False
 
 
 def _mosaic_gpu():
@@ -95,7 +100,16 @@ def usable(t, m: int) -> bool:
     if not on_hopper():
         return False
     waves, fill = wave_fill(t.np_, _num_sms())
-    return waves == 1 and fill >= MIN_WAVE_FILL
+    if waves == 1:
+        return fill >= MIN_WAVE_FILL
+    return CHAIN_TILES and chain_steps(t.kw) is not None
+
+
+def chain_steps(kw: int) -> int | None:
+    """TMA stages in flight for chained tiles (:data:`CHAIN_TILES`): 4 or 2, whichever divides
+    the tile's K stages (Pallas' pipeline of pipelines needs that), else None."""
+    k_iters = kw // tile_k_for(kw)[0]
+    return next((s for s in (4, 2) if k_iters % s == 0), None)
 
 
 def _num_sms() -> int:
@@ -267,10 +281,13 @@ def store_rows(y, out_smem, m):
     store(y, out_smem)
 
 
-def int4_mgpu_matmul(x2, t, *, steps=STEPS, profile_dir=""):
+def int4_mgpu_matmul(x2, t, *, steps=None, chain=None, profile_dir=""):
     """``x2 [M, K] @ W`` for a :class:`~shrinkjax.kernels.int4_tc.TcInt4` weight ``t`` with a
     scale per 128 K rows, ``M <= 16``; bf16 ``[M, N]`` (``x2`` is cast to bf16). Needs Hopper
-    (:func:`usable`); ``profile_dir``: Mosaic GPU's on-device profile of each call there."""
+    (:func:`usable`); ``profile_dir``: Mosaic GPU's on-device profile of each call there.
+    ``chain``: the tiles' pipelines chained (:data:`CHAIN_TILES`; None: where there are
+    several waves and ``CHAIN_TILES``); the grid then gives every CTA at least 2 tiles.
+    ``steps``: TMA stages in flight (None: ``STEPS``, or :func:`chain_steps` chained)."""
     plgpu = _mosaic_gpu()
     from jax import lax
     from jax.experimental import pallas as pl
@@ -287,6 +304,15 @@ def int4_mgpu_matmul(x2, t, *, steps=STEPS, profile_dir=""):
     halves = bn // ROWS  # CTA tiles per packed tile
     tile_k, wgs = tile_k_for(t.kw)
     cps = tile_k // GROUP  # chunks (scale groups) per stage
+    tiles, num_sms = nt * halves, _num_sms()
+    if chain is None:
+        chain = CHAIN_TILES and wave_fill(t.np_, num_sms)[0] > 1
+    if chain and (tiles < 2 or chain_steps(t.kw) is None):
+        raise ValueError(
+            f"chained tiles need >= 2 tiles and K stages ({t.kw // tile_k}) divisible by 2 or"
+            f" 4, got {tiles} tiles"
+        )
+    steps = steps or (chain_steps(t.kw) if chain else STEPS)
     s3 = t.scales.reshape(nt, chunks, bn)  # (drops the unit dim: no copy)
     z3 = None if t.zeros is None else t.zeros.reshape(nt, chunks, bn)
     per_group = plgpu.BlockSpec((cps, ROWS), lambda kk: (kk, 0), memory_space=plgpu.SMEM)
@@ -306,7 +332,7 @@ def int4_mgpu_matmul(x2, t, *, steps=STEPS, profile_dir=""):
     def kernel(*refs, out_smem, red_smem, red_bar):
         *gmem, out_gmem = refs
 
-        def tile(mi, rows, allocs):
+        def tile(mi, rows, allocs, state=None):
             i, part = mi // halves, lax.rem(mi, halves)
             sub = pl.ds(part * ROWS, ROWS)
 
@@ -351,15 +377,14 @@ def int4_mgpu_matmul(x2, t, *, steps=STEPS, profile_dir=""):
 
             w_tile = gmem[0].at[i].at[:, sub]  # [chunks, 64, 16]
             groups = [a.at[i].at[:, sub] for a in gmem[1:-1]]  # [chunks, 64] each
-            get_pipeline(body, ctx)(w_tile, *groups, gmem[-1], allocations=allocs)
+            get_pipeline(body, ctx, state)(w_tile, *groups, gmem[-1], allocations=allocs)
 
-        MP.over_tiles(get_pipeline, gmem, m_iters=nt * halves, cta_m=ROWS, tile=tile)
+        MP.over_tiles(get_pipeline, gmem, m_iters=tiles, cta_m=ROWS, tile=tile, chained=chain)
 
-    num_sms = _num_sms()
     f = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m, t.n), jnp.bfloat16),
-        grid=(min(num_sms, nt * halves),),
+        grid=(min(num_sms, tiles // 2 if chain else tiles),),
         grid_names=("sm",),
         num_threads=wgs + 1,
         thread_name="wg",

@@ -70,15 +70,18 @@ def smem_transforms(row_bits, elem_bits, kind):
 
 
 def warp_specialized(in_specs, *, k_iters, wgs, steps, delay_release=0):
-    """``get_pipeline(body, ctx)``: the warp-specialized TMA pipeline over ``k_iters`` K
-    stages, ``steps`` of them in flight (``delay_release``: a stage's buffers are freed that
-    many steps after its body). The producer keeps 40 registers per thread; the consumers
-    share the rest."""
+    """``get_pipeline(body, ctx, state=None)``: the warp-specialized TMA pipeline over
+    ``k_iters`` K stages, ``steps`` of them in flight (``delay_release``: a stage's buffers are
+    freed that many steps after its body). The producer keeps 40 registers per thread; the
+    consumers share the rest. ``state``: Pallas' "pipeline of pipelines"
+    (``plgpu.PipelinePipeline`` START / STEADY / STOP, see :func:`over_tiles`'s ``chained``):
+    the producer goes on to the next pipeline's first stages while the consumers finish this
+    one's (needs ``k_iters % steps == 0``)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     in_specs = [dataclasses.replace(s, delay_release=delay_release) for s in in_specs]
 
-    def get_pipeline(body, ctx):
+    def get_pipeline(body, ctx, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_iters,),
@@ -88,16 +91,21 @@ def warp_specialized(in_specs, *, k_iters, wgs, steps, delay_release=0):
             num_compute_wgs=wgs,
             max_concurrent_steps=steps,
             compute_context=ctx,
+            pipeline_state=state,
         )
 
     return get_pipeline
 
 
-def over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile, cluster=1):
+def over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile, cluster=1, chained=False):
     """A kernel's loop: this CTA's weight tiles (``tile(mi, rows, allocs)`` each: the tile's
     index and its rows' ``pl.ds``), over pipeline buffers allocated once; then the last y copy
     is awaited. With a ``cluster`` of CTAs (axis ``"c"``), the loop runs over groups of
-    ``cluster`` adjacent tiles, one per CTA of the cluster."""
+    ``cluster`` adjacent tiles, one per CTA of the cluster. ``chained``: the tiles' pipelines
+    run as one (``tile(mi, rows, allocs, state)``, ``state`` START for the CTA's first tile,
+    STOP for its last, STEADY between), so a tile's first stages load while the previous
+    tile's last are computed. Every CTA must get at least 2 tiles (a first and a last)."""
+    import jax.numpy as jnp
     from jax import lax
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -115,7 +123,15 @@ def over_tiles(get_pipeline, gmem, *, m_iters, cta_m, tile, cluster=1):
             (mi,) = info.index
             if cluster > 1:
                 mi = mi * cluster + lax.axis_index("c")
-            tile(mi, pl.ds(mi * cta_m, cta_m), allocs)
+            if not chained:
+                tile(mi, pl.ds(mi * cta_m, cta_m), allocs)
+                return
+            i, last = info.local_index, info.num_local_steps - 1
+            pp = plgpu.PipelinePipeline
+            state = jnp.where(
+                i == 0, int(pp.START), jnp.where(i == last, int(pp.STOP), int(pp.STEADY))
+            )
+            tile(mi, pl.ds(mi * cta_m, cta_m), allocs, state)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -5,6 +5,8 @@ reference's bf16 weights) on random and ragged shapes."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,5 +149,42 @@ def test_gpu_tc_linear_runs_a_full_wave_on_mosaic(m):
     x = jnp.asarray(rng.standard_normal((m, 512)), jnp.bfloat16)
     assert "mosaic_gpu" in jax.jit(T.tc_linear).lower(x, t).as_text()
     y = jax.jit(T.tc_linear)(x, t)
+    w_ref = np.asarray(T.dequantize_tc_ref(t).astype(jnp.float32), np.float64)
+    assert y.shape == (m, n) and rel_err(y, np.asarray(x, np.float64) @ w_ref) < 4e-3
+
+
+def test_chained_tiles_lower_for_cuda_and_refuse_odd_stages(monkeypatch):
+    monkeypatch.setattr(IM, "_num_sms", lambda: 2)  # (4 tiles: 2 per CTA)
+    t = _abstract(_tc(np.random.default_rng(4), 1024, 256, 128, True)[0])
+    x = jax.ShapeDtypeStruct((4, 1024), jnp.bfloat16)
+    f = functools.partial(IM.int4_mgpu_matmul, chain=True)
+    assert "mosaic_gpu" in jax.jit(f).trace(x, t).lower(lowering_platforms=("cuda",)).as_text()
+    t5 = _tc(np.random.default_rng(5), 1280, 256, 128, True)[0]  # (5 stages of 256)
+    with pytest.raises(ValueError, match=r"K stages \(5\) divisible by 2 or 4, got 4 tiles"):
+        IM.int4_mgpu_matmul(jnp.ones((1, 1280), jnp.bfloat16), t5, chain=True)
+    assert IM.chain_steps(8192) == 4 and IM.chain_steps(4096) == 4 and IM.chain_steps(1280) is None
+
+
+def test_several_waves_stay_on_triton_unless_chained(monkeypatch):
+    monkeypatch.setattr(IM, "on_hopper", lambda: True)
+    monkeypatch.setattr(IM, "_num_sms", lambda: 1)  # (2 tiles on 1 SM: 2 waves)
+    t = _tc(np.random.default_rng(6), 1024, 128, 64, True)[0]
+    assert not IM.usable(t, 1)
+    monkeypatch.setattr(IM, "CHAIN_TILES", True)
+    assert IM.usable(t, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_chained_tiles_equal_the_reference(m):
+    """Written after the fourteenth session's device time ran out (not run yet): every CTA
+    streams 2 tiles through one chained pipeline."""
+    if not IM.on_hopper():
+        pytest.skip("needs Hopper (sm_90)")
+    n = 2 * 64 * IM._num_sms()
+    rng = np.random.default_rng([m, n, 2])
+    t, _ = _tc(rng, 1024, n, 128, True)
+    x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
+    y = IM.int4_mgpu_matmul(x, t, chain=True)
     w_ref = np.asarray(T.dequantize_tc_ref(t).astype(jnp.float32), np.float64)
     assert y.shape == (m, n) and rel_err(y, np.asarray(x, np.float64) @ w_ref) < 4e-3
