@@ -4,7 +4,7 @@
 # each warpgroup's ranges "upcast", "mma", "wait", "finish"; the gaps between them are the
 # pipeline's barrier waits), then the zero points as z x Σx off each group's dot.
 #   . scripts/gpu_setup.sh
-#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib|bench|decode|decode_ab "$OUT"
+#   bash scripts/probe_fourteenth.sh profile|packed|g128|lib|bench|decode|decode_ab|chain "$OUT"
 # packed: the int4 words packed for the wgmma fragments (scripts/probe_mgpu_packed.py): its
 #   tests, its PTX, its time beside the row-major kernel at T = 8 and 16, and its profile.
 # g128: the packed words with g128 scales and zero points dequantized in registers (sub, mul
@@ -17,10 +17,12 @@
 #   lm_head, 128256 rows, now runs int4_mgpu; the layers' linears keep the Triton kernel).
 # decode_ab: the W4 decode with int4_mgpu off, on every linear (MIN_WAVE_FILL=0) and as by
 #   default (the lm_head only), then bf16, in one call.
+# chain (written for the next session, not run): int4_mgpu with the tiles' pipelines chained
+#   (CHAIN_TILES) against the Triton kernel on several-wave shapes (2 waves, gate/up, lm_head).
 # Everything is written to a work folder and packed into $OUT/probe_fourteenth.tar.gz (a call
 # brings back at most 8 files); the profiles' tables are printed.
 set -u
-what=${1:?profile, packed, g128, lib, bench, decode or decode_ab}
+what=${1:?profile, packed, g128, lib, bench, decode, decode_ab or chain}
 OUTDIR=${2:-/tmp/probe_fourteenth_out}
 out=/tmp/probe_fourteenth
 mkdir -p "$out" "$OUTDIR"
@@ -119,6 +121,16 @@ runpy.run_path('benchmarks/decode.py', run_name='__main__')"
   done
   step 100 decode_bf16 python3 benchmarks/decode.py --formats bf16 $D --out "$out/decode_bf16.json"
   grep "bf16  " "$out/decode_bf16.log"
+  exit 0
+fi
+if [ "$what" = chain ]; then # written for the next session: chained tile pipelines (not run yet)
+  step 120 test python3 -m pytest -q tests/kernels/test_int4_mgpu.py -k chained
+  on=int4_mgpu.CHAIN_TILES=True
+  for kn in "4096 14336" "4096 28672" "4096 128256"; do # 2 waves, gate/up fused, the lm_head
+    set -- $kn
+    step 120 "chain_$2" python3 scripts/probe_call_kernels.py --k "$1" --n "$2" int4_g128:1 \
+      int4_g128:1:$on int4_g128:16 int4_g128:16:$on --json "$out/chain_$2.json"
+  done
   exit 0
 fi
 echo "unknown step $what" >&2
