@@ -608,7 +608,7 @@ def run_cell(sh: Shape, m, kernels, args, copy_tbps, rows, deadline):
             continue
         p = pr["p"]
         row["bytes"] = int(pr["nbytes"] + m * k * 2 + m * n * 2)
-        if auto == "fused" and isinstance(p, TC.TcInt4) and TC.MGPU_DECODE and IM.usable(p, m):
+        if auto == "fused" and isinstance(p, TC.TcInt4) and TC.resolve_backend(p, m) == "mgpu":
             row["cfg"] = ["int4_mgpu", *IM.tile_k_for(p.kw), IM.STEPS]  # tile_k, groups, steps
         elif auto == "fused" and isinstance(p, TC.TcInt4):
             with dispatch.opaque_input(X_CONTEXT == "opaque"):  # (as the timed calls)

@@ -81,11 +81,13 @@ def upcast_words(words, *, sub=True, groups=None, quads=(0, 1, 2, 3)):
     quads' words, each 64 columns (the result is ``[64, 64 len(quads)]``)."""
     import jax.numpy as jnp
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import llvm, vector
+    from jax._src.lib.mlir.dialects import arith, vector
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mu
     from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from shrinkjax.kernels.int4_mgpu import bf16_pair, decode_pair  # (the library's decode)
 
     shape = (ROWS, PART // 4 * len(quads))
     row = plgpu.Layout.WGMMA.reduce(1)
@@ -96,39 +98,24 @@ def upcast_words(words, *, sub=True, groups=None, quads=(0, 1, 2, 3)):
     )
     def upcast(ctx, w, *sc):
         del ctx
-        i32, i16 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16)
+        i16 = ir.IntegerType.get_signless(16)
         bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
-
-        def pair_of(reg):  # a row's bf16 [1] register -> (v, v) as one b32
-            h16 = mu.bitcast(reg, i16)
-            return llvm.inline_asm(i32, [h16], "mov.b32 $0, {$1, $1};", "=r,h")
-
-        rowregs = [[pair_of(a.registers[0, 0, h, 0, 0]) for h in range(2)] for a in sc]
+        rowregs = [
+            [bf16_pair(mu.bitcast(a.registers[0, 0, h, 0, 0], i16)) for h in range(2)] for a in sc
+        ]
         regs = np.empty(fa.WGMMA_LAYOUT.registers_shape(shape), dtype=object)
-        if groups:  # $2 = c, $3 = s of the pair's row and group
-            tail, cons = "sub.bf16x2 a, a, $2;\nmul.rn.bf16x2 $0, a, $3;", "=r,r,r,r"
-        elif sub:
-            tail, cons = "mov.b32 b, 0x43084308;\nsub.bf16x2 $0, a, b;", "=r,r"
-        else:
-            tail, cons = "mov.b32 $0, a;", "=r,r"
+        c136 = arith.constant(ir.IntegerType.get_signless(32), 0x43084308)  # (two bf16 136)
         for qi, i in enumerate(quads):
             for v in range(4):
                 word = vector.extract(w.registers[i], [], [v])
                 kb = 4 * i + v  # (k16 block: group kb // 8)
                 for j in range(4):
                     bb, h = divmod(j, 2)
-                    args = [word]
-                    if groups:
+                    if groups:  # (c and s of the pair's row and group)
                         g = kb // 8
-                        args += [rowregs[2 * g + 1][h], rowregs[2 * g][h]]
-                    shift = f"shr.u32 a, $1, {4 * j};\n" if j else "mov.b32 a, $1;\n"
-                    pair = llvm.inline_asm(
-                        i32,
-                        args,
-                        "{\n.reg .b32 a, b;\n" + shift
-                        + "lop3.b32 a, a, 0x000F000F, 0x43004300, 0xea;\n" + tail + "\n}",
-                        cons,
-                    )  # fmt: skip
+                        pair = decode_pair(word, j, rowregs[2 * g + 1][h], rowregs[2 * g][h])
+                    else:
+                        pair = decode_pair(word, j, c136 if sub else None)
                     col_block = 2 * (4 * qi + v) + bb  # (of the result)
                     regs[0, col_block, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(pair, bf16x2)
         return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shrinkjax.kernels import driver as D
 from shrinkjax.kernels import mgpu_pipeline as MP
 
 MAX_M = 16  # rows of x: the wgmma's N side is 8 (M <= 8) or 16
@@ -99,7 +100,7 @@ def usable(t, m: int) -> bool:
         return False
     if not on_hopper():
         return False
-    waves, fill = wave_fill(t.np_, _num_sms())
+    waves, fill = wave_fill(t.np_, D._num_sms())
     if waves == 1:
         return fill >= MIN_WAVE_FILL
     return CHAIN_TILES and chain_steps(t.kw) is not None
@@ -110,10 +111,6 @@ def chain_steps(kw: int) -> int | None:
     the tile's K stages (Pallas' pipeline of pipelines needs that), else None."""
     k_iters = kw // tile_k_for(kw)[0]
     return next((s for s in (4, 2) if k_iters % s == 0), None)
-
-
-def _num_sms() -> int:
-    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def tile_k_for(kw: int) -> tuple[int, int]:
@@ -139,7 +136,7 @@ def _c_pair(z16):
     return llvm.inline_asm(i32, [z16], asm, "=r,h")
 
 
-def _s_pair(s16):
+def bf16_pair(s16):
     """b32 ``(s, s)`` from a bf16 scale in a b16 register."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm
@@ -165,6 +162,27 @@ def _fragment_position():
     return r, arith.remui(lane, arith.constant(i32, 4))
 
 
+def decode_pair(word, j, c_pair=None, s_pair=None):
+    """One bf16x2 register from nibbles ``j`` and ``j + 4`` of a 32-bit ``word`` (inline PTX):
+    ``shr`` by ``4 j`` (none for ``j = 0``) and ``lop3`` give ``(128 + q0, 128 + q1)`` exactly;
+    with ``c_pair`` (b32 ``(c, c)``) a ``sub.bf16x2`` takes ``c`` off (exact for ``c = 128 +
+    z``), with ``s_pair`` (b32 ``(s, s)``) a ``mul.rn.bf16x2`` scales (one rounding). Returns an
+    i32 value; ``c_pair`` / ``s_pair``: i32 values (:func:`_c_pair`, :func:`bf16_pair`)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    args = [word]
+    ops = [f"shr.u32 a, $1, {4 * j}" if j else "mov.b32 a, $1"]
+    ops.append("lop3.b32 a, a, 0x000F000F, 0x43004300, 0xea")
+    for op, pair in (("sub.bf16x2", c_pair), ("mul.rn.bf16x2", s_pair)):
+        if pair is not None:
+            args.append(pair)
+            ops.append(f"{op} a, a, ${len(args)}")
+    ops[-1] = ops[-1].replace(" a, a", " $0, a", 1)  # (the last one writes the result)
+    asm = "{\n.reg .b32 a;\n" + ";\n".join(ops) + ";\n}"
+    return llvm.inline_asm(ir.IntegerType.get_signless(32), args, asm, "=r" + ",r" * len(args))
+
+
 def decode_chunk(words_smem, chunk, s_row, z_row):
     """A 128-row chunk of a stage's words (smem ``[chunks, 64, 16]`` uint32, :class:`TcInt4`
     order) -> two bf16 ``[64, 64]`` A operands in ``WGMMA_LAYOUT`` (K rows ``0-63`` and
@@ -172,7 +190,7 @@ def decode_chunk(words_smem, chunk, s_row, z_row):
     (bf16 ``[64]``) and zero points ``z_row`` (uint8 ``[64]``; None: symmetric, 8), both in
     ``plgpu.Layout.WGMMA.reduce(1)`` (a thread holds rows ``r`` and ``r + 8``)."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax._src.lib.mlir.dialects import arith, vector
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mu
@@ -195,7 +213,7 @@ def decode_chunk(words_smem, chunk, s_row, z_row):
             return arith.constant(ty, v)
 
         r, u = _fragment_position()
-        s_pairs = [_s_pair(mu.bitcast(s.registers[0, 0, h, 0, 0], i16)) for h in range(2)]
+        s_pairs = [bf16_pair(mu.bitcast(s.registers[0, 0, h, 0, 0], i16)) for h in range(2)]
         if sym:
             c_pairs = [c(0x43084308, i32)] * 2  # (128 + 8)
         else:
@@ -230,15 +248,7 @@ def decode_chunk(words_smem, chunk, s_row, z_row):
                 for bb in range(2):
                     word = vector.extract(loaded[h][bb], [], [e])
                     for jj in range(4):
-                        shift = f"shr.u32 a, $1, {4 * jj};\n" if jj else "mov.b32 a, $1;\n"
-                        pair = llvm.inline_asm(
-                            i32,
-                            [word, c_pairs[h], s_pairs[h]],
-                            "{\n.reg .b32 a;\n" + shift
-                            + "lop3.b32 a, a, 0x000F000F, 0x43004300, 0xea;\n"
-                            + "sub.bf16x2 a, a, $2;\nmul.rn.bf16x2 $0, a, $3;\n}",
-                            "=r,r,r,r",
-                        )  # fmt: skip
+                        pair = decode_pair(word, jj, c_pairs[h], s_pairs[h])
                         regs[0, 2 * jj + bb, 0, 0, h, 0, 0, 0, 0] = mu.bitcast(pair, bf16x2)
             out.append(
                 mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
@@ -304,7 +314,7 @@ def int4_mgpu_matmul(x2, t, *, steps=None, chain=None, profile_dir=""):
     halves = bn // ROWS  # CTA tiles per packed tile
     tile_k, wgs = tile_k_for(t.kw)
     cps = tile_k // GROUP  # chunks (scale groups) per stage
-    tiles, num_sms = nt * halves, _num_sms()
+    tiles, num_sms = nt * halves, D._num_sms()
     if chain is None:
         chain = CHAIN_TILES and wave_fill(t.np_, num_sms)[0] > 1
     if chain and (tiles < 2 or chain_steps(t.kw) is None):
@@ -365,8 +375,8 @@ def int4_mgpu_matmul(x2, t, *, steps=None, chain=None, profile_dir=""):
                             with MP.scope("decode"):
                                 s = plgpu.load(s_smem.at[ch], (), layout=row_layout)
                                 z = [plgpu.load(r.at[ch], (), layout=row_layout) for r in z_smem]
-                                halves_ = decode_chunk(w_smem, ch, s, z[0] if z else None)
-                            for e, a in enumerate(halves_):
+                                operands = decode_chunk(w_smem, ch, s, z[0] if z else None)
+                            for e, a in enumerate(operands):
                                 cols = pl.ds(ch * GROUP + 64 * e, 64)
                                 with MP.scope("mma"):
                                     plgpu.wgmma(acc, a, x_smem.at[:, cols].transpose((1, 0)))

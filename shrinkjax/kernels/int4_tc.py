@@ -441,6 +441,23 @@ def resolve_tiles(
     )
 
 
+def resolve_backend(t: TcInt4, m: int, backend=None, *, interpret=None, **tuning) -> str:
+    """The kernel :func:`int4_tc_matmul` runs for ``m`` rows of x (its ``backend`` argument):
+    ``"mgpu"`` or ``"triton"`` as given, or for None ``"mgpu"`` where ``MGPU_DECODE``,
+    :func:`~shrinkjax.kernels.int4_mgpu.usable` and no Triton ``tuning`` keyword (``split_k``,
+    ``num_warps``, ``num_stages``, ``xsum``, ``rows``) nor interpret mode say so."""
+    if backend is None:
+        auto = MGPU_DECODE and not interpret and all(v is None for v in tuning.values())
+        return "mgpu" if auto and int4_mgpu.usable(t, m) else "triton"
+    if backend not in ("triton", "mgpu"):
+        raise ValueError(f"backend must be 'triton', 'mgpu' or None, got {backend!r}")
+    if backend == "mgpu" and not int4_mgpu.on_hopper():
+        raise ValueError(
+            f"backend 'mgpu' needs a Hopper GPU with Mosaic GPU, not {jax.devices()[0]}"
+        )
+    return backend
+
+
 def int4_tc_matmul(
     x, t: TcInt4, *, split_k=None, num_warps=None, num_stages=None, xsum=None, rows=None,
     interpret=None, backend=None,
@@ -463,15 +480,11 @@ def int4_tc_matmul(
     so and no Triton tile or ``xsum`` is given, else ``"triton"``.
     """
     m = math.prod(x.shape[:-1])
-    triton_args = (split_k, num_warps, num_stages, xsum, rows)
-    if backend is None:
-        auto = MGPU_DECODE and not interpret and all(a is None for a in triton_args)
-        backend = "mgpu" if auto and int4_mgpu.usable(t, m) else "triton"
+    tuning = dict(split_k=split_k, num_warps=num_warps, num_stages=num_stages, xsum=xsum, rows=rows)
+    backend = resolve_backend(t, m, backend, interpret=interpret, **tuning)
     if backend == "mgpu":
         y = int4_mgpu.int4_mgpu_matmul(x.reshape(m, x.shape[-1]), t)
         return y.astype(x.dtype).reshape(*x.shape[:-1], t.n)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'triton', 'mgpu' or None, got {backend!r}")
     given = dict(rows=rows, split_k=split_k, num_warps=num_warps, num_stages=num_stages)
     kw = resolve_tiles(t, m, xsum=xsum, **given)
     return D.call_2d(_tc_2d, x, t, interpret=interpret, **kw)

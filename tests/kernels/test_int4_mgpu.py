@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shrinkjax.kernels import driver as D
 from shrinkjax.kernels import int4_mgpu as IM
 from shrinkjax.kernels import int4_tc as T
 
@@ -69,6 +70,9 @@ def test_not_usable_without_hopper():
         pytest.skip("a CPU test")
     t, _ = _tc(np.random.default_rng(2), 256, 128, 64, True)
     assert not IM.usable(t, 1)
+    assert T.resolve_backend(t, 1) == "triton"
+    with pytest.raises(ValueError, match="backend 'mgpu' needs a Hopper GPU with Mosaic GPU"):
+        T.int4_tc_matmul(jnp.ones((1, 256), jnp.bfloat16), t, backend="mgpu")
 
 
 def test_wave_fill_of_the_8b_shapes():
@@ -93,7 +97,7 @@ def test_wave_fill_of_the_8b_shapes():
 )
 def test_int4_tc_matmul_routes_decode_to_mosaic_on_hopper(monkeypatch, m, group, kw, want):
     monkeypatch.setattr(IM, "on_hopper", lambda: True)
-    monkeypatch.setattr(IM, "_num_sms", lambda: 2)  # (the test's 2 tiles fill 2 SMs)
+    monkeypatch.setattr(D, "_num_sms", lambda: 2)  # (the test's 2 tiles fill 2 SMs)
     calls = []
 
     def fake_mgpu(x2, t):
@@ -109,7 +113,7 @@ def test_int4_tc_matmul_routes_decode_to_mosaic_on_hopper(monkeypatch, m, group,
     kw = dict(kw)
     if "sms" in kw:
         sms = kw.pop("sms")
-        monkeypatch.setattr(IM, "_num_sms", lambda: sms)
+        monkeypatch.setattr(D, "_num_sms", lambda: sms)
     t, _ = _tc(np.random.default_rng(3), 256, 128, 64, True, group=group)
     y = T.int4_tc_matmul(jnp.ones((1, m, 256), jnp.float32), t, interpret=False, **kw)
     assert calls == ([(m, 256)] if want == "mgpu" else ["triton"])
@@ -142,7 +146,7 @@ def test_gpu_tc_linear_runs_a_full_wave_on_mosaic(m):
     the Mosaic kernel, inside a jitted function, equal to the reference bf16 weights."""
     if not IM.on_hopper():
         pytest.skip("needs Hopper (sm_90)")
-    n = 64 * IM._num_sms()
+    n = 64 * D._num_sms()
     rng = np.random.default_rng([m, n])
     t, w64 = _tc(rng, 512, n, 64, True)
     assert IM.usable(t, m)
@@ -154,7 +158,7 @@ def test_gpu_tc_linear_runs_a_full_wave_on_mosaic(m):
 
 
 def test_chained_tiles_lower_for_cuda_and_refuse_odd_stages(monkeypatch):
-    monkeypatch.setattr(IM, "_num_sms", lambda: 2)  # (4 tiles: 2 per CTA)
+    monkeypatch.setattr(D, "_num_sms", lambda: 2)  # (4 tiles: 2 per CTA)
     t = _abstract(_tc(np.random.default_rng(4), 1024, 256, 128, True)[0])
     x = jax.ShapeDtypeStruct((4, 1024), jnp.bfloat16)
     f = functools.partial(IM.int4_mgpu_matmul, chain=True)
@@ -167,7 +171,7 @@ def test_chained_tiles_lower_for_cuda_and_refuse_odd_stages(monkeypatch):
 
 def test_several_waves_stay_on_triton_unless_chained(monkeypatch):
     monkeypatch.setattr(IM, "on_hopper", lambda: True)
-    monkeypatch.setattr(IM, "_num_sms", lambda: 1)  # (2 tiles on 1 SM: 2 waves)
+    monkeypatch.setattr(D, "_num_sms", lambda: 1)  # (2 tiles on 1 SM: 2 waves)
     t = _tc(np.random.default_rng(6), 1024, 128, 64, True)[0]
     assert not IM.usable(t, 1)
     monkeypatch.setattr(IM, "CHAIN_TILES", True)
@@ -181,7 +185,7 @@ def test_gpu_chained_tiles_equal_the_reference(m):
     streams 2 tiles through one chained pipeline."""
     if not IM.on_hopper():
         pytest.skip("needs Hopper (sm_90)")
-    n = 2 * 64 * IM._num_sms()
+    n = 2 * 64 * D._num_sms()
     rng = np.random.default_rng([m, n, 2])
     t, _ = _tc(rng, 1024, n, 128, True)
     x = jnp.asarray(rng.standard_normal((m, 1024)), jnp.bfloat16)
