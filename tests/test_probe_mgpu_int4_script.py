@@ -381,3 +381,6 @@ def test_plot_mgpu_profile_draws_each_groups_ranges(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main(["nolabel", "--out", str(tmp_path / "q.png")])
+    (tmp_path / "bad.json").write_text('{"rows": []}')
+    with pytest.raises(ValueError, match=r"bad.json: not a profiler trace \(no 'traceEvents'"):
+        load_ranges(str(tmp_path / "bad.json"))

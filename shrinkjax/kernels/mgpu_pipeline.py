@@ -37,7 +37,10 @@ def trace_ranges(path):
     import json
 
     with (gzip.open if str(path).endswith(".gz") else open)(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
+        data = json.load(f)
+    if not isinstance(data, dict) or "traceEvents" not in data:
+        raise ValueError(f"{path}: not a profiler trace (no 'traceEvents' key)")
+    events = data["traceEvents"]
     out = {}
     for tid in sorted({e["tid"] for e in events}):
         open_at, ranges = {}, []
